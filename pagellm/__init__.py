@@ -1,0 +1,8 @@
+"""pagellm: run and serve decoder-only LLMs within tight memory, fast."""
+from pagellm.config import EngineConfig
+from pagellm.llm import LLM
+from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig"]
+__version__ = "0.1.0"

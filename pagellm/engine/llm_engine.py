@@ -1,0 +1,222 @@
+"""The step loop: requests in, one scheduled model step at a time, outputs out.
+
+``add_request`` validates and queues; ``step`` schedules, runs the model,
+appends the sampled tokens, detokenizes, applies stop conditions and frees
+finished sequences; it returns a RequestOutput for every request that changed.
+The offline ``LLM`` and the HTTP server both drive this one loop.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+from pagellm.config import EngineConfig
+from pagellm.engine.block_manager import BlockManager, cdiv
+from pagellm.engine.detokenizer import IncrementalDetokenizer
+from pagellm.engine.model_runner import ModelRunner, build_model
+from pagellm.engine.scheduler import Scheduler, SchedulerConfig
+from pagellm.engine.sequence import Sequence
+from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagellm")
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    aborted: bool = field(default=False)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model, self.tokenizer = self._load(config)
+        self.model_config = model.config
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.runner = ModelRunner(config, model, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
+                                   self.block_manager)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._seed_source = random.Random(config.seed)
+        logger.info(self.runner.memory.summary())
+
+    @staticmethod
+    def _load(config: EngineConfig):
+        if config.random_weights:
+            from pagellm.model.presets import load_preset
+            model_config = load_preset(config.model)
+            return build_model(model_config, config.torch_dtype, config.torch_device, None, seed=config.seed), None
+        from pagellm.model.checkpoint import open_checkpoint
+        checkpoint = open_checkpoint(config.model)
+        model = build_model(checkpoint.config, config.torch_dtype, config.torch_device, checkpoint.tensors(),
+                            checkpoint.num_tensors(), seed=config.seed)
+        return model, checkpoint.load_tokenizer()
+
+    # ---- requests ------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt must be token ids: this model has no tokenizer")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt_token_ids is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}); got {bad[:5]}")
+        return None, ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        max_tokens = self._check_length(len(ids), params)
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, max_tokens)
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        now = time.monotonic()
+        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, seed, now) for i in range(params.n)]
+        detokenizers = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop_strings,
+                                               params.include_stop_str_in_output) for _ in seqs]
+        self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, detokenizers, now)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise ValueError(f"prompt is {prompt_len} tokens, but max_model_len is {limit} "
+                             f"(the prompt must leave room for at least one generated token)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise ValueError(f"max_tokens {max_tokens} + prompt length {prompt_len} exceeds max_model_len {limit}")
+        blocks = cdiv(prompt_len + max_tokens, self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks, "
+                             f"more than the whole pool ({self.block_manager.num_blocks})")
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled, draws = self.runner.execute(batch)
+        now = time.monotonic()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        changed: dict[str, RequestState] = {}
+        for row, seq in enumerate(sampled):
+            state = self.requests[seq.request_id]
+            self._append(state, seq, row, draws, now)
+            changed[state.request_id] = state
+        return [self._finish_or_report(state, now) for state in changed.values()]
+
+    def _append(self, state: RequestState, seq: Sequence, row: int, draws, now: float) -> None:
+        token = draws.token_ids[row]
+        seq.append_token(token)
+        seq.cumulative_logprob += draws.logprobs[row]
+        if state.params.logprobs is not None:
+            seq.logprobs.append(self._logprob_entry(token, draws.logprobs[row],
+                                                    (draws.top_logprobs or [[]])[row][:state.params.logprobs]))
+        if state.first_token_time is None:
+            state.first_token_time = now
+        stop_string = state.detokenizers[seq.sample_index].push(token)
+        reason = self._stop_reason(seq, token, stop_string)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.finish(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int, stop_string: str | None
+                     ) -> tuple[str, int | str | None] | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                return "stop", None
+            if token in params.stop_token_ids:
+                return "stop", token
+            if stop_string is not None:
+                return "stop", stop_string
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> dict[int, Logprob]:
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        entry = {tid: Logprob(lp, rank + 1, decode(tid)) for rank, (tid, lp) in enumerate(top)}
+        if token not in entry:
+            entry[token] = Logprob(logprob, None, decode(token))
+        return entry
+
+    def _finish_or_report(self, state: RequestState, now: float) -> RequestOutput:
+        finished = state.finished
+        if finished:
+            state.finished_time = now
+            del self.requests[state.request_id]
+        return self.make_output(state)
+
+    def make_output(self, state: RequestState) -> RequestOutput:
+        outputs = [CompletionOutput(
+            index=seq.sample_index, text=detok.visible_text(seq.finished), token_ids=seq.output_token_ids,
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=seq.logprobs if state.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+            for seq, detok in zip(state.seqs, state.detokenizers)]
+        metrics = {"arrival_time": state.arrival_time}
+        if state.first_token_time is not None:
+            metrics["first_token_time"] = state.first_token_time
+        if state.finished_time is not None:
+            metrics["finished_time"] = state.finished_time
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, state.finished, metrics)
+
+    def stats(self) -> dict[str, float]:
+        bm, sched = self.block_manager, self.scheduler
+        return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                "kv_blocks_used": bm.num_used_blocks, "kv_blocks_total": bm.num_blocks,
+                "kv_usage": bm.num_used_blocks / bm.num_blocks, "num_preemptions": sched.stats.num_preemptions,
+                "num_prefill_tokens": sched.stats.num_prefill_tokens,
+                "num_decode_tokens": sched.stats.num_decode_tokens,
+                "prefix_cache_hit_rate": bm.stats.hit_rate}
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return replace(params, max_tokens=max_tokens)

@@ -1,0 +1,85 @@
+"""Sizing the KV pool from a budget, and the engine's measured memory breakdown."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pagellm.config import EngineConfig
+from pagellm.model.config import ModelConfig
+from pagellm.utils.units import format_bytes, parse_bytes
+
+_CPU_DEFAULT_KV = 2**30        # 1 GiB when no budget is given on the CPU
+_CUDA_RESERVE = 2**30          # left free on the card when no budget is given
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x element size."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+
+
+def estimated_activation_bytes(config: ModelConfig, num_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
+    """Peak transient memory of one step, used where it can't be measured (CPU):
+    the widest intermediate (q|k|v or gate|up plus its activation) for every
+    token, a few hidden-sized buffers, and fp32 logits for the sampled rows."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    widest = max(config.q_size + 2 * config.kv_size, 3 * config.intermediate_size)
+    per_token = (widest + 4 * config.hidden_size) * element
+    logits = max_num_seqs * config.vocab_size * 4 * 3
+    return num_tokens * per_token + logits
+
+
+@dataclass
+class MemoryReport:
+    weights_bytes: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    activation_measured: bool
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def max_concurrency(self) -> float:
+        return self.kv_tokens / self.max_model_len
+
+    def summary(self) -> str:
+        how = "measured" if self.activation_measured else "estimated"
+        return (f"memory: weights {format_bytes(self.weights_bytes)}, activations {format_bytes(self.activation_bytes)}"
+                f" ({how}), KV pool {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
+                f" = {self.kv_tokens} tokens), max concurrency at {self.max_model_len} tokens: "
+                f"{self.max_concurrency:.2f}")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"kv_tokens": self.kv_tokens, "max_concurrency": self.max_concurrency}
+
+
+def plan_num_blocks(engine: EngineConfig, bytes_per_block: int, weights_bytes: int, activation_bytes: int) -> int:
+    """Blocks in the pool: given outright, from a KV budget, or what a total budget leaves."""
+    if engine.num_kv_blocks is not None:
+        return engine.num_kv_blocks
+    if engine.kv_cache_memory is not None:
+        budget = parse_bytes(engine.kv_cache_memory)
+    elif engine.gpu_memory is not None:
+        total = parse_bytes(engine.gpu_memory)
+        budget = total - weights_bytes - activation_bytes
+        if budget < bytes_per_block:
+            raise ValueError(
+                f"gpu_memory {format_bytes(total)} leaves no room for the KV cache after weights "
+                f"{format_bytes(weights_bytes)} and activations {format_bytes(activation_bytes)}")
+    elif engine.torch_device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.torch_device)
+        budget = free - activation_bytes - _CUDA_RESERVE
+    else:
+        budget = _CPU_DEFAULT_KV
+    blocks = budget // bytes_per_block
+    if blocks < 1:
+        raise ValueError(f"KV cache budget {format_bytes(budget)} is smaller than one block "
+                         f"({format_bytes(bytes_per_block)})")
+    return int(blocks)

@@ -1,0 +1,146 @@
+"""The one sampler: penalties, temperature, min-p/top-k/top-p, then a draw.
+
+Draws use the Gumbel-max form of categorical sampling (argmax of p / E with E ~
+Exp(1)) where E comes from a counter-based hash of (seed, sample index, output
+position, token id). A request's randomness is therefore a pure function of its
+own seed and progress: the same seed gives the same tokens whatever else shares
+the batch, after preemption and recomputation, and on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagellm.engine.sequence import Sequence
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor        # [N] fp32, 0 = greedy
+    top_k: torch.Tensor              # [N] int64, vocab size = off
+    top_p: torch.Tensor              # [N] fp32
+    min_p: torch.Tensor              # [N] fp32
+    row_keys: torch.Tensor           # [N, 2] int64, 32-bit hash keys per row
+    repetition_penalty: torch.Tensor  # [N] fp32
+    presence_penalty: torch.Tensor   # [N] fp32
+    frequency_penalty: torch.Tensor  # [N] fp32
+    all_greedy: bool
+    needs_filtering: bool
+    needs_penalties: bool
+    max_logprobs: int
+    seqs: list[Sequence]
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingTensors":
+        params = [s.params for s in seqs]
+
+        def tensor(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        keys = [_row_keys(s) for s in seqs]
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        return cls(
+            temperature=tensor([p.temperature for p in params]),
+            top_k=tensor(top_k, torch.int64),
+            top_p=tensor([p.top_p for p in params]),
+            min_p=tensor([p.min_p for p in params]),
+            row_keys=tensor(keys, torch.int64),
+            repetition_penalty=tensor([p.repetition_penalty for p in params]),
+            presence_penalty=tensor([p.presence_penalty for p in params]),
+            frequency_penalty=tensor([p.frequency_penalty for p in params]),
+            all_greedy=all(p.greedy for p in params),
+            needs_filtering=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
+            needs_penalties=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                                for p in params),
+            max_logprobs=max((p.logprobs or 0) for p in params),
+            seqs=seqs,
+        )
+
+
+def _row_keys(seq: Sequence) -> tuple[int, int]:
+    # Python's hash of a tuple of ints is fixed across runs (no hash randomisation).
+    base = (seq.seed, seq.sample_index, seq.num_output_tokens)
+    return hash(base) & _MASK32, hash(base + (1,)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on values in [0, 2^32) held in int64."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def exponential_noise(row_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[N, V]`` Exp(1) variates, a pure function of the row keys and token ids."""
+    token = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64)
+    h = _fmix32((row_keys[:, :1] + token[None, :] * _GOLDEN) & _MASK32)
+    h = _fmix32(h ^ row_keys[:, 1:])
+    uniform = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(uniform)
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Repetition penalty over prompt and output (HF semantics); presence and
+    frequency penalties over the output only (OpenAI semantics)."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+    counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
+    for row, seq in enumerate(t.seqs):  # one scatter per row, not per token
+        seen[row, torch.tensor(seq.token_ids, device=device)] = True
+        if seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, device=device)
+            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+    rep = t.repetition_penalty[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - t.frequency_penalty[:, None] * counts
+    return logits - t.presence_penalty[:, None] * (counts > 0)
+
+
+def filter_probs(probs: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Zero out tokens outside min-p, top-k and top-p (renormalisation is not
+    needed for the argmax draw)."""
+    probs = probs.masked_fill(probs < t.min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    cumulative = sorted_probs.cumsum(-1)
+    drop = (rank >= t.top_k[:, None]) | (cumulative - sorted_probs > t.top_p[:, None] * cumulative[:, -1:])
+    drop[:, 0] = False
+    return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]                          # of the chosen tokens (raw model distribution)
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    """``logits [N, V]`` fp32 -> one token per row."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if t.needs_penalties:
+        logits = apply_penalties(logits, t)
+    greedy_tokens = logits.argmax(dim=-1)
+    if t.all_greedy:
+        tokens = greedy_tokens
+    else:
+        temperature = t.temperature.clamp_min(1e-5)[:, None]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if t.needs_filtering:
+            probs = filter_probs(probs, t)
+        drawn = (probs / exponential_noise(t.row_keys, logits.shape[-1])).argmax(dim=-1)
+        tokens = torch.where(t.temperature == 0, greedy_tokens, drawn)
+    chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    top = None
+    if t.max_logprobs:
+        values, ids = raw_logprobs.topk(t.max_logprobs, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return SamplerOutput(tokens.tolist(), chosen.tolist(), top)

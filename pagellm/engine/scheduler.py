@@ -1,0 +1,134 @@
+"""Continuous batching: every step decides which sequences run and how many of
+their tokens, under a token budget and a sequence cap.
+
+One rule covers prefill, chunked prefill and decode (as in vLLM v1): a sequence
+needs ``num_tokens - num_computed_tokens`` more tokens computed; running
+sequences are served first, oldest first, so decodes are never starved by a long
+prompt; waiting sequences fill what budget is left, a long prompt being split
+across steps. When the pool runs out, the most recently admitted running
+sequence is preempted: its blocks are freed and it goes back to the front of
+the queue to be recomputed later (its full blocks usually survive in the prefix
+cache, so recomputation is often cheap).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagellm.engine.block_manager import BlockManager
+from pagellm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_chunked_prefills: int = 0   # steps where some prompt was only partly computed
+    num_prefill_tokens: int = 0     # prompt tokens actually computed (cache hits excluded)
+    num_decode_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
+        self._count(batch)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, num_tokens):
+                victim = self.running.pop()
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, num_tokens)
+                batch.add(seq, num_tokens)
+                budget -= num_tokens
+                index += 1
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                seq.num_cached_tokens = self.block_manager.match_prefix(seq)
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num_tokens):
+                self.block_manager.free(seq)
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_tokens)
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+
+    def _count(self, batch: ScheduledBatch) -> None:
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                self.stats.num_chunked_prefills += 1
+            if n == 1 and seq.num_output_tokens and seq.num_computed_tokens == seq.num_tokens - 1:
+                self.stats.num_decode_tokens += 1
+            else:  # prompt tokens, or outputs recomputed after preemption
+                self.stats.num_prefill_tokens += n
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,81 @@
+"""The offline API, named as vLLM's so its users can switch by changing an import."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from pagellm.config import EngineConfig
+from pagellm.engine.llm_engine import LLMEngine
+from pagellm.outputs import RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """``LLM("folder-or-file.gguf-or-zoo-name", dtype="bfloat16", kv_cache_memory="4GiB", ...)``;
+    keyword arguments are EngineConfig fields (or pass an EngineConfig)."""
+
+    def __init__(self, model: str | EngineConfig, **kwargs) -> None:
+        config = model if isinstance(model, EngineConfig) else EngineConfig(model=str(model), **kwargs)
+        self.engine = LLMEngine(config)
+        self._request_ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+                 | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        ids = self._submit(prompts, sampling_params)
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2) as bar:
+            for output in self._run():
+                if output.finished:
+                    finished[output.request_id] = output
+                    bar.update(1)
+        return [finished[i] for i in ids]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+               | None = None) -> Iterator[RequestOutput]:
+        """Yield a cumulative RequestOutput each time a request gains tokens or
+        finishes; request ids are consecutive integers (as strings) in prompt order."""
+        self._submit(prompts, sampling_params)
+        yield from self._run()
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _submit(self, prompts, sampling_params) -> list[str]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = str(next(self._request_ids))
+                self.engine.add_request(request_id, prompt, p or SamplingParams())
+                ids.append(request_id)
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return ids
+
+    def _run(self) -> Iterator[RequestOutput]:
+        while self.engine.has_unfinished_requests():
+            yield from self.engine.step()
