@@ -33,17 +33,31 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str | None:
         """Add one token; return the stop string it completed, if any."""
         self.tokens.append(token_id)
-        if self.tokenizer is None:
-            return None
-        decode = self.tokenizer.decode
-        prefix = decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        full = decode(self.tokens[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        new_text = self._decode_new()
+        if not new_text or new_text.endswith("\ufffd"):
             return None
         before = len(self.text)
-        self.text += full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self._emit(new_text)
         return self._find_stop(before)
+
+    def flush(self) -> None:
+        """At the end: emit what was held back waiting for a character to complete."""
+        if self.read_offset < len(self.tokens):
+            self._emit(self._decode_new())
+
+    def _decode_new(self) -> str:
+        """Text of the tokens after ``read_offset``, decoded in context."""
+        if self.tokenizer is None:
+            return ""
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = decode(self.tokens[self.prefix_offset:])
+        return full[len(prefix):]
+
+    def _emit(self, new_text: str) -> None:
+        self.text += new_text
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
 
     def _find_stop(self, new_from: int) -> str | None:
         for stop in self.stop_strings:

@@ -160,9 +160,12 @@ class LLMEngine:
                                                     (draws.top_logprobs or [[]])[row][:state.params.logprobs]))
         if state.first_token_time is None:
             state.first_token_time = now
-        stop_string = state.detokenizers[seq.sample_index].push(token)
+        detokenizer = state.detokenizers[seq.sample_index]
+        stop_string = detokenizer.push(token)
         reason = self._stop_reason(seq, token, stop_string)
         if reason is not None:
+            if stop_string is None:
+                detokenizer.flush()
             seq.finish_reason, seq.stop_reason = reason
             self.scheduler.finish(seq)
 

@@ -1,0 +1,102 @@
+"""The sampler against closed forms and HF's logits processors."""
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from pagellm.engine.sampler import SamplingTensors, apply_penalties, exponential_noise, sample
+from pagellm.engine.sequence import Sequence
+from pagellm.sampling_params import SamplingParams
+
+
+def make_seqs(n: int, params: SamplingParams, prompt=(1, 2, 3), outputs=()) -> list[Sequence]:
+    seqs = []
+    for i in range(n):
+        seq = Sequence(i, str(i), 0, list(prompt), params, seed=1000 + i, arrival_time=0.0)
+        for t in outputs:
+            seq.append_token(t)
+        seqs.append(seq)
+    return seqs
+
+
+def draw_counts(logits: torch.Tensor, params: SamplingParams, n: int = 20000) -> torch.Tensor:
+    seqs = make_seqs(n, params)
+    tensors = SamplingTensors.from_sequences(seqs, logits.shape[-1], torch.device("cpu"))
+    tokens = sample(logits.expand(n, -1).clone(), tensors).token_ids
+    return torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).float() / n
+
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+
+
+def test_noise_is_exponential():
+    noise = exponential_noise(torch.tensor([[123, 456], [7, 8]]), 50000)
+    assert abs(noise.mean().item() - 1.0) < 0.02
+    assert abs(noise.var().item() - 1.0) < 0.05
+    assert not torch.equal(noise[0], noise[1])
+
+
+def test_temperature_sampling_follows_softmax():
+    freq = draw_counts(LOGITS, SamplingParams(temperature=0.7))
+    expected = torch.softmax(LOGITS[0] / 0.7, -1)
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+def test_top_k_keeps_k_tokens_renormalised():
+    freq = draw_counts(LOGITS, SamplingParams(temperature=1.0, top_k=2))
+    p = torch.softmax(LOGITS[0], -1)[:2]
+    torch.testing.assert_close(freq[:2], p / p.sum(), atol=0.015, rtol=0)
+    assert freq[2:].sum() == 0
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    p = torch.softmax(LOGITS[0], -1)
+    top_p = float(p[:2].sum()) + 0.01   # needs the third token to reach p
+    freq = draw_counts(LOGITS, SamplingParams(temperature=1.0, top_p=top_p))
+    assert freq[3:].sum() == 0
+    torch.testing.assert_close(freq[:3], p[:3] / p[:3].sum(), atol=0.015, rtol=0)
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    p = torch.softmax(LOGITS[0], -1)
+    min_p = float(p[2] / p[0]) - 0.01   # keeps tokens 0..2
+    freq = draw_counts(LOGITS, SamplingParams(temperature=1.0, min_p=min_p))
+    assert freq[3:].sum() == 0 and (freq[:3] > 0).all()
+
+
+def test_greedy_is_argmax_and_logprobs_are_log_softmax():
+    seqs = make_seqs(1, SamplingParams(temperature=0, logprobs=3))
+    out = sample(LOGITS.clone(), SamplingTensors.from_sequences(seqs, 6, torch.device("cpu")))
+    assert out.token_ids == [0]
+    expected = torch.log_softmax(LOGITS[0], -1)
+    assert abs(out.logprobs[0] - expected[0].item()) < 1e-6
+    assert [t for t, _ in out.top_logprobs[0]] == [0, 1, 2]
+
+
+def test_repetition_penalty_matches_hf_processor():
+    params = SamplingParams(temperature=0, repetition_penalty=1.3)
+    seqs = make_seqs(1, params, prompt=(0, 4), outputs=(2,))
+    logits = torch.tensor([[2.0, 1.0, -0.5, 0.0, -1.0, 3.0]])
+    tensors = SamplingTensors.from_sequences(seqs, 6, torch.device("cpu"))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[0, 4, 2]]), logits.clone())
+    torch.testing.assert_close(apply_penalties(logits.clone(), tensors), expected)
+
+
+def test_presence_and_frequency_penalties_closed_form():
+    params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25)
+    seqs = make_seqs(1, params, prompt=(1,), outputs=(3, 3, 5))
+    logits = torch.zeros(1, 6)
+    tensors = SamplingTensors.from_sequences(seqs, 6, torch.device("cpu"))
+    expected = torch.tensor([[0, 0, 0, -0.5 - 2 * 0.25, 0, -0.5 - 0.25]])
+    torch.testing.assert_close(apply_penalties(logits, tensors), expected)
+
+
+def test_draw_depends_only_on_seed_and_position():
+    params = SamplingParams(temperature=1.0)
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
+    lone = make_seqs(1, params)
+    crowd = make_seqs(5, params)[::-1]       # seq with seed 1000 now sits last in a bigger batch
+    a = sample(logits.clone(), SamplingTensors.from_sequences(lone, 1000, torch.device("cpu"))).token_ids[0]
+    b = sample(logits.expand(5, -1).clone(),
+               SamplingTensors.from_sequences(crowd, 1000, torch.device("cpu"))).token_ids[-1]
+    assert a == b
