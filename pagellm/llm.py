@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from pagellm.config import EngineConfig
+from pagellm.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchState
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -79,3 +80,24 @@ class LLM:
     def _run(self) -> Iterator[RequestOutput]:
         while self.engine.has_unfinished_requests():
             yield from self.engine.step()
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (all prompts' beams batched together)."""
+        engine = self.engine
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        eos = frozenset(engine.eos_token_ids)
+        states = [BeamSearchState(engine.tokenize(p)[1], params, eos) for p in prompts]
+        while live := [s for s in states if not s.done]:
+            beams = [(s, beam) for s in live for beam in s.running]
+            ids = self._submit([s.prompt_token_ids + b.tokens for s, b in beams],
+                               [s.sampling_params() for s, _ in beams])
+            finished = {o.request_id: o for o in self._run() if o.finished}
+            tops = [[(t, lp.logprob) for t, lp in finished[i].outputs[0].logprobs[0].items() if lp.rank is not None]
+                    for i in ids]
+            for state in live:
+                state.advance([tops.pop(0) for _ in state.running])
+        for state in states:
+            for seq in state.finished:
+                seq.text = engine.detokenize(seq.tokens)
+        return [BeamSearchOutput(s.prompt_token_ids, s.finished) for s in states]

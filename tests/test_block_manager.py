@@ -24,8 +24,11 @@ def check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
     assert len(free) == len(bm.free_queue)
     for block, refs in enumerate(bm.ref_counts):
         assert (refs == 0) == (block in free)
-    if not bm.enable_prefix_caching:
-        assert max(holders, default=0) <= 1, "a block is owned twice"
+    if not bm.enable_prefix_caching:   # without the cache only forks of one request share
+        owners: dict[int, str] = {}
+        for seq in seqs:
+            for block in seq.block_table:
+                assert owners.setdefault(block, seq.request_id) == seq.request_id, "a block is owned twice"
     for block_hash, block in bm.cached_blocks.items():
         assert bm.block_hash[block] == block_hash
 
@@ -39,7 +42,16 @@ workload = st.fixed_dictionaries({
     "num_requests": st.integers(1, 12),
     "abort_rate": st.floats(0, 0.2),
     "prefix_caching": st.booleans(),
+    "fork_rate": st.floats(0, 0.3),
 })
+
+
+def fork(bm: BlockManager, scheduler: Scheduler, parent: Sequence, seq_id: int) -> Sequence:
+    """A sibling sharing the parent's blocks, recomputing its last prompt token (as n > 1 does)."""
+    child = Sequence(seq_id, parent.request_id, 1, parent.prompt_token_ids, parent.params, 0, 0.0)
+    bm.fork(parent, child, child.num_tokens - 1)
+    scheduler.add(child)
+    return child
 
 
 @settings(max_examples=150, deadline=None)
@@ -64,12 +76,17 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
         if not scheduler.has_unfinished():
             break
         batch = scheduler.schedule()
-        assert batch.seqs, "scheduler stalled with work left"
+        assert batch.seqs or batch.preempted, "scheduler stalled with work left"
         assert batch.num_tokens <= w["budget"]
+        for src, dst in bm.take_pending_copies():
+            assert bm.ref_counts[dst] == 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens + n
+            index = seq.num_computed_tokens // bm.block_size
+            write_block = seq.block_table[index]
+            if bm.ref_counts[write_block] > 1:   # only a block published for exactly these tokens
+                assert bm.block_hash[write_block] == bm._hash_block(seq, index), "writing into a shared block"
             seq.num_computed_tokens += n
-            bm.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.append_token(rng.randrange(50))
                 if seq.num_output_tokens >= seq.params.max_tokens:
@@ -77,6 +94,9 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
         for seq in list(scheduler.running) + list(scheduler.waiting):
             if rng.random() < w["abort_rate"]:
                 scheduler.finish(seq)
+            elif (seq in scheduler.running and seq.num_output_tokens and len(live) < 2 * w["num_requests"]
+                  and rng.random() < w["fork_rate"]):
+                live.append(fork(bm, scheduler, seq, len(live)))
         check_invariants(bm, [s for s in live if not s.finished])
     assert not scheduler.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks
@@ -86,9 +106,7 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
 def test_prefix_cache_reuses_blocks_and_leaves_last_token_to_compute():
     bm = BlockManager(16, 4)
     first = Sequence(0, "a", 0, list(range(10)), SamplingParams(), 0, 0.0)
-    bm.allocate(first, 10)
-    first.num_computed_tokens = 10
-    bm.cache_full_blocks(first)            # blocks 0..1 are full (8 tokens)
+    bm.allocate(first, 10)                 # blocks 0..1 will be full (8 tokens): published
     second = Sequence(1, "b", 0, list(range(8)), SamplingParams(), 0, 0.0)
     assert bm.match_prefix(second) == 4    # 8 tokens: the last must be computed, so only block 0
     third = Sequence(2, "c", 0, list(range(9)), SamplingParams(), 0, 0.0)
@@ -101,13 +119,27 @@ def test_freed_cached_blocks_survive_until_reused_lru():
     bm = BlockManager(4, 2)
     seq = Sequence(0, "a", 0, [1, 2, 3, 4, 5], SamplingParams(), 0, 0.0)
     bm.allocate(seq, 5)
-    seq.num_computed_tokens = 5
-    bm.cache_full_blocks(seq)
     cached = dict(bm.cached_blocks)
     bm.free(seq)
-    assert bm.num_free_blocks == 4 and bm.cached_blocks == cached
+    assert bm.num_free_blocks == 4 and bm.cached_blocks == cached and len(cached) == 2
     again = Sequence(1, "b", 0, [1, 2, 3, 4, 5], SamplingParams(), 0, 0.0)
     assert bm.match_prefix(again) == 4
     other = Sequence(2, "c", 0, [9] * 4, SamplingParams(), 0, 0.0)
     bm.allocate(other, 4)                   # takes the uncached block first, then an evictable one
     assert set(again.block_table).isdisjoint(other.block_table)
+
+
+def test_copy_on_write_copies_a_shared_block_only_when_written():
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    parent = Sequence(0, "a", 0, list(range(6)), SamplingParams(), 0, 0.0)
+    bm.allocate(parent, 6)
+    parent.num_computed_tokens = 6
+    child = Sequence(1, "a", 1, list(range(6)), SamplingParams(), 0, 0.0)
+    bm.fork(parent, child, 5)
+    assert child.block_table == parent.block_table and bm.num_used_blocks == 2
+    bm.allocate(child, 1)                  # writes position 5, inside the shared second block
+    assert bm.take_pending_copies() == [(parent.block_table[1], child.block_table[1])]
+    assert child.block_table[0] == parent.block_table[0] and bm.ref_counts[parent.block_table[0]] == 2
+    parent.append_token(9)
+    bm.allocate(parent, 1)                 # parent is now the block's only holder: no copy
+    assert bm.take_pending_copies() == [] and bm.num_used_blocks == 3

@@ -9,8 +9,10 @@ least recently freed first. Blocks that hold nothing reusable go to the front of
 the queue so cached ones live longest.
 
 Only positions at or after a sequence's ``num_computed_tokens`` are ever
-written, and those lie in blocks that are not full, hence never hashed and never
-shared: a cached block cannot be overwritten while anyone holds it.
+written. Such a position lies in a block that is not yet published, or in a
+shared block (a fork for parallel sampling or beam search), which the writer
+first copies (copy-on-write): a block is never overwritten while another
+sequence holds it.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class BlockManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.pending_copies: list[tuple[int, int]] = []   # (src, dst) KV block copies to run
         self.stats = PrefixCacheStats()
 
     # ---- queries -------------------------------------------------------------
@@ -58,16 +61,33 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, total - len(seq.block_table))
+        return max(0, total - len(seq.block_table)) + self._write_block_is_shared(seq)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= len(self.free_queue)
 
     # ---- allocation ----------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Give ``seq`` enough blocks to hold its next ``num_new_tokens`` tokens."""
-        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+        """Give ``seq`` room for its next ``num_new_tokens`` tokens: a private copy
+        of a shared block it is about to write into (copy-on-write; the copy is
+        queued in ``pending_copies`` for the model runner), then fresh blocks.
+        Blocks those tokens fill are published to the prefix cache at once, so a
+        request admitted in the same step can already share them: each layer
+        writes the whole batch's K/V before any token attends."""
+        if self._write_block_is_shared(seq):
+            index = seq.num_computed_tokens // self.block_size
+            shared = seq.block_table[index]
+            seq.block_table[index] = self._take_free_block()
+            self._release(shared)
+            self.pending_copies.append((shared, seq.block_table[index]))
+        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        while len(seq.block_table) < total:
             seq.block_table.append(self._take_free_block())
+        self._publish_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def free(self, seq: Sequence) -> None:
         """Release all of a sequence's blocks (finish, abort or preemption)."""
@@ -76,27 +96,20 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let ``child`` share every block of ``parent`` (copy-on-write)."""
-        child.block_table = list(parent.block_table)
-        child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
+    def fork(self, parent: Sequence, child: Sequence, num_computed_tokens: int) -> None:
+        """Let ``child`` share ``parent``'s blocks holding its first
+        ``num_computed_tokens`` tokens; whoever writes into a shared block
+        later gets a private copy first."""
+        num_blocks = cdiv(num_computed_tokens, self.block_size)
+        child.block_table = parent.block_table[:num_blocks]
+        child.block_hashes = parent.block_hashes[:num_computed_tokens // self.block_size]
+        child.num_computed_tokens = num_computed_tokens
         for block_id in child.block_table:
             self.ref_counts[block_id] += 1
 
-    def copy_on_write(self, seq: Sequence) -> tuple[int, int] | None:
-        """Before ``seq`` writes into its last block: if others share it, give
-        ``seq`` a private copy. Returns (source, destination) for the KV copy."""
+    def _write_block_is_shared(self, seq: Sequence) -> bool:
         index = seq.num_computed_tokens // self.block_size
-        if index >= len(seq.block_table):
-            return None
-        block_id = seq.block_table[index]
-        if self.ref_counts[block_id] == 1:
-            return None
-        new_block = self._take_free_block()
-        self._release(block_id)
-        seq.block_table[index] = new_block
-        return block_id, new_block
+        return index < len(seq.block_table) and self.ref_counts[seq.block_table[index]] > 1
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
@@ -145,13 +158,14 @@ class BlockManager:
         self.stats.hit_tokens += hit
         return hit
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Publish the blocks that ``seq`` has just filled so others can reuse them."""
+    def _publish_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Name the blocks that ``seq``'s first ``num_tokens`` tokens fill so
+        other sequences can reuse them."""
         if not self.enable_prefix_caching:
             return
         # Blocks before the last memoised hash were published (or matched) already.
         start = max(0, len(seq.block_hashes) - 1)
-        for index in range(start, seq.num_computed_tokens // self.block_size):
+        for index in range(start, num_tokens // self.block_size):
             block_id = seq.block_table[index]
             if self.block_hash[block_id] is not None:
                 continue

@@ -36,7 +36,7 @@ class RequestState:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
-    aborted: bool = field(default=False)
+    unforked: list[Sequence] = field(default_factory=list)  # samples 1..n-1 until the prompt is computed
 
     @property
     def finished(self) -> bool:
@@ -91,6 +91,9 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}); got {bad[:5]}")
         return None, ids
 
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
@@ -104,9 +107,9 @@ class LLMEngine:
         seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, seed, now) for i in range(params.n)]
         detokenizers = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop_strings,
                                                params.include_stop_str_in_output) for _ in seqs]
-        self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, detokenizers, now)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, detokenizers, now,
+                                                 unforked=seqs[1:])
+        self.scheduler.add(seqs[0])
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
         limit = self.max_model_len
@@ -139,11 +142,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.runner.copy_blocks(self.block_manager.take_pending_copies())
         sampled, draws = self.runner.execute(batch)
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
         changed: dict[str, RequestState] = {}
         for row, seq in enumerate(sampled):
             state = self.requests[seq.request_id]
@@ -154,10 +157,12 @@ class LLMEngine:
     def _append(self, state: RequestState, seq: Sequence, row: int, draws, now: float) -> None:
         token = draws.token_ids[row]
         seq.append_token(token)
+        if state.unforked:
+            self._fork_samples(state, seq)
         seq.cumulative_logprob += draws.logprobs[row]
         if state.params.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(token, draws.logprobs[row],
-                                                    (draws.top_logprobs or [[]])[row][:state.params.logprobs]))
+            top = draws.top_logprobs[row][:state.params.logprobs] if draws.top_logprobs else []
+            seq.logprobs.append(self._logprob_entry(token, draws.logprobs[row], top))
         if state.first_token_time is None:
             state.first_token_time = now
         detokenizer = state.detokenizers[seq.sample_index]
@@ -168,6 +173,15 @@ class LLMEngine:
                 detokenizer.flush()
             seq.finish_reason, seq.stop_reason = reason
             self.scheduler.finish(seq)
+
+    def _fork_samples(self, state: RequestState, parent: Sequence) -> None:
+        """The prompt of an n > 1 request is computed once, by its first sample;
+        the others then share its blocks and recompute only the last prompt
+        token, to draw their own first token from the same logits."""
+        for child in state.unforked:
+            self.block_manager.fork(parent, child, child.num_tokens - 1)
+            self.scheduler.add(child, front=True)
+        state.unforked = []
 
     def _stop_reason(self, seq: Sequence, token: int, stop_string: str | None
                      ) -> tuple[str, int | str | None] | None:

@@ -60,8 +60,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -80,9 +83,10 @@ class Scheduler:
             seq = self.running[index]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, num_tokens):
-                victim = self.running.pop()
-                self._preempt(victim, batch)
-                if victim is seq:
+                if self.running[-1] is not seq:
+                    self._preempt(self.running.pop(), batch)
+                elif not self._drop_waiting_forks():
+                    self._preempt(self.running.pop(), batch)
                     break
             else:
                 self.block_manager.allocate(seq, num_tokens)
@@ -99,13 +103,26 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, num_tokens):
                 self.block_manager.free(seq)
-                break
+                if self.running or batch or not self._drop_waiting_forks():
+                    break
+                continue
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, num_tokens)
             budget -= num_tokens
+
+    def _drop_waiting_forks(self) -> bool:
+        """The oldest sequence cannot grow, or nothing runs and the queue head
+        does not fit: free the blocks that a waiting fork (a sibling sharing its
+        parent's blocks) holds, newest first; the fork will recompute. False if
+        there is none."""
+        for seq in reversed(self.waiting):
+            if seq.block_table:
+                self.block_manager.free(seq)
+                return True
+        return False
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.block_manager.free(seq)

@@ -1,0 +1,390 @@
+"""``pagellm memory`` and ``pagellm roofline``: argument parsing and rendering.
+
+Quantities (``--gpu-memory 80GiB``, ``--bandwidth 3.35TB/s``, ``--flops
+989TFLOP/s``, or plain floats such as ``3.35e12``) are parsed inside the
+command so that a bad unit surfaces as a ``ValueError`` the CLI prints as one
+clean line. Tables are drawn with ``rich``; ``--json`` prints the report dict
+(see ``RooflineReport.to_json`` and ``memory_json``) and nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import replace
+from typing import Any
+
+from pagellm.analysis.hardware import Hardware, custom_hardware, get_hardware, hardware_names, override
+from pagellm.analysis.memory import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL_CHUNK, Advice, FitReport,
+                                     MemoryBreakdown, MemoryOptions, advise, fit, memory_breakdown)
+from pagellm.analysis.model_source import resolve_model
+from pagellm.analysis.precision import Precision, dtype_bits, shard
+from pagellm.analysis.roofline import RooflineReport, StageReport, analyze, model_summary
+from pagellm.model.config import ModelConfig
+from pagellm.utils.units import format_bytes, parse_quantity
+
+DEFAULT_HARDWARE = "H100-SXM"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_memory(subparsers)
+    _register_roofline(subparsers)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="config.json, model folder, GGUF file or preset name "
+                                 "(llama-2-7b, llama-3-70b, mistral-7b, qwen2.5-7b, ...)")
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--w-bits", type=int, choices=(16, 8, 4),
+                   help="bits of the block linear weights (default 16, or the dtype's)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="quantization group size along the input dim, -1 per channel (default 128)")
+    p.add_argument("--kv-bits", type=int, choices=(16, 8, 4),
+                   help="bits of the KV cache elements (default 16, or the dtype's)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (figures are per GPU)")
+
+
+def _register_memory(subparsers) -> None:
+    p = subparsers.add_parser(
+        "memory", help="GPU memory for weights, KV cache, activations; fit questions and advice",
+        description="Per-GPU memory of serving MODEL, and with --gpu-memory/--hardware the largest context, "
+                    "the largest batch and (--advise) the cheapest quantization reaching a concurrency.")
+    _model_arg(p)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences held at once (default 1)")
+    p.add_argument("--context-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--dtype", default="bf16", help="unquantized dtype: bf16, fp16 or fp32 (default bf16)")
+    _quant_args(p)
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB or 8.6e10")
+    p.add_argument("--hardware", help=f"GPU preset: {', '.join(hardware_names())}")
+    p.add_argument("--advise", action="store_true",
+                   help="find the cheapest weight bits / KV bits / max length reaching --target-concurrency")
+    p.add_argument("--target-concurrency", type=int, help="users to serve at once (implies --advise)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="KV page size in tokens (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="tokens per prefill chunk for the activation peak (default 2048)")
+    p.add_argument("--workspace", default="1GiB", help="CUDA context + workspaces allowance (default 1GiB)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run_memory)
+
+
+def _register_roofline(subparsers) -> None:
+    p = subparsers.add_parser(
+        "roofline", help="per-layer OPs, bytes, intensity, bound and time for prefill and decode",
+        description="Roofline analysis of one transformer block (and embedding / LM head) for a prefill of "
+                    "--prompt-len tokens and one decode step with that many tokens cached, plus an "
+                    "end-to-end estimate for --gen-len generated tokens.")
+    _model_arg(p)
+    p.add_argument("--hardware", help=f"GPU preset (default {DEFAULT_HARDWARE}): {', '.join(hardware_names())}")
+    p.add_argument("--bandwidth", help="memory bandwidth, e.g. 3.35TB/s or 3.35e12 (overrides the preset)")
+    p.add_argument("--flops", help="16-bit matmul peak, e.g. 989TFLOP/s (overrides the preset)")
+    p.add_argument("--memory", help="GPU memory for the fit check of a custom device, e.g. 80GiB")
+    p.add_argument("--link-bandwidth", help="GPU-GPU bandwidth per direction for TP all-reduces, e.g. 450GB/s")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences in the batch (default 1)")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per sequence (default 1024)")
+    p.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence (default 128)")
+    p.add_argument("--a-bits", type=int, choices=(16, 8), default=16, help="activation bits (default 16)")
+    _quant_args(p)
+    p.add_argument("--flash-attention", action="store_true", help="fused attention (one row, causal pairs only)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--plot", metavar="FILE", help="write the roofline chart (PNG, SVG or PDF by suffix)")
+    p.set_defaults(func=run_roofline)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _quantity(text: str | None, unit: str, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = parse_quantity(text, unit)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+    if value <= 0:
+        raise ValueError(f"{flag} must be positive, got {text!r}")
+    return value
+
+
+def _workspace(text: str) -> float:
+    try:
+        value = parse_quantity(text, "B")
+    except ValueError as exc:
+        raise ValueError(f"--workspace: {exc}") from None
+    if value < 0:
+        raise ValueError("--workspace cannot be negative")
+    return value
+
+
+def _console():
+    from rich.console import Console
+    width = max(shutil.get_terminal_size((140, 40)).columns, 110)
+    return Console(width=width, highlight=False)
+
+
+def _gguf_note(config: ModelConfig, w_bits_given: bool) -> list[str]:
+    bpw = config.extra.get("gguf_bits_per_weight")
+    if bpw is None or w_bits_given or bpw >= 12:
+        return []
+    bits = 8 if bpw >= 6 else 4
+    kind = config.extra.get("gguf_file_type", "?")
+    return [f"this GGUF stores its block weights at {bpw:.2f} bits/weight ({kind}); the figures assume "
+            f"16-bit weights unless you pass --w-bits (try --w-bits {bits} --group-size 32)"]
+
+
+def _fmt_bytes(n: float) -> str:
+    return format_bytes(n) if n >= 1024 else f"{n:.0f} B"
+
+
+def _decimal_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _si(n: float, unit: str = "") -> str:
+    for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _time(t: float) -> str:
+    if t >= 1:
+        return f"{t:.2f} s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.2f} ms"
+    if t >= 1e-6:
+        return f"{t * 1e6:.1f} µs"
+    return f"{t * 1e9:.0f} ns"
+
+
+# ---------------------------------------------------------------- memory
+
+def memory_json(config: ModelConfig, hardware: Hardware | None, breakdown: MemoryBreakdown,
+                fit_report: FitReport | None, advice: Advice | None, notes: list[str]) -> dict[str, Any]:
+    return {
+        "model": model_summary(config),
+        "hardware": hardware.to_json() if hardware else None,
+        "memory": breakdown.to_json(),
+        "fit": fit_report.to_json() if fit_report else None,
+        "advice": advice.to_json() if advice else None,
+        "notes": notes,
+    }
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    for flag in ("batch_size", "context_len", "tp", "target_concurrency", "prefill_chunk", "block_size"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    config = resolve_model(args.model)
+    base = dtype_bits(args.dtype)
+    precision = Precision(w_bits=args.w_bits or base, a_bits=base, kv_bits=args.kv_bits or base,
+                          group_size=args.group_size, base_bits=base)
+    opts = MemoryOptions(tp=args.tp, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
+                         workspace_bytes=_workspace(args.workspace))
+    hardware = get_hardware(args.hardware) if args.hardware else None
+    memory = _quantity(args.gpu_memory, "B", "--gpu-memory") or (hardware.memory_bytes if hardware else None)
+    breakdown = memory_breakdown(config, args.batch_size, args.context_len, precision, opts.tp, opts.block_size,
+                                 opts.prefill_chunk, opts.workspace_bytes)
+    fit_report = fit(config, memory, args.batch_size, args.context_len, precision, opts) if memory else None
+    advice = None
+    if args.advise or args.target_concurrency:
+        if not memory:
+            raise ValueError("--advise needs --gpu-memory or --hardware")
+        advice = advise(config, memory, args.target_concurrency or args.batch_size, args.context_len,
+                        precision, opts)
+    notes = _gguf_note(config, args.w_bits is not None)
+    if args.context_len > config.max_position_embeddings:
+        notes.append(f"context {args.context_len} exceeds the model's {config.max_position_embeddings} positions")
+    if args.json:
+        print(json.dumps(memory_json(config, hardware, breakdown, fit_report, advice, notes), indent=2))
+        return 0
+    _render_memory(config, hardware, memory, breakdown, fit_report, advice, notes)
+    return 0
+
+
+def _model_line(config: ModelConfig) -> str:
+    window = f", sliding window {config.sliding_window}" if config.sliding_window else ""
+    return (f"{config.name or 'model'}: {config.num_parameters / 1e9:.2f} B parameters, "
+            f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads / "
+            f"{config.num_key_value_heads} KV heads of {config.head_dim}{window}")
+
+
+def _render_memory(config, hardware, memory, b: MemoryBreakdown, fit_report, advice, notes) -> None:
+    from rich.table import Table
+
+    console = _console()
+    p = b.precision
+    console.print(f"[bold]{_model_line(config)}[/bold]")
+    console.print(f"{p.label()}, batch {b.batch_size} x {b.context_len} tokens, TP {b.tp}"
+                  + (f", {hardware.name} ({hardware.source})" if hardware else ""))
+    for n in notes:
+        console.print(f"[yellow]note:[/yellow] {n}")
+    t = Table(title="Memory per GPU" if b.tp > 1 else "Memory")
+    t.add_column("component")
+    t.add_column("bytes", justify="right")
+    t.add_column("", justify="right")
+    t.add_column("how")
+    kv_elem = p.kv_vector_bytes(config.head_dim)
+    kvh = shard(config, b.tp).kv_heads
+    rows = [
+        ("weights", b.weights_bytes, f"block linears {p.w_bits}-bit, embeddings/norms {p.base_bits}-bit"),
+        ("KV cache per token", b.kv_bytes_per_token,
+         f"2 x {config.num_hidden_layers} layers x {kvh} KV heads x {kv_elem:g} B"),
+        ("KV cache", b.kv_bytes, f"{b.batch_size} x {b.kv_tokens_per_sequence} tokens kept"
+         + (f" (window {config.sliding_window})" if config.sliding_window else "")),
+        ("activations (peak)", b.activation_bytes, "one prefill chunk through a block + logits"),
+        ("workspace", b.workspace_bytes, "CUDA context, cuBLAS, allocator slack"),
+    ]
+    for name, value, how in rows:
+        t.add_row(name, _fmt_bytes(value), _decimal_bytes(value), how)
+    t.add_row("[bold]total[/bold]", f"[bold]{_fmt_bytes(b.total_bytes)}[/bold]", _decimal_bytes(b.total_bytes),
+              f"x {b.tp} GPUs = {_fmt_bytes(b.total_bytes * b.tp)}" if b.tp > 1 else "")
+    console.print(t)
+    if fit_report:
+        _render_fit(console, fit_report, b)
+    if advice:
+        _render_advice(console, advice)
+
+
+def _render_fit(console, f: FitReport, b: MemoryBreakdown) -> None:
+    verdict = "[green]fits[/green]" if f.fits else "[red]does not fit[/red]"
+    console.print(f"GPU memory {_fmt_bytes(f.memory_bytes)}: batch {b.batch_size} x {b.context_len} tokens "
+                  f"{verdict} ({'free' if f.fits else 'short by'} {_fmt_bytes(abs(f.free_bytes))})")
+    if f.max_context == 0:
+        console.print("[red]not even one token of KV cache fits next to the weights[/red]")
+    else:
+        mem = f.max_context_by_memory
+        by_memory = ("memory alone is no limit (sliding window)" if mem is None
+                     else f"memory alone allows {mem} tokens")
+        reason = "the model's maximum; " if f.max_context_limited_by == "model" else ""
+        console.print(f"largest context at batch {b.batch_size}: {f.max_context} tokens ({reason}{by_memory})")
+    console.print(f"largest batch at {b.context_len} tokens: {f.max_batch} sequences")
+
+
+def _render_advice(console, advice: Advice) -> None:
+    from rich.table import Table
+
+    r = advice.recommended
+    if r:
+        console.print(f"[bold]advice:[/bold] for {advice.target_concurrency} concurrent users use "
+                      f"W{r.w_bits} weights, KV{r.kv_bits} cache, max length {r.max_len} "
+                      f"(serves {r.concurrency})")
+    else:
+        best = max(advice.options, key=lambda o: o.concurrency)
+        console.print(f"[red]no combination reaches {advice.target_concurrency} users[/red]; at most "
+                      f"{best.concurrency} with W{best.w_bits} KV{best.kv_bits} length {best.max_len}: "
+                      "add GPUs (--tp) or memory")
+    t = Table(title="options, cheapest first (penalty: W8 1, W4 3, KV8 1, KV4 4, halved length 5)")
+    for col in ("weights", "KV", "max length", "concurrency", "penalty", "weights/GPU", "KV per token"):
+        t.add_column(col, justify="right")
+    for o in advice.options[:12]:
+        style = "bold green" if o is r else ("" if o.concurrency >= advice.target_concurrency else "dim")
+        t.add_row(f"W{o.w_bits}", f"KV{o.kv_bits}", str(o.max_len), str(o.concurrency), str(o.penalty),
+                  _fmt_bytes(o.weights_bytes), _fmt_bytes(o.kv_bytes_per_token), style=style)
+    console.print(t)
+
+
+# ---------------------------------------------------------------- roofline
+
+def _hardware_from_args(args: argparse.Namespace) -> tuple[Hardware, list[str]]:
+    bandwidth = _quantity(args.bandwidth, "B/s", "--bandwidth")
+    flops = _quantity(args.flops, "FLOP/s", "--flops")
+    memory = _quantity(args.memory, "B", "--memory")
+    link = _quantity(args.link_bandwidth, "B/s", "--link-bandwidth")
+    notes = []
+    if args.hardware:
+        hw = get_hardware(args.hardware)
+    elif bandwidth and flops:
+        return custom_hardware(bandwidth, flops, memory or 0.0, link), notes
+    elif bandwidth or flops:
+        raise ValueError("a custom device needs both --bandwidth and --flops (or pick --hardware)")
+    else:
+        hw = get_hardware(DEFAULT_HARDWARE)
+        notes.append(f"no --hardware given: using {DEFAULT_HARDWARE}")
+    return override(hw, bandwidth=bandwidth, flops=flops, memory_bytes=memory, link_bandwidth=link), notes
+
+
+def run_roofline(args: argparse.Namespace) -> int:
+    for flag in ("batch_size", "prompt_len", "gen_len", "tp"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    config = resolve_model(args.model)
+    hardware, notes = _hardware_from_args(args)
+    report = analyze(config, hardware, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                     gen_len=args.gen_len, w_bits=args.w_bits or 16, a_bits=args.a_bits,
+                     kv_bits=args.kv_bits or 16,
+                     group_size=args.group_size, tp=args.tp, flash_attention=args.flash_attention)
+    notes += _gguf_note(config, args.w_bits is not None) + report.notes
+    report = replace(report, notes=notes)
+    if args.plot:
+        from pagellm.analysis.plot import plot_roofline
+        plot_roofline(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    _render_roofline(report)
+    if args.plot:
+        _console().print(f"roofline chart written to {args.plot}")
+    return 0
+
+
+def _render_roofline(report: RooflineReport) -> None:
+    console = _console()
+    hw = report.hardware
+    console.print(f"[bold]{_model_line(report.config)}[/bold]")
+    console.print(f"{hw.name} ({hw.source}): {hw.bandwidth / 1e12:.2f} TB/s, "
+                  f"{hw.matmul_peak(report.precision.a_bits) / 1e12:.0f} TOP/s at {report.precision.a_bits} bits, "
+                  f"ridge {hw.ridge_point(report.precision.a_bits):.0f} OP/B; {report.precision.label()}, "
+                  f"TP {report.tp}, FlashAttention {'on' if report.flash_attention else 'off'}")
+    for n in report.notes:
+        console.print(f"[yellow]note:[/yellow] {n}")
+    b, s = report.batch_size, report.prompt_len
+    _render_stage(console, report.prefill, f"Prefill: batch {b} x {s} tokens")
+    _render_stage(console, report.decode, f"Decode: one step, batch {b}, {s} tokens cached")
+    e = report.e2e
+    m = report.memory
+    console.print(f"[bold]end to end[/bold] (prompt {s} + {report.gen_len} generated, batch {b}): "
+                  f"TTFT {_time(e.ttft_s)}, TPOT {_time(e.tpot_s)} ({e.per_user_tokens_per_s:.1f} tok/s per user, "
+                  f"{e.decode_tokens_per_s:.1f} tok/s decode), total {_time(e.total_time_s)}, "
+                  f"{e.tokens_per_s:.1f} generated tok/s overall")
+    fits = report.fits
+    verdict = "" if fits is None else (" - fits" if fits else " - [red]does not fit[/red]")
+    console.print(f"memory per GPU: weights {_fmt_bytes(m.weights_bytes)}, KV {_fmt_bytes(m.kv_bytes)}, "
+                  f"activations {_fmt_bytes(m.activation_bytes)}, total {_fmt_bytes(m.total_bytes)}"
+                  + (f" of {_fmt_bytes(hw.memory_bytes)}{verdict}" if hw.memory_bytes else ""))
+
+
+def _render_stage(console, stage: StageReport, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{title} (per block, x {stage.num_blocks} blocks)", title_justify="left")
+    for col, just in (("layer", "left"), ("OPs", "right"), ("weights", "right"), ("activations", "right"),
+                      ("KV", "right"), ("OP/B", "right"), ("bound", "left"), ("time", "right"),
+                      ("% stage", "right")):
+        t.add_column(col, justify=just)
+    total = stage.time_s
+
+    def add(r, share_mult: int, style: str = "") -> None:
+        inten = "-" if r.intensity is None else f"{r.intensity:.1f}"
+        t.add_row(r.name, _si(r.ops), _fmt_bytes(r.cost.weight_bytes), _fmt_bytes(r.cost.act_bytes),
+                  _fmt_bytes(r.cost.kv_bytes), inten, r.bound, _time(r.time_s),
+                  f"{100 * share_mult * r.time_s / total:.1f}", style=style)
+
+    for r in stage.layers:
+        add(r, stage.num_blocks)
+    t.add_section()
+    for r in stage.outside:
+        add(r, 1, "italic")
+    t.add_section()
+    tot = stage.total_json()
+    inten = "-" if tot["intensity"] is None else f"{tot['intensity']:.1f}"
+    t.add_row("[bold]model total[/bold]", _si(tot["ops"]), _fmt_bytes(tot["weight_bytes"]),
+              _fmt_bytes(tot["act_bytes"]), _fmt_bytes(tot["kv_bytes"]), inten, "",
+              f"[bold]{_time(tot['time_s'])}[/bold]", "100.0")
+    console.print(t)

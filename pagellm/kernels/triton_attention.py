@@ -1,0 +1,445 @@
+"""Paged attention in Triton: KV write, split-KV decode, varlen (chunked) prefill.
+
+Layouts are those of :mod:`pagellm.kernels.attention`: ``q [T, H, D]``, caches
+``[num_blocks, block_size, Hkv, D]``, one block-table row per sequence. Every
+kernel reads the K/V of a tile of keys by looking up, key by key, the pool
+block that holds it (``block_tables[b, key // block_size]``), so a key tile
+need not line up with the cache's blocks and any power-of-two block size works.
+
+``attend`` routes each sequence by its query length, with no host sync:
+
+* **decode** (query_len == 1), flash-decoding: grid ``(B, Hkv, num_splits)``;
+  a program loads the ``H / Hkv`` query heads of one KV head as the rows of a
+  matrix (padded to 16 for the tensor cores), so each K/V tile is read once per
+  group, and walks its share of the sequence's keys with an online softmax.
+  Each sequence's visible keys (its window, or all of them) are cut into
+  ``num_splits`` equal runs; with one split the kernel writes the output,
+  otherwise it writes the partial (max, sum, normalised out) per split and a
+  second kernel merges them.
+* **prefill** (query_len > 1), FlashAttention-2 style: grid
+  ``(T // BLOCK_M + B, H)``, one program per tile of ``BLOCK_M`` queries of one
+  sequence and one head. Sequence b's tiles are numbered from
+  ``query_start_loc[b] // BLOCK_M + b``, which bounds the tiles before it, so a
+  program finds its sequence by binary search over ``query_start_loc``; spare
+  programs return at once. Key tiles fully inside the causal/window band skip
+  the mask; only the tiles on its edges compute it.
+
+Numbers: fp32 accumulation, scores in the log2 domain (``exp2``), fp16 or bf16
+inputs. Head dims must be powers of two (64 and 128 are checked on device).
+
+CUDA graphs: the decode path launches with a grid fixed by the batch size and
+the split count, and the split count depends only on (batch size, Hkv,
+``meta.max_seq_len``, the device's SM count). The engine pads
+``meta.max_seq_len`` to its fixed bound while capturing, so a captured graph
+replays correctly for any lengths up to that bound: each program derives its
+key range from ``seq_lens`` on the device.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from pagellm.kernels.attention import AttentionMetadata
+
+LOG2_E = 1.4426950408889634
+# Stands in for "no sliding window": larger than any sequence, small enough
+# that ``position - window`` cannot overflow int32.
+NO_WINDOW = 1 << 30
+# Initial running max: finite, so a row whose keys are all masked in a tile
+# gets exp2(-inf - NEG_BIG) = 0 rather than NaN.
+NEG_BIG = -1.0e30
+
+MIN_GROUP_ROWS = 16            # tl.dot needs at least 16 rows
+DECODE_BLOCK_N = 64            # keys per decode tile
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+# Split policy: aim for this many decode programs per SM, with no split
+# shorter than MIN_KEYS_PER_SPLIT keys and at most MAX_KV_SPLITS splits.
+DECODE_PROGRAMS_PER_SM = 4
+MIN_KEYS_PER_SPLIT = 256
+MAX_KV_SPLITS = 64
+
+PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 8
+PREFILL_NUM_STAGES = 3
+
+WRITE_KV_NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------- write_kv
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cache_block, stride_cache_token, stride_cache_head,
+                     block_size, num_kv_heads,
+                     HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per token: copy its ``[Hkv, D]`` K and V into slot ``slot_mapping[t]``."""
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    if slot < 0:
+        return
+    block = slot // block_size
+    offset = slot % block_size
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    mask = (heads < num_kv_heads)[:, None]
+    src_k = k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+    src_v = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+    dst = block * stride_cache_block + offset * stride_cache_token + heads[:, None] * stride_cache_head + dims[None, :]
+    k = tl.load(src_k, mask=mask)
+    v = tl.load(src_v, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter ``k, v [T, Hkv, D]`` into the paged caches; slot -1 writes nothing."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _check_cache_layout(k_cache, v_cache)
+    assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.shape[1], num_kv_heads,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        num_warps=WRITE_KV_NUM_WARPS)
+
+
+# --------------------------------------------------------------------------- shared tile step
+
+@triton.jit
+def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+                     k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+                     block_size, stride_cache_block, stride_cache_token,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step of rows ``q [M, D]`` (at positions ``q_pos [M]``)
+    over keys ``key_start .. key_start + BLOCK_N - 1``.
+
+    Unmasked tiles must lie wholly inside every row's causal window and below
+    ``seq_len``; masked tiles apply ``pos - window < key <= pos`` and
+    ``key < seq_len``.
+    """
+    keys = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        in_seq = keys < seq_len
+        block = tl.load(block_table_ptr + keys // block_size, mask=in_seq, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table_ptr + keys // block_size).to(tl.int64)
+    rows = block * stride_cache_block + (keys % block_size) * stride_cache_token + kv_head_offset
+    kv_offsets = rows[:, None] + dims[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offsets)
+
+    scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    if MASKED:
+        visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] > q_pos[:, None] - window)
+        visible = visible & in_seq[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    if MASKED:
+        v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache_ptr + kv_offsets)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, l_i, m_new
+
+
+# --------------------------------------------------------------------------- decode
+
+@triton.jit(do_not_specialize=["window", "num_splits"])
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+                   out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
+                   scale_log2, window, num_splits, group_size,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
+                   block_size,
+                   GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WRITE_OUTPUT: tl.constexpr):
+    """Program (b, kv_head, split): attention of sequence b's decode token, for all
+    query heads of ``kv_head``, over the split's run of keys.
+
+    Writes the final output when ``WRITE_OUTPUT`` (single split), else the split's
+    running max (log2 domain), sum and normalised output into the partial buffers
+    ``[B, H, num_splits(, D)]``.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * group_size
+
+    token = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    # This split's keys: an equal share, rounded up to whole tiles, of the visible run.
+    first_key = tl.maximum(seq_len - window, 0)
+    keys_per_split = tl.cdiv(tl.cdiv(seq_len - first_key, num_splits), BLOCK_N) * BLOCK_N
+    start = first_key + split * keys_per_split
+    end = tl.minimum(start + keys_per_split, seq_len)
+
+    rows = tl.arange(0, GROUP_ROWS)
+    heads = kv_head * group_size + rows
+    head_ok = rows < group_size
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_ok[:, None], other=0.0)
+    q_pos = tl.full([GROUP_ROWS], 0, tl.int32) + (seq_len - 1)
+
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    m_i = tl.full([GROUP_ROWS], NEG_BIG, dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_offset = kv_head * stride_cache_head
+    for key_start in range(start, end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, q_pos, key_start, end, window, scale_log2,
+            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+            block_size, stride_cache_block, stride_cache_token,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if WRITE_OUTPUT:
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        part = (seq * num_heads + heads) * num_splits + split
+        tl.store(part_max_ptr + part, m_i, mask=head_ok)
+        tl.store(part_sum_ptr + part, l_i, mask=head_ok)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_ok[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(query_start_loc_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
+                          stride_ot, stride_oh,
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program (b, head): merge the splits' partial softmaxes into the output row."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
+        return
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    m = tl.load(part_max_ptr + part)
+    weight = tl.exp2(m - tl.max(m, axis=0)) * tl.load(part_sum_ptr + part)
+    total = tl.sum(weight, axis=0)
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :])
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per sequence for decode: a power of two, enough that the grid has
+    about ``DECODE_PROGRAMS_PER_SM`` programs per SM, but no split shorter than
+    ``MIN_KEYS_PER_SPLIT`` keys of the longest sequence, and at most ``MAX_KV_SPLITS``."""
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(num_seqs * num_kv_heads, 1))
+    by_length = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
+    limit = min(wanted, by_length, MAX_KV_SPLITS)
+    return 1 << (limit.bit_length() - 1)   # largest power of two <= limit
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, sliding_window: int | None, out: torch.Tensor,
+                     num_splits: int | None = None, block_n: int = DECODE_BLOCK_N,
+                     num_warps: int = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES) -> None:
+    """Write ``out`` rows of the sequences whose query length is 1 (others untouched)."""
+    _, num_heads, head_dim = q.shape
+    num_seqs = meta.num_seqs
+    num_kv_heads = k_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device.index or 0))
+    assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+    write_output = num_splits == 1
+    if write_output:
+        part_max = part_sum = part_out = out   # unused placeholders
+    else:
+        part_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    window = NO_WINDOW if sliding_window is None else sliding_window
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        out, part_max, part_sum, part_out,
+        scale * LOG2_E, window, num_splits, group_size,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        k_cache.shape[1],
+        GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
+        BLOCK_N=block_n, WRITE_OUTPUT=write_output,
+        num_warps=num_warps, num_stages=num_stages)
+    if not write_output:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            meta.query_start_loc, out, part_max, part_sum, part_out,
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, num_warps=4)
+
+
+# --------------------------------------------------------------------------- prefill
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
+    """Largest b with ``query_start_loc[b] // BLOCK_M + b <= tile`` (binary search)."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["window", "num_seqs"])
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+                    out_ptr, scale_log2, window, num_seqs, group_size,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
+                    block_size,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (tile, head): ``BLOCK_M`` queries of one sequence (query_len > 1)
+    against its cached keys, FlashAttention-2 style."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group_size
+
+    seq = _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_M)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    first_row = (tile - (q_start // BLOCK_M + seq)) * BLOCK_M
+    if (q_len <= 1) | (first_row >= q_len):
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_pos = context_len + rows
+
+    # Keys [lo, hi) are visible to some row; [mid_lo, mid_hi) to every row.
+    first_pos = context_len + first_row
+    last_pos = context_len + tl.minimum(first_row + BLOCK_M, q_len) - 1
+    lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    hi = last_pos + 1
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, lo)
+    full_hi = (first_pos + 1) // BLOCK_N * BLOCK_N
+    mid_lo = tl.minimum(full_lo, hi)
+    mid_hi = tl.maximum(mid_lo, full_hi)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_offset = kv_head * stride_cache_head
+    for key_start in range(lo, mid_lo, BLOCK_N):          # window edge
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+            block_size, stride_cache_block, stride_cache_token,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
+    for key_start in range(mid_lo, mid_hi, BLOCK_N):      # inside the band
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+            block_size, stride_cache_block, stride_cache_token,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=False)
+    for key_start in range(mid_hi, hi, BLOCK_N):          # causal diagonal
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
+            block_size, stride_cache_block, stride_cache_token,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, sliding_window: int | None, out: torch.Tensor,
+                      block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
+                      num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES) -> None:
+    """Write ``out`` rows of the sequences whose query length is > 1 (others untouched)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = meta.num_seqs
+    group_size = num_heads // k_cache.shape[2]
+    window = NO_WINDOW if sliding_window is None else sliding_window
+    grid = (num_tokens // block_m + num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        out, scale * LOG2_E, window, num_seqs, group_size,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        k_cache.shape[1],
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------- backend
+
+def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
+        "k_cache and v_cache must share shape and strides"
+    assert k_cache.stride(3) == 1, "head_dim must be contiguous in the cache"
+
+
+class TritonAttention:
+    """The Triton backend of :class:`pagellm.kernels.attention.AttentionBackend`."""
+
+    name = "triton"
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, sliding_window: int | None) -> torch.Tensor:
+        """Decode tokens go to the split-KV decode kernel; when any sequence has
+        more than one query (``meta.max_query_len > 1``) the prefill kernel runs
+        too, each skipping the other's sequences. No host sync on either path."""
+        head_dim = q.shape[2]
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"triton attention takes fp16 or bf16 queries, got {q.dtype}")
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+        if k_cache.shape[1] & (k_cache.shape[1] - 1):
+            raise ValueError(f"triton attention needs a power-of-two block size, got {k_cache.shape[1]}")
+        _check_cache_layout(k_cache, v_cache)
+        assert q.stride(2) == 1, "head_dim must be contiguous in q"
+        out = torch.empty_like(q)
+        decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, out)
+        if meta.max_query_len > 1:
+            prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window, out)
+        return out
+
+
+__all__ = ["TritonAttention", "write_kv", "decode_attention", "prefill_attention", "num_kv_splits"]

@@ -1,0 +1,166 @@
+"""The one entry point the engine uses to read a model: `open_checkpoint`.
+
+    ckpt = open_checkpoint("qwen2.5-coder-0.5b")      # zoo name, HF folder or .gguf file
+    ckpt.config                                       # ModelConfig
+    for name, tensor in ckpt.tensors():               # HF names and (out, in) shapes, lazily
+        ...
+    tokenizer = ckpt.load_tokenizer()                 # fast tokenizer with chat template
+
+Whatever the format, tensors come out under Hugging Face parameter names
+(`model.layers.0.self_attn.q_proj.weight`, ...) in HF layout; `lm_head.weight` is absent
+when the embeddings are tied. Names and shapes are checked against the config when the
+checkpoint is opened, so a mismatch fails before any weight is read.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pagellm.model.config import ModelConfig
+from pagellm.model.gguf_loader import GGUFWeights, RawTensor
+from pagellm.model.hf_loader import HFWeights, is_hf_folder
+from pagellm.model.zoo import ZOO, cache_dir, resolve_model
+
+FORMATS = ("hf", "gguf")
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    path: Path
+    format: str  # "hf" | "gguf"
+    source: HFWeights | GGUFWeights = field(repr=False, compare=False)
+    tokenizer_cache: Path | None = field(default=None, repr=False, compare=False)
+
+    def tensor_names(self) -> list[str]:
+        return self.source.tensor_names()
+
+    def num_tensors(self) -> int:
+        return len(self.source.tensor_names())
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.source.tensor_shapes()
+
+    def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) pairs, read one at a time. GGUF weights come dequantized to
+        float32 and HF weights as stored, unless `dtype` casts each on the way out."""
+        return self.source.tensors(dtype)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor by HF name (float32 for GGUF, as stored for HF); KeyError if absent."""
+        return self.source.tensor(name)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return dict(self.tensors(dtype))
+
+    def raw_tensors(self) -> Iterator[RawTensor]:
+        """GGUF only: the stored (possibly quantized) blocks under HF names, q/k unpermuted."""
+        if not isinstance(self.source, GGUFWeights):
+            raise TypeError(f"{self.path} is a {self.format} checkpoint; only GGUF files hold quantized tensors")
+        return self.source.raw_tensors()
+
+    def load_tokenizer(self):
+        """A transformers fast tokenizer (`PreTrainedTokenizerBase`) with its chat template."""
+        if isinstance(self.source, GGUFWeights):
+            return self.source.load_tokenizer(cache_dir=self.tokenizer_cache)
+        return self.source.load_tokenizer()
+
+
+def open_checkpoint(model: str | Path) -> Checkpoint:
+    """Open a zoo name, a Hugging Face folder or a .gguf file (weights are read lazily)."""
+    path = resolve_model(model)
+    zoo_name = str(model) if str(model) in ZOO and not Path(str(model)).exists() else None
+    if path.is_dir():
+        path = _pick_in_folder(path)
+    if path.is_dir():
+        weights = HFWeights.open(path)
+        config = ModelConfig.from_hf_dict(weights.config_dict, name=path.name)
+        ckpt = Checkpoint(config, path, "hf", weights)
+    elif _is_gguf(path):
+        weights = GGUFWeights.open(path)
+        name = zoo_name or weights.config_dict.get("_name_or_path") or path.stem
+        config = ModelConfig.from_hf_dict(weights.config_dict, name=name)
+        ckpt = Checkpoint(config, path, "gguf", weights, _tokenizer_cache_for(path))
+    else:
+        raise ValueError(f"{path} is neither a Hugging Face model folder nor a GGUF file")
+    check_tensors(ckpt.config, ckpt.tensor_shapes(), source=str(path))
+    return ckpt
+
+
+def _pick_in_folder(folder: Path) -> Path:
+    """An HF folder stays a folder; a folder holding exactly one .gguf (and no config) means that file."""
+    if is_hf_folder(folder):
+        return folder
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise ValueError(f"{folder} holds several GGUF files ({', '.join(g.name for g in ggufs)}); name one")
+    raise FileNotFoundError(f"{folder / 'config.json'} not found: {folder} is not a Hugging Face model folder")
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _tokenizer_cache_for(path: Path) -> Path | None:
+    """Zoo files live in the cache folder; their converted tokenizers are cached beside them."""
+    try:
+        in_cache = path.resolve().parent == cache_dir().resolve()
+    except OSError:
+        return None
+    return path.parent / f"{path.stem}.tokenizer" if in_cache else None
+
+
+def expected_shapes(config: ModelConfig, bias_names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` must have, with its HF shape."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.q_size, config.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+            if p + "self_attn.o_proj.bias" in bias_names:  # HF Llama with attention_bias has one too
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+    return shapes
+
+
+def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
+    """ValueError naming missing, unexpected or misshapen tensors."""
+    expected = expected_shapes(config, bias_names={n for n in shapes if n.endswith("o_proj.bias")})
+    problems = []
+    if missing := sorted(set(expected) - set(shapes)):
+        problems.append(f"missing tensors: {_few(missing)}")
+    if unexpected := sorted(set(shapes) - set(expected)):
+        problems.append(f"unexpected tensors: {_few(unexpected)}")
+    wrong = [f"{n} {tuple(shapes[n])} != {expected[n]}" for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
+    if wrong:
+        problems.append(f"wrong shapes: {_few(wrong)}")
+    if problems:
+        raise ValueError(f"{source} does not match its config: " + "; ".join(problems))
+
+
+def _few(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

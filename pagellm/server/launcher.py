@@ -1,0 +1,81 @@
+"""Running the app under uvicorn: in the foreground with a graceful drain on
+SIGINT/SIGTERM (``pagellm serve``), or in a background thread of this process
+(tests, notebooks)."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from pagellm.server.app import build_app
+from pagellm.server.async_engine import AsyncEngine
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, but a signal drains and the process then exits 0.
+
+    On the first SIGINT/SIGTERM the engine refuses new requests (503) and
+    uvicorn stops accepting connections and lets open ones finish for up to
+    ``timeout_graceful_shutdown`` seconds; then it cancels the rest, which
+    aborts their requests, and the app's shutdown stops the engine. Plain
+    uvicorn re-raises the signal once shut down (exit status 130/143); this
+    server does not. A second Ctrl-C quits at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, async_engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self.async_engine = async_engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.async_engine.stop_accepting()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    def drain(self) -> None:
+        """What a SIGTERM does, callable from any thread."""
+        self.handle_exit(signal.SIGTERM, None)
+
+
+def make_server(async_engine: AsyncEngine, served_model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
+                api_key: str | None = None, grace_period: float = 30.0, log_level: str = "info"
+                ) -> DrainingServer:
+    app = build_app(async_engine, served_model_name, api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_period,
+                            lifespan="on")
+    return DrainingServer(config, async_engine)
+
+
+class ServerThread:
+    """Run a server in a daemon thread: ``with ServerThread(make_server(..., port=0)) as s: s.url``."""
+
+    def __init__(self, server: DrainingServer, start_timeout: float = 60.0) -> None:
+        self.server = server
+        self.start_timeout = start_timeout
+        self.thread = threading.Thread(target=server.run, name="pagellm-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Drain and wait for the thread to end (it ends within the grace period, plus a little)."""
+        self.server.drain()
+        self.thread.join(timeout)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
