@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pagellm.analysis.hardware import HARDWARE_PRESETS, get_hardware, match_device_name, override
-from pagellm.analysis.model_source import read_gguf_metadata, resolve_model
+from pagellm.analysis.model_source import resolve_model
 from pagellm.model.presets import PRESETS, load_preset, preset_hf_dict
 
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b",
@@ -123,7 +123,7 @@ def _write_tiny_gguf(path, tied: bool, bias: bool):
     w.add_rope_freq_base(500000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    w.add_token_list([f"tok{i}" for i in range(300)])   # longer than the decoded-array limit
+    w.add_token_list([f"tok{i}" for i in range(300)])
     w.add_tensor("token_embd.weight", np.zeros((300, 64), np.float16))
     if not tied:
         w.add_tensor("output.weight", np.zeros((300, 64), np.float16))
@@ -151,21 +151,25 @@ def test_gguf_metadata_to_config(tmp_path, tied, bias):
     assert config.tie_word_embeddings is tied
     assert config.attention_bias is bias
     assert config.name == "tiny-test"
-    assert config.extra["gguf_file_type"] == "Q8_0"
-    # Q8_0: 32 int8 values + one fp16 scale per block = 34 bytes / 32 weights = 8.5 bits.
-    assert config.extra["gguf_bits_per_weight"] == pytest.approx(8.5)
     # A folder holding just that file resolves to the same model.
-    assert resolve_model(str(tmp_path)).vocab_size == 300
+    assert resolve_model(str(tmp_path)) == config
 
 
-def test_gguf_fast_scan_matches_gguf_reader(tmp_path):
-    from pagellm.analysis.model_source import _read_with_gguf_reader
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_resolve_model_matches_the_engine_loader(tmp_path, arch):
+    """The analyzer's config for an HF folder or a GGUF is the one open_checkpoint builds."""
+    from pagellm.model.checkpoint import open_checkpoint
+    from tiny_models import make_tiny_hf_model, write_tiny_gguf
 
-    path = _write_tiny_gguf(tmp_path / "t.gguf", tied=False, bias=True)
-    fast, reference = read_gguf_metadata(path), _read_with_gguf_reader(path)
-    assert fast.tensors == reference.tensors
-    for key, value in fast.fields.items():
-        assert str(value) == str(reference.fields[key]), key
+    folder = make_tiny_hf_model(tmp_path, arch=arch, num_kv_heads=2)
+    hf_config = open_checkpoint(folder).config
+    assert resolve_model(str(folder)) == hf_config
+    assert resolve_model(str(folder / "config.json")) == hf_config
+    gguf_file = write_tiny_gguf(folder, tmp_path / f"{arch}.gguf")
+    config = resolve_model(str(gguf_file))
+    assert config == open_checkpoint(gguf_file).config
+    assert config.name == folder.name and config.num_key_value_heads == 2
+    assert config.num_parameters == hf_config.num_parameters
 
 
 def test_not_a_gguf(tmp_path):

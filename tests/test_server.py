@@ -284,7 +284,7 @@ def test_bench_serve_reports_percentiles(server, tmp_path, capsys):
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server, client):
     finished_before = metric(httpx.get(server.url + "/metrics").text, "pagellm:request_success_total")
-    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=240, stream=True,
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True,
                                        extra_body={"ignore_eos": True})
     for _, _chunk in zip(range(3), stream):
         pass
@@ -301,7 +301,7 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(server):
     async def leave_early() -> None:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as http_client:
             task = asyncio.create_task(http_client.post("/v1/completions", json={
-                "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True}))
+                "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}))
             deadline = time.monotonic() + 10
             while engine.stats()["num_running"] == 0:
                 assert time.monotonic() < deadline
@@ -425,12 +425,12 @@ def test_overload_is_429_and_the_rest_complete(tiny_llama):
         wait_until_idle(small)
 
 
-def _stream_then_drain(server: ServerThread, max_tokens: int) -> tuple[list[str], BaseException | None]:
+def _stream_then_drain(server: ServerThread, max_tokens: int, n: int = 1) -> tuple[list[str], BaseException | None]:
     """Start a stream, drain the server after its first chunk, read what is left."""
     async def run() -> tuple[list[str], BaseException | None]:
         lines: list[str] = []
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http_client:
-            body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            body = {"prompt": PROMPT, "max_tokens": max_tokens, "n": n, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
             try:
                 async with http_client.stream("POST", "/v1/completions", json=body) as response:
@@ -461,10 +461,10 @@ def test_drain_lets_running_requests_finish(tiny_llama):
 
 
 def test_drain_aborts_what_outlives_the_grace_period(tiny_llama):
-    server = server_thread(tiny_llama, grace_period=0.5)
+    server = server_thread(tiny_llama, grace_period=0)
     with server:
         started = time.monotonic()
-        lines, error = _stream_then_drain(server, max_tokens=240)
+        lines, error = _stream_then_drain(server, max_tokens=200, n=4)
         server.thread.join(30)
         assert not server.thread.is_alive() and time.monotonic() - started < 20
     assert "data: [DONE]" not in lines   # cut off, not finished

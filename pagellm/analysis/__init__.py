@@ -9,7 +9,7 @@ from pagellm.analysis.hardware import (HARDWARE_PRESETS, Hardware, custom_hardwa
                                        match_device_name)
 from pagellm.analysis.memory import (Advice, FitReport, MemoryBreakdown, MemoryOptions, advise, fit,
                                      kv_bytes_per_token, max_batch, max_context, memory_breakdown, weights_bytes)
-from pagellm.analysis.model_source import load_gguf_config, read_gguf_metadata, resolve_model
+from pagellm.analysis.model_source import resolve_model
 from pagellm.analysis.precision import Precision, shard
 from pagellm.analysis.roofline import (EndToEnd, LayerRow, RooflineReport, StageReport, analyze, analyze_step,
                                        end_to_end, prediction_vs_measurement)
@@ -18,7 +18,7 @@ __all__ = [
     "HARDWARE_PRESETS", "Hardware", "custom_hardware", "get_hardware", "match_device_name",
     "Advice", "FitReport", "MemoryBreakdown", "MemoryOptions", "advise", "fit", "kv_bytes_per_token",
     "max_batch", "max_context", "memory_breakdown", "weights_bytes",
-    "load_gguf_config", "read_gguf_metadata", "resolve_model", "Precision", "shard",
+    "resolve_model", "Precision", "shard",
     "EndToEnd", "LayerRow", "RooflineReport", "StageReport", "analyze", "analyze_step", "end_to_end",
     "prediction_vs_measurement",
 ]

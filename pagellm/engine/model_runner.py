@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pagellm.config import EngineConfig
+from pagellm.engine.cuda_graphs import DecodeGraphs
 from pagellm.engine.memory import (MemoryReport, estimated_activation_bytes, kv_bytes_per_token,
                                    plan_num_blocks)
 from pagellm.engine.sampler import SamplerOutput, SamplingTensors, sample
@@ -69,6 +70,17 @@ class ModelRunner:
                                     dtype=self.dtype, device=self.device)
         self.memory = MemoryReport(weights_bytes, activation_bytes, self.kv_cache.numel() * self.kv_cache.element_size(),
                                    per_token, num_blocks, self.block_size, max_model_len, measured)
+        self.graphs = self._capture_graphs(max_model_len)
+
+    def _capture_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        """Decode CUDA graphs need a GPU and graph-safe kernels (the Triton backend)."""
+        if self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton":
+            return None
+        graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
+                              -(-max_model_len // self.block_size), max_model_len)
+        logger.info(f"captured {len(graphs.sizes)} decode CUDA graphs (batch 1..{graphs.sizes[-1]}) "
+                    f"in {graphs.capture_seconds:.1f} s")
+        return graphs
 
     @property
     def num_blocks(self) -> int:
@@ -142,10 +154,14 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that produced a token and the draws."""
         input_ids, positions, meta, logits_rows, sampled = self.prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if self.graphs is not None and self.graphs.can_run(meta.num_seqs, meta.max_query_len,
+                                                           meta.block_tables.shape[1]):
+            logits = self.graphs.run(input_ids, positions, meta)[logits_rows]
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+            logits = self.model.compute_logits(hidden[logits_rows]) if sampled else None
         if not sampled:
             return sampled, None
-        logits = self.model.compute_logits(hidden[logits_rows])
         tensors = SamplingTensors.from_sequences(sampled, self.config.vocab_size, self.device)
         return sampled, sample(logits, tensors)
 

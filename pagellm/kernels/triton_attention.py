@@ -163,7 +163,7 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_
 
 # --------------------------------------------------------------------------- decode
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits", "group_size", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                    out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
                    scale_log2, window, num_splits, group_size,
@@ -315,7 +315,7 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["window", "num_seqs"])
+@triton.jit(do_not_specialize=["window", "num_seqs", "group_size", "stride_bt"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                     out_ptr, scale_log2, window, num_seqs, group_size,
                     stride_qt, stride_qh, stride_ot, stride_oh,
