@@ -1,8 +1,10 @@
 """pagellm: run and serve decoder-only LLMs within tight memory, fast."""
 from pagellm.config import EngineConfig
+from pagellm.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from pagellm.llm import LLM
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagellm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig", "BeamSearchParams",
+           "BeamSearchOutput"]
 __version__ = "0.1.0"

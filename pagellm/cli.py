@@ -14,10 +14,9 @@ _COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagellm", description="Run and serve decoder-only LLMs in tight memory.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in _COMMAND_MODULES:
+def register_modules(subparsers: argparse._SubParsersAction, module_names: tuple[str, ...]) -> None:
+    """Let each module that exists add its subcommands."""
+    for module_name in module_names:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -25,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagellm", description="Run and serve decoder-only LLMs in tight memory.")
+    register_modules(parser.add_subparsers(dest="command", required=True), _COMMAND_MODULES)
     return parser
 
 

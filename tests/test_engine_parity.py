@@ -16,6 +16,9 @@ ARCHS = {
     "qwen2-bias": dict(arch="qwen2", num_kv_heads=2),
     "llama-mqa": dict(arch="llama", num_kv_heads=1),
     "mistral-window": dict(arch="mistral", num_kv_heads=2, sliding_window=8),
+    "llama3-rope-tied": dict(arch="llama", num_kv_heads=2, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
 }
 PROMPT_LENS = (5, 13, 22, 3, 17)
 MAX_TOKENS = 12

@@ -1,21 +1,13 @@
-"""`pagellm bench throughput | latency | serve`."""
+"""`pagellm bench throughput | latency | prefill | serve`."""
 from __future__ import annotations
 
 import argparse
-import importlib
 
 # module -> it defines ``register(bench_subparsers)``
 _BENCH_MODULES = ("pagellm.bench.offline", "pagellm.bench.serve")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from pagellm.cli import register_modules
     bench = subparsers.add_parser("bench", help="measure throughput and latency")
-    bench_subparsers = bench.add_subparsers(dest="bench_command", required=True)
-    for module_name in _BENCH_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        module.register(bench_subparsers)
+    register_modules(bench.add_subparsers(dest="bench_command", required=True), _BENCH_MODULES)
