@@ -467,6 +467,8 @@ def test_drain_aborts_what_outlives_the_grace_period(tiny_llama):
         lines, error = _stream_then_drain(server, max_tokens=200, n=4)
         server.thread.join(30)
         assert not server.thread.is_alive() and time.monotonic() - started < 20
-    assert "data: [DONE]" not in lines   # cut off, not finished
+    assert error is None and lines[-1] == "data: [DONE]"   # ended in-band, not cut off
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["error"]["code"] == "service_unavailable" and "shutting down" in last["error"]["message"]
     stats = server.server.async_engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0

@@ -18,8 +18,8 @@ JUNK = st.one_of(
 
 
 def mostly(valid: st.SearchStrategy) -> st.SearchStrategy:
-    """Usually a well-typed value (in or near its range), one time in eight junk."""
-    return st.integers(0, 7).flatmap(lambda roll: JUNK if roll == 0 else valid)
+    """Usually a well-typed value (in or near its range), one time in twelve junk."""
+    return st.integers(0, 11).flatmap(lambda roll: JUNK if roll == 0 else valid)
 
 
 TEXT = st.text(max_size=30)
@@ -72,7 +72,7 @@ def http(server):
 
 
 def check_response(response: httpx.Response) -> None:
-    event(f"{response.request.url.path} -> {response.status_code} {response.json()['error']['param'] if response.status_code >= 400 else ''}")
+    event(f"{response.request.url.path} -> {response.status_code}")
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
@@ -84,7 +84,7 @@ def check_response(response: httpx.Response) -> None:
         response.json()
 
 
-@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(request=REQUESTS)
 def test_fuzzed_bodies_never_get_a_5xx(http, request):
     path, body = request

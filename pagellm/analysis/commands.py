@@ -66,6 +66,9 @@ def _register_memory(subparsers) -> None:
                    help="tokens per prefill chunk for the activation peak (default 2048)")
     p.add_argument("--workspace", default="1GiB", help="CUDA context + workspaces allowance (default 1GiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--measure", action="store_true",
+                   help="also build the engine with these settings (random weights for a preset) and show "
+                        "its own measured breakdown beside the prediction")
     p.set_defaults(func=run_memory)
 
 
@@ -202,11 +205,51 @@ def run_memory(args: argparse.Namespace) -> int:
     notes = _gguf_note(config, args.w_bits is not None)
     if args.context_len > config.max_position_embeddings:
         notes.append(f"context {args.context_len} exceeds the model's {config.max_position_embeddings} positions")
+    measured = measure_engine(args, breakdown) if args.measure else None
     if args.json:
-        print(json.dumps(memory_json(config, hardware, breakdown, fit_report, advice, notes), indent=2))
+        result = memory_json(config, hardware, breakdown, fit_report, advice, notes)
+        print(json.dumps(result | ({"measured": measured.to_dict()} if measured else {}), indent=2))
         return 0
     _render_memory(config, hardware, memory, breakdown, fit_report, advice, notes)
+    if measured:
+        _render_measured(breakdown, measured)
     return 0
+
+
+def measure_engine(args: argparse.Namespace, b: MemoryBreakdown):
+    """The engine's own memory report for the same model, batch, context and dtype."""
+    from pathlib import Path
+
+    from pagellm.config import EngineConfig
+    from pagellm.engine.llm_engine import LLMEngine
+    from pagellm.model.zoo import ZOO
+
+    if b.precision.w_bits < 16 or b.precision.kv_bits < 16 or args.tp != 1:
+        raise ValueError("--measure runs the unquantized engine on one device: drop --w-bits/--kv-bits/--tp")
+    blocks = args.batch_size * -(-b.kv_tokens_per_sequence // args.block_size)
+    engine = LLMEngine(EngineConfig(
+        model=args.model, dtype={16: "bfloat16" if args.dtype == "bf16" else "float16", 32: "float32"}[
+            b.precision.base_bits], block_size=args.block_size, num_kv_blocks=blocks,
+        max_model_len=args.context_len, max_num_seqs=args.batch_size, max_num_batched_tokens=args.prefill_chunk,
+        random_weights=not (Path(args.model).exists() or args.model in ZOO)))
+    return engine.runner.memory
+
+
+def _render_measured(b: MemoryBreakdown, m) -> None:
+    from rich.table import Table
+
+    t = Table(title="Predicted vs measured by the engine")
+    for column in ("component", "predicted", "engine", "how the engine got it"):
+        t.add_column(column, justify="left" if column in ("component", "how the engine got it") else "right")
+    how = "torch.cuda.max_memory_allocated over a full prefill chunk" if m.activation_measured else \
+        "estimated (no CUDA allocator to measure on this device)"
+    for name, predicted, engine, source in (
+            ("weights", b.weights_bytes, m.weights_bytes, "bytes of the loaded parameters"),
+            ("KV cache per token", b.kv_bytes_per_token, m.kv_bytes_per_token, "size of the allocated pool / tokens"),
+            ("KV cache", b.kv_bytes, m.kv_cache_bytes, f"{m.num_blocks} blocks x {m.block_size} tokens"),
+            ("activations (peak)", b.activation_bytes, m.activation_bytes, how)):
+        t.add_row(name, _fmt_bytes(predicted), _fmt_bytes(engine), source)
+    _console().print(t)
 
 
 def _model_line(config: ModelConfig) -> str:

@@ -220,7 +220,8 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    if args.num_prompts < 1 or args.request_rate <= 0 or (args.max_concurrency is not None and args.max_concurrency < 1):
+    concurrency_ok = args.max_concurrency is None or args.max_concurrency >= 1
+    if args.num_prompts < 1 or args.request_rate <= 0 or not concurrency_ok:
         raise ValueError("--num-prompts, --request-rate and --max-concurrency must be positive")
     config = BenchConfig(url=args.url.rstrip("/"), model=args.model, api_key=args.api_key, endpoint=args.endpoint,
                          num_prompts=args.num_prompts, request_rate=args.request_rate,

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from pagellm.analysis import memory as analysis_memory
+from pagellm.analysis.precision import Precision
 from pagellm.config import EngineConfig
 from pagellm.model.config import ModelConfig
 from pagellm.utils.units import format_bytes, parse_bytes
@@ -13,21 +15,21 @@ _CPU_DEFAULT_KV = 2**30        # 1 GiB when no budget is given on the CPU
 _CUDA_RESERVE = 2**30          # left free on the card when no budget is given
 
 
+def precision_of(dtype: torch.dtype) -> Precision:
+    """The analyzer's description of an unquantized engine in ``dtype``."""
+    bits = torch.finfo(dtype).bits
+    return Precision(w_bits=bits, a_bits=bits, kv_bits=bits, base_bits=32 if bits == 32 else 16)
+
+
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x element size."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    return int(analysis_memory.kv_bytes_per_token(config, precision_of(dtype)))
 
 
-def estimated_activation_bytes(config: ModelConfig, num_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
-    """Peak transient memory of one step, used where it can't be measured (CPU):
-    the widest intermediate (q|k|v or gate|up plus its activation) for every
-    token, a few hidden-sized buffers, and fp32 logits for the sampled rows."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    widest = max(config.q_size + 2 * config.kv_size, 3 * config.intermediate_size)
-    per_token = (widest + 4 * config.hidden_size) * element
-    logits = max_num_seqs * config.vocab_size * 4 * 3
-    return num_tokens * per_token + logits
+def estimated_activation_bytes(config: ModelConfig, num_tokens: int, max_num_seqs: int, max_model_len: int,
+                               dtype: torch.dtype, fused_attention: bool) -> int:
+    """The analyzer's activation peak, used where it can't be measured (CPU)."""
+    return int(analysis_memory.activation_bytes(config, precision_of(dtype), num_tokens, max_num_seqs,
+                                                max_model_len, flash_attention=fused_attention))
 
 
 @dataclass

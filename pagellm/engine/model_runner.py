@@ -62,7 +62,7 @@ class ModelRunner:
         self.block_size = engine.block_size
         self.backend = get_attention_backend(engine.attention_backend, self.device)
         weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        activation_bytes, measured = self._activation_peak()
+        activation_bytes, measured = self._activation_peak(max_model_len)
         per_token = kv_bytes_per_token(self.config, self.dtype)
         num_blocks = plan_num_blocks(engine, per_token * self.block_size, weights_bytes, activation_bytes)
         self.kv_cache = torch.empty(2, self.config.num_hidden_layers, num_blocks, self.block_size,
@@ -86,10 +86,11 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv_cache.shape[2]
 
-    def _activation_peak(self) -> tuple[int, bool]:
+    def _activation_peak(self, max_model_len: int) -> tuple[int, bool]:
         tokens, seqs = self.engine.batched_tokens, self.engine.max_num_seqs
         if self.device.type != "cuda":
-            return estimated_activation_bytes(self.config, tokens, seqs, self.dtype), False
+            return estimated_activation_bytes(self.config, tokens, seqs, max_model_len, self.dtype,
+                                              fused_attention=self.backend.name != "torch"), False
         blocks = -(-tokens // self.block_size)
         scratch = torch.zeros(2, self.config.num_hidden_layers, blocks, self.block_size,
                               self.config.num_key_value_heads, self.config.head_dim, dtype=self.dtype,

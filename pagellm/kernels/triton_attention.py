@@ -50,7 +50,7 @@ LOG2_E = 1.4426950408889634
 NO_WINDOW = 1 << 30
 # Initial running max: finite, so a row whose keys are all masked in a tile
 # gets exp2(-inf - NEG_BIG) = 0 rather than NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 MIN_GROUP_ROWS = 16            # tl.dot needs at least 16 rows
 DECODE_BLOCK_N = 64            # keys per decode tile

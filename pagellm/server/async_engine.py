@@ -41,6 +41,7 @@ class RequestAborted(RuntimeError):
 
 
 _ACCEPTED = object()   # posted to a stream once all its prompts are queued in the engine
+_ABORT_ALL = object()  # command: abort every unfinished request, telling its caller
 _STOP = object()       # command: abort everything and end the engine thread
 
 
@@ -189,6 +190,10 @@ class AsyncEngine:
         Lock-free, so a signal handler may call it."""
         self._accepting = False
 
+    def abort_all(self) -> None:
+        """Abort every unfinished request; their callers get RequestAborted (the end of a drain)."""
+        self._commands.put(_ABORT_ALL)
+
     async def shutdown(self) -> None:
         """Abort whatever is unfinished (its callers get RequestAborted) and end the thread."""
         with self._lock:
@@ -220,6 +225,8 @@ class AsyncEngine:
         for command in commands:
             if command is _STOP:
                 keep_running = False
+            elif command is _ABORT_ALL:
+                self._fail_all(RequestAborted("the server is shutting down and aborted the request"))
             elif isinstance(command, _Add):
                 self._add(command)
             else:
@@ -271,11 +278,13 @@ class AsyncEngine:
         self._flush()
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id, (stream, _) in self._progress.items():
-            self.engine.abort_request(request_id)
+        """End every tracked request with ``error``; callers hear first, as the engine may be broken."""
+        for stream, _ in self._progress.values():
             self._post(stream, error)
-        self._progress.clear()
         self._flush()
+        for request_id in self._progress:
+            self.engine.abort_request(request_id)
+        self._progress.clear()
 
     def _close(self) -> None:
         with self._lock:
@@ -288,7 +297,7 @@ class AsyncEngine:
                 break
             if isinstance(command, _Add):
                 self._post(command.stream, closed)
-        self._fail_all(RequestAborted("the server shut down before the request finished"))
+        self._fail_all(RequestAborted("the server is shutting down and aborted the request"))
         self._stats = self.engine.stats()
 
     def _post(self, stream: RequestStream, item: object) -> None:

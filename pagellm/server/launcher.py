@@ -3,7 +3,9 @@ SIGINT/SIGTERM (``pagellm serve``), or in a background thread of this process
 (tests, notebooks)."""
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -14,20 +16,27 @@ from pagellm.server.app import build_app
 from pagellm.server.async_engine import AsyncEngine
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's Server, but a signal drains and the process then exits 0.
+# After the grace period, aborted requests get this long to send their last event
+# before uvicorn cancels whatever is still open.
+_CLOSE_MARGIN_S = 5.0
 
-    On the first SIGINT/SIGTERM the engine refuses new requests (503) and
-    uvicorn stops accepting connections and lets open ones finish for up to
-    ``timeout_graceful_shutdown`` seconds; then it cancels the rest, which
-    aborts their requests, and the app's shutdown stops the engine. Plain
-    uvicorn re-raises the signal once shut down (exit status 130/143); this
-    server does not. A second Ctrl-C quits at once.
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, draining on SIGINT/SIGTERM and then exiting 0.
+
+    On the first signal the engine refuses new requests (503) and uvicorn
+    stops accepting connections and waits for open ones. Requests still
+    running ``grace_period`` seconds later are aborted: streams get an error
+    event and ``[DONE]``, others a 503, so connections close cleanly; the
+    app's shutdown then stops the engine. Plain uvicorn re-raises the signal
+    once shut down (exit status 130/143); this server does not. A second
+    Ctrl-C quits at once.
     """
 
-    def __init__(self, config: uvicorn.Config, async_engine: AsyncEngine) -> None:
+    def __init__(self, config: uvicorn.Config, async_engine: AsyncEngine, grace_period: float) -> None:
         super().__init__(config)
         self.async_engine = async_engine
+        self.grace_period = grace_period
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.async_engine.stop_accepting()
@@ -40,14 +49,21 @@ class DrainingServer(uvicorn.Server):
         """What a SIGTERM does, callable from any thread."""
         self.handle_exit(signal.SIGTERM, None)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.grace_period, self.async_engine.abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
 
 def make_server(async_engine: AsyncEngine, served_model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, grace_period: float = 30.0, log_level: str = "info"
                 ) -> DrainingServer:
     app = build_app(async_engine, served_model_name, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_period,
-                            lifespan="on")
-    return DrainingServer(config, async_engine)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=grace_period + _CLOSE_MARGIN_S)
+    return DrainingServer(config, async_engine, grace_period)
 
 
 class ServerThread:

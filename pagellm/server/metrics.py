@@ -66,7 +66,8 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.",
                                          registry=self.registry)
-        self.requests_finished = Counter(PREFIX + "request_success", "Samples finished (n per request), by finish reason.",
+        self.requests_finished = Counter(PREFIX + "request_success",
+                                         "Samples finished (n per request), by finish reason.",
                                          ["finished_reason"], registry=self.registry)
         self.requests_rejected = Counter(PREFIX + "request_rejected", "Requests refused, by reason.",
                                          ["reason"], registry=self.registry)

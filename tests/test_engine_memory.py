@@ -1,0 +1,42 @@
+"""The engine's memory accounting against closed forms, and `pagellm memory --measure`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagellm import LLM
+from pagellm.cli import main
+from pagellm.model.checkpoint import open_checkpoint
+
+
+def closed_form(path):
+    c = open_checkpoint(path).config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4       # fp32 K and V
+    return c.num_parameters * 4, per_token
+
+
+def test_pool_sized_in_blocks_from_kv_budget_and_from_total_budget(tiny_llama):
+    weights, per_token = closed_form(tiny_llama)
+    by_kv = LLM(str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="1MiB").engine.runner.memory
+    assert by_kv.weights_bytes == weights
+    assert by_kv.kv_bytes_per_token == per_token
+    assert by_kv.num_blocks == 2**20 // (4 * per_token)
+    assert by_kv.kv_cache_bytes == by_kv.num_blocks * 4 * per_token
+
+    total = 8 * 2**20
+    by_total = LLM(str(tiny_llama), dtype="float32", block_size=4, gpu_memory=total,
+                   max_num_batched_tokens=64, max_num_seqs=4).engine.runner.memory
+    assert by_total.num_blocks == (total - weights - by_total.activation_bytes) // (4 * per_token)
+    with pytest.raises(ValueError, match="no room"):
+        LLM(str(tiny_llama), dtype="float32", gpu_memory=weights)
+
+
+def test_memory_measure_puts_the_engine_beside_the_prediction(tiny_llama, capsys):
+    weights, per_token = closed_form(tiny_llama)
+    assert main(["memory", str(tiny_llama), "--dtype", "fp32", "--batch-size", "2", "--context-len", "64",
+                 "--block-size", "16", "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory"]["weights_bytes"] == out["measured"]["weights_bytes"] == weights
+    assert out["memory"]["kv_bytes_per_token"] == out["measured"]["kv_bytes_per_token"] == per_token
+    assert out["measured"]["num_blocks"] == 2 * 64 // 16
