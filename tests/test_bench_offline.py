@@ -135,15 +135,18 @@ def test_compare_hf_failure_is_reported_not_raised(tiny, tmp_path, monkeypatch):
 
 
 def test_prefill_one_step_and_flops(tiny, tmp_path):
-    out = _bench(tmp_path, "prefill", "--random-model", tiny, "--batch-size", "3", "--input-len", "20",
+    # 3 x 100 = 300 batched tokens, more than the model's 256 positions: the random model gets a longer
+    # rotary table for the engine's activation profiling, max_model_len stays as given.
+    out = _bench(tmp_path, "prefill", "--random-model", tiny, "--batch-size", "3", "--input-len", "100",
                  "--num-iters", "2", "--warmup-iters", "1")
     r = out["results"]
-    assert r["one_step_per_iter"] and r["steps_per_iter"] == [[[3, 60]], [[3, 60]]]
-    assert out["engine_config"]["max_num_batched_tokens"] >= 60
+    assert r["one_step_per_iter"] and r["steps_per_iter"] == [[[3, 300]], [[3, 300]]]
+    assert out["engine_config"]["max_num_batched_tokens"] >= 300
+    assert out["model"]["max_model_len"] == 128 and out["notes"]
     h, i, layers, v, heads, hd = 64, 128, 2, 320, 4, 16
     q, kv = heads * hd, 2 * hd
-    linear = 2 * 60 * layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
-    attention = 4 * layers * heads * hd * 3 * (20 * 21 // 2)
+    linear = 2 * 300 * layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    attention = 4 * layers * heads * hd * 3 * (100 * 101 // 2)
     assert r["flops"]["total"] == linear + 2 * 3 * h * v + attention
     assert r["achieved_flops"] == pytest.approx(r["flops"]["total"] / r["step_s_median"])
     assert r["fraction_of_matmul"] is None     # no matmul peak measured on the CPU

@@ -158,7 +158,8 @@ def test_write_then_attend_round_trip():
     num_heads, num_kv_heads, head_dim, block_size = 8, 2, 8, 4
     query_lens, seq_lens = [3, 1, 6], [10, 7, 6]
     q, k_full, v_full, meta = build_batch(gen, query_lens, seq_lens, block_size, num_kv_heads, head_dim, num_heads)
-    k_new, v_new = k_full.view(-1, num_kv_heads, head_dim)[meta.slot_mapping], v_full.view(-1, num_kv_heads, head_dim)[meta.slot_mapping]
+    k_new = k_full.view(-1, num_kv_heads, head_dim)[meta.slot_mapping]
+    v_new = v_full.view(-1, num_kv_heads, head_dim)[meta.slot_mapping]
     k_cache, v_cache = k_full.clone(), v_full.clone()
     k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = 0
     v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = 0

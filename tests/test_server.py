@@ -115,14 +115,17 @@ def test_chat_completion(client, http):
     assert parts.usage.completion_tokens <= 3
 
 
-def _stream_completion(client, **kwargs) -> tuple[dict[int, str], dict[int, list[str]], dict[int, str], list]:
+def _stream_completion(client, **kwargs) -> tuple[dict[int, str], dict[int, list], dict[int, str], list]:
+    """Per choice index: streamed text, (token, logprob) pairs and finish reason; and the chunks."""
     chunks = list(client.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
                                             **kwargs))
     texts, tokens, reasons = {}, {}, {}
     for chunk in chunks[:-1]:
         (choice,) = chunk.choices
         texts[choice.index] = texts.get(choice.index, "") + choice.text
-        tokens.setdefault(choice.index, []).extend(choice.logprobs.tokens if choice.logprobs else [])
+        if choice.logprobs:
+            tokens.setdefault(choice.index, []).extend(
+                zip(choice.logprobs.tokens, choice.logprobs.token_logprobs))
         if choice.finish_reason:
             assert choice.index not in reasons, "a choice finished twice"
             reasons[choice.index] = choice.finish_reason
@@ -137,7 +140,7 @@ def test_streamed_completion_equals_non_streamed(client, n):
     assert sorted(texts) == list(range(n))
     for choice in whole.choices:
         assert texts[choice.index] == choice.text
-        assert tokens[choice.index] == choice.logprobs.tokens      # same tokens, same order
+        assert tokens[choice.index] == list(zip(choice.logprobs.tokens, choice.logprobs.token_logprobs))
         assert reasons[choice.index] == choice.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
@@ -404,7 +407,7 @@ def test_unknown_routes_and_methods_keep_the_error_shape(http):
 
 # ---- overload and drain --------------------------------------------------------------------------
 
-def test_overload_is_429_and_the_rest_complete(tiny_llama):
+def test_overload_is_429_and_draining_is_503(tiny_llama):
     """One sequence may run and one wait: of a burst, the rest are refused at once with 429."""
     async def burst(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http_client:
@@ -423,6 +426,11 @@ def test_overload_is_429_and_the_rest_complete(tiny_llama):
         page = httpx.get(small.url + "/metrics").text
         assert metric(page, "pagellm:request_rejected_total", 'reason="overloaded"') == len(refused)
         wait_until_idle(small)
+
+        small.server.async_engine.stop_accepting()   # as a drain begins: new work is refused with 503
+        refused_late = httpx.post(small.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert assert_error_shape(refused_late, 503)["code"] == "service_unavailable"
+        assert_error_shape(httpx.get(small.url + "/health"), 503)
 
 
 def _stream_then_drain(server: ServerThread, max_tokens: int, n: int = 1) -> tuple[list[str], BaseException | None]:

@@ -378,9 +378,13 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 
 def _prefill_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
-    engine = build_engine(config)
-    if args.input_len + 1 > engine.max_model_len:
-        raise ValueError(f"--input-len {args.input_len} leaves no room under max_model_len {engine.max_model_len}")
+    budget = config.batched_tokens
+    engine = build_engine(config, min_positions=budget if config.random_weights else 0)
+    notes = []
+    if budget > engine.max_model_len:
+        notes.append(f"rotary table enlarged to {budget} positions for the engine's activation profiling, which runs "
+                     f"one sequence of max_num_batched_tokens tokens at positions 0..; max_model_len stays "
+                     f"{engine.max_model_len}")
     vocab = engine.model_config.vocab_size
     rng = random.Random(args.seed)
     params = [SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)] * args.batch_size
@@ -423,7 +427,7 @@ def _prefill_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
                             "measured": median, "ratio": median / step.time_s if step.time_s else None,
                             "predicted_ops": step.ops, "bandwidth": h.bandwidth, "flops": h.fp16_flops})
     out = {"model": engine_summary(engine), "runner": runner_info(engine), "peaks": peaks, "results": results,
-           "memory": memory, "roofline": predictions,
+           "memory": memory, "roofline": predictions, "notes": notes,
            "checks": {"prefill_fraction_of_matmul": check(results["fraction_of_matmul"],
                                                           TARGETS["prefill_fraction_of_matmul"])}}
     del engine

@@ -159,8 +159,8 @@ class LLMEngine:
         seq.append_token(token)
         if state.unforked:
             self._fork_samples(state, seq)
-        seq.cumulative_logprob += draws.logprobs[row]
         if state.params.logprobs is not None:
+            seq.cumulative_logprob += draws.logprobs[row]
             top = draws.top_logprobs[row][:state.params.logprobs] if draws.top_logprobs else []
             seq.logprobs.append(self._logprob_entry(token, draws.logprobs[row], top))
         if state.first_token_time is None:
@@ -214,7 +214,7 @@ class LLMEngine:
     def make_output(self, state: RequestState) -> RequestOutput:
         outputs = [CompletionOutput(
             index=seq.sample_index, text=detok.visible_text(seq.finished), token_ids=seq.output_token_ids,
-            cumulative_logprob=seq.cumulative_logprob,
+            cumulative_logprob=seq.cumulative_logprob if state.params.logprobs is not None else None,
             logprobs=seq.logprobs if state.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
             for seq, detok in zip(state.seqs, state.detokenizers)]

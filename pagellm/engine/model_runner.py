@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pagellm.config import EngineConfig
+from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.cuda_graphs import DecodeGraphs
 from pagellm.engine.memory import (MemoryReport, estimated_activation_bytes, kv_bytes_per_token,
                                    plan_num_blocks)
@@ -18,6 +19,7 @@ from pagellm.engine.sequence import Sequence
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
 from pagellm.model.config import ModelConfig
 from pagellm.model.llama import LlamaForCausalLM
+from pagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagellm")
 
@@ -87,27 +89,34 @@ class ModelRunner:
         return self.kv_cache.shape[2]
 
     def _activation_peak(self, max_model_len: int) -> tuple[int, bool]:
-        tokens, seqs = self.engine.batched_tokens, self.engine.max_num_seqs
+        """Peak transient memory of the heaviest step: a full token budget of
+        prompts (each within max_model_len) and the sampler's worst path over
+        max_num_seqs rows. Measured on CUDA, estimated elsewhere."""
+        tokens, rows = self.engine.batched_tokens, self.engine.max_num_seqs
         if self.device.type != "cuda":
-            return estimated_activation_bytes(self.config, tokens, seqs, max_model_len, self.dtype,
+            return estimated_activation_bytes(self.config, tokens, rows, max_model_len, self.dtype,
                                               fused_attention=self.backend.name != "torch"), False
-        blocks = -(-tokens // self.block_size)
-        scratch = torch.zeros(2, self.config.num_hidden_layers, blocks, self.block_size,
+        lengths = [min(max_model_len, tokens - start) for start in range(0, tokens, max_model_len)]
+        blocks = BlockManager(sum(-(-n // self.block_size) for n in lengths), self.block_size, False)
+        heavy = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1, presence_penalty=0.1)
+        batch = ScheduledBatch()
+        for i, n in enumerate(lengths):
+            seq = Sequence(i, "profile", 0, [0] * n, heavy, 0, 0.0)
+            blocks.allocate(seq, n)
+            batch.add(seq, n)
+        scratch = torch.zeros(2, self.config.num_hidden_layers, blocks.num_blocks, self.block_size,
                               self.config.num_key_value_heads, self.config.head_dim, dtype=self.dtype,
                               device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
-            slot_mapping=torch.arange(tokens, dtype=torch.int64, device=self.device),
-            max_query_len=tokens, max_seq_len=tokens)
         with torch.inference_mode():
-            ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-            hidden = self.model(ids, torch.arange(tokens, device=self.device), scratch, meta, self.backend)
-            self.model.compute_logits(hidden[:seqs])
+            input_ids, positions, meta, _, _ = self.prepare(batch)
+            self.model(input_ids, positions, scratch, meta, self.backend)
+            logits = self.model.compute_logits(torch.zeros(rows, self.config.hidden_size, dtype=self.dtype,
+                                                           device=self.device))
+            dummies = [Sequence(i, "profile", 0, [0], heavy, 0, 0.0) for i in range(rows)]
+            sample(logits, SamplingTensors.from_sequences(dummies, self.config.vocab_size, self.device))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del scratch

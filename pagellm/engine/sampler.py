@@ -20,19 +20,22 @@ _GOLDEN = 0x9E3779B9
 
 @dataclass
 class SamplingTensors:
-    temperature: torch.Tensor        # [N] fp32, 0 = greedy
-    top_k: torch.Tensor              # [N] int64, vocab size = off
-    top_p: torch.Tensor              # [N] fp32
-    min_p: torch.Tensor              # [N] fp32
-    row_keys: torch.Tensor           # [N, 2] int64, 32-bit hash keys per row
-    repetition_penalty: torch.Tensor  # [N] fp32
-    presence_penalty: torch.Tensor   # [N] fp32
-    frequency_penalty: torch.Tensor  # [N] fp32
+    """Per-row settings as device tensors; only what the batch needs is built
+    (an all-greedy batch without penalties or logprobs needs none)."""
+    seqs: list[Sequence]
     all_greedy: bool
     needs_filtering: bool
     needs_penalties: bool
+    wants_logprobs: bool
     max_logprobs: int
-    seqs: list[Sequence]
+    temperature: torch.Tensor | None = None         # [N] fp32, 0 = greedy
+    top_k: torch.Tensor | None = None               # [N] int64, vocab size = off
+    top_p: torch.Tensor | None = None               # [N] fp32
+    min_p: torch.Tensor | None = None               # [N] fp32
+    row_keys: torch.Tensor | None = None            # [N, 2] int64, 32-bit hash keys per row
+    repetition_penalty: torch.Tensor | None = None  # [N] fp32
+    presence_penalty: torch.Tensor | None = None    # [N] fp32
+    frequency_penalty: torch.Tensor | None = None   # [N] fp32
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingTensors":
@@ -41,24 +44,24 @@ class SamplingTensors:
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        keys = [_row_keys(s) for s in seqs]
-        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
-        return cls(
-            temperature=tensor([p.temperature for p in params]),
-            top_k=tensor(top_k, torch.int64),
-            top_p=tensor([p.top_p for p in params]),
-            min_p=tensor([p.min_p for p in params]),
-            row_keys=tensor(keys, torch.int64),
-            repetition_penalty=tensor([p.repetition_penalty for p in params]),
-            presence_penalty=tensor([p.presence_penalty for p in params]),
-            frequency_penalty=tensor([p.frequency_penalty for p in params]),
-            all_greedy=all(p.greedy for p in params),
-            needs_filtering=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
-            needs_penalties=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
-                                for p in params),
-            max_logprobs=max((p.logprobs or 0) for p in params),
-            seqs=seqs,
-        )
+        t = cls(seqs=seqs, all_greedy=all(p.greedy for p in params),
+                needs_filtering=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
+                needs_penalties=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                                    for p in params),
+                wants_logprobs=any(p.logprobs is not None for p in params),
+                max_logprobs=max((p.logprobs or 0) for p in params))
+        if not t.all_greedy:
+            t.temperature = tensor([p.temperature for p in params])
+            t.row_keys = tensor([_row_keys(s) for s in seqs], torch.int64)
+        if not t.all_greedy and t.needs_filtering:
+            t.top_k = tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+            t.top_p = tensor([p.top_p for p in params])
+            t.min_p = tensor([p.min_p for p in params])
+        if t.needs_penalties:
+            t.repetition_penalty = tensor([p.repetition_penalty for p in params])
+            t.presence_penalty = tensor([p.presence_penalty for p in params])
+            t.frequency_penalty = tensor([p.frequency_penalty for p in params])
+        return t
 
 
 def _row_keys(seq: Sequence) -> tuple[int, int]:
@@ -119,25 +122,25 @@ def filter_probs(probs: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[float]                          # of the chosen tokens (raw model distribution)
+    logprobs: list[float] | None                   # of the chosen tokens (raw model distribution)
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """``logits [N, V]`` fp32 -> one token per row."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if t.wants_logprobs else None
     if t.needs_penalties:
         logits = apply_penalties(logits, t)
-    greedy_tokens = logits.argmax(dim=-1)
-    if t.all_greedy:
-        tokens = greedy_tokens
-    else:
+    tokens = logits.argmax(dim=-1)
+    if not t.all_greedy:
         temperature = t.temperature.clamp_min(1e-5)[:, None]
         probs = torch.softmax(logits / temperature, dim=-1)
         if t.needs_filtering:
             probs = filter_probs(probs, t)
         drawn = (probs / exponential_noise(t.row_keys, logits.shape[-1])).argmax(dim=-1)
-        tokens = torch.where(t.temperature == 0, greedy_tokens, drawn)
+        tokens = torch.where(t.temperature == 0, tokens, drawn)
+    if raw_logprobs is None:
+        return SamplerOutput(tokens.tolist(), None, None)
     chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     top = None
     if t.max_logprobs:

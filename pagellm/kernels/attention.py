@@ -20,6 +20,7 @@ window is set).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -44,7 +45,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    """Paged attention, plus ``ops``: the module of elementwise ops (rms_norm,
+    rotary, silu_and_mul) that runs best beside it."""
     name: str
+    ops: ModuleType
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None: ...

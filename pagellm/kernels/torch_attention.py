@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagellm.kernels import torch_ops
 from pagellm.kernels.attention import AttentionMetadata
 
 
 class TorchAttention:
     name = "torch"
+    ops = torch_ops
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

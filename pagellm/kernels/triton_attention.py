@@ -21,8 +21,10 @@ need not line up with the cache's blocks and any power-of-two block size works.
   sequence and one head. Sequence b's tiles are numbered from
   ``query_start_loc[b] // BLOCK_M + b``, which bounds the tiles before it, so a
   program finds its sequence by binary search over ``query_start_loc``; spare
-  programs return at once. Key tiles fully inside the causal/window band skip
-  the mask; only the tiles on its edges compute it.
+  programs return at once, and the grid runs the last (longest) tiles first.
+  Key tiles fully inside the causal/window band skip the mask; only the tiles
+  on its edges compute it, and they never read a cache slot outside the band
+  (so stale blocks below a sliding window may hold anything).
 
 Numbers: fp32 accumulation, scores in the log2 domain (``exp2``), fp16 or bf16
 inputs. Head dims must be powers of two (64 and 128 are checked on device).
@@ -42,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.kernels import triton_ops
 from pagellm.kernels.attention import AttentionMetadata
 
 LOG2_E = 1.4426950408889634
@@ -59,13 +62,13 @@ DECODE_NUM_STAGES = 3
 # Split policy: aim for this many decode programs per SM, with no split
 # shorter than MIN_KEYS_PER_SPLIT keys and at most MAX_KV_SPLITS splits.
 DECODE_PROGRAMS_PER_SM = 4
-MIN_KEYS_PER_SPLIT = 256
-MAX_KV_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 64
+MAX_KV_SPLITS = 32
 
 PREFILL_BLOCK_M = 128
-PREFILL_BLOCK_N = 64
+PREFILL_BLOCK_N = 128
 PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 3
+PREFILL_NUM_STAGES = 2
 
 WRITE_KV_NUM_WARPS = 4
 
@@ -117,21 +120,21 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 # --------------------------------------------------------------------------- shared tile step
 
 @triton.jit
-def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window, scale_log2,
                      k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                      block_size, stride_cache_block, stride_cache_token,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step of rows ``q [M, D]`` (at positions ``q_pos [M]``)
     over keys ``key_start .. key_start + BLOCK_N - 1``.
 
-    Unmasked tiles must lie wholly inside every row's causal window and below
-    ``seq_len``; masked tiles apply ``pos - window < key <= pos`` and
-    ``key < seq_len``.
+    Unmasked tiles must lie wholly inside every row's causal window. Masked
+    tiles read only keys in ``[key_lo, key_hi)`` (cache slots outside it may
+    hold anything, NaN included) and apply ``pos - window < key <= pos``.
     """
     keys = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     if MASKED:
-        in_seq = keys < seq_len
+        in_seq = (keys >= key_lo) & (keys < key_hi)
         block = tl.load(block_table_ptr + keys // block_size, mask=in_seq, other=0).to(tl.int64)
     else:
         block = tl.load(block_table_ptr + keys // block_size).to(tl.int64)
@@ -210,7 +213,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     kv_head_offset = kv_head * stride_cache_head
     for key_start in range(start, end, BLOCK_N):
         acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, end, window, scale_log2,
+            acc, l_i, m_i, q, q_pos, key_start, start, end, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
             BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
@@ -253,10 +256,12 @@ def _num_sms(device_index: int) -> int:
 
 
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Splits per sequence for decode: a power of two, enough that the grid has
-    about ``DECODE_PROGRAMS_PER_SM`` programs per SM, but no split shorter than
-    ``MIN_KEYS_PER_SPLIT`` keys of the longest sequence, and at most ``MAX_KV_SPLITS``."""
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms, max(num_seqs * num_kv_heads, 1))
+    """Splits per sequence for decode: the largest power of two that keeps the
+    grid within about ``DECODE_PROGRAMS_PER_SM`` programs per SM (one wave at
+    this kernel's occupancy), leaves no split shorter than ``MIN_KEYS_PER_SPLIT``
+    keys of the longest sequence, and is at most ``MAX_KV_SPLITS``. On an H100
+    (132 SMs, 8 KV heads): batch 1 -> 32, 8 -> 8, 64 and more -> 1 (fewer for short contexts)."""
+    wanted = max(DECODE_PROGRAMS_PER_SM * num_sms // max(num_seqs * num_kv_heads, 1), 1)
     by_length = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
     limit = min(wanted, by_length, MAX_KV_SPLITS)
     return 1 << (limit.bit_length() - 1)   # largest power of two <= limit
@@ -324,7 +329,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (tile, head): ``BLOCK_M`` queries of one sequence (query_len > 1)
     against its cached keys, FlashAttention-2 style."""
-    tile = tl.program_id(0)
+    # Last tiles first: they see the most keys, so the long programs start early.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group_size
 
@@ -345,10 +351,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                 mask=row_ok[:, None], other=0.0)
     q_pos = context_len + rows
 
-    # Keys [lo, hi) are visible to some row; [mid_lo, mid_hi) to every row.
+    # Keys [key_lo, hi) are visible to some row, [mid_lo, mid_hi) to every row;
+    # the loops start at key_lo rounded down to a tile.
     first_pos = context_len + first_row
     last_pos = context_len + tl.minimum(first_row + BLOCK_M, q_len) - 1
-    lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    key_lo = tl.maximum(first_pos - window + 1, 0)
+    lo = key_lo // BLOCK_N * BLOCK_N
     hi = last_pos + 1
     full_lo = tl.maximum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, lo)
     full_hi = (first_pos + 1) // BLOCK_N * BLOCK_N
@@ -362,19 +370,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     kv_head_offset = kv_head * stride_cache_head
     for key_start in range(lo, mid_lo, BLOCK_N):          # window edge
         acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+            acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
             BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
     for key_start in range(mid_lo, mid_hi, BLOCK_N):      # inside the band
         acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+            acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
             BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=False)
     for key_start in range(mid_hi, hi, BLOCK_N):          # causal diagonal
         acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, seq_len, window, scale_log2,
+            acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
             BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
@@ -416,6 +424,7 @@ class TritonAttention:
     """The Triton backend of :class:`pagellm.kernels.attention.AttentionBackend`."""
 
     name = "triton"
+    ops = triton_ops
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

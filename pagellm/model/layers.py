@@ -1,4 +1,5 @@
-"""Building blocks of a Llama-family transformer, in plain torch.
+"""Building blocks of a Llama-family transformer; the elementwise math runs
+through ``ops`` (the torch reference or its Triton twins, kernels/).
 
 Projections that read the same input are fused (q|k|v, gate|up) so each is one
 matmul; the checkpoint's separate tensors are loaded into slices of them.
@@ -6,28 +7,22 @@ matmul; the checkpoint's separate tensors are loaded into slices of them.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in fp32, optionally adding a residual first (returns both)."""
-
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is not None:
-            x = x + residual
-            residual = x
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(x.dtype)
-        return out if residual is None else (out, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ops: ModuleType
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new residual stream); ``ops`` is torch_ops or triton_ops."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class MergedLinear(nn.Linear):
@@ -43,11 +38,6 @@ class MergedLinear(nn.Linear):
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         start, end = self.shard_offsets[shard], self.shard_offsets[shard + 1]
         getattr(self, param_name).data[start:end].copy_(tensor)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -91,14 +81,6 @@ class RotaryEmbedding(nn.Module):
         """Rebuild after the module was materialised from the meta device."""
         self.cos_sin_cache = self._build_cache().to(self.cos_sin_cache.device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim / 2] (fp32)."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ops: ModuleType) -> None:
+        """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` in place."""
+        ops.rotary(q, k, positions, self.cos_sin_cache)

@@ -4,13 +4,14 @@ scaling, sliding window, MHA/GQA/MQA through num_key_value_heads)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from pagellm.kernels.attention import AttentionBackend, AttentionMetadata
 from pagellm.model.config import ModelConfig
-from pagellm.model.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from pagellm.model.layers import MergedLinear, RMSNorm, RotaryEmbedding
 
 # checkpoint projection -> (fused module, shard index)
 _PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -37,7 +38,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        self.rotary(positions, q, k, backend.ops)
         k_cache, v_cache = kv_cache[0, self.layer_index], kv_cache[1, self.layer_index]
         backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = backend.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
@@ -52,8 +53,8 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -67,13 +68,10 @@ class DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.input_layernorm(x, residual, backend.ops)
         x = self.self_attn(positions, x, kv_cache, meta, backend)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x, residual = self.post_attention_layernorm(x, residual, backend.ops)
+        return self.mlp(x, backend.ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -98,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, kv_cache, meta, backend)
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm(x, residual, backend.ops)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

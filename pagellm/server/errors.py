@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from pagellm.server.async_engine import EngineClosed, EngineOverloaded, RequestAborted
@@ -45,7 +46,7 @@ def to_api_error(exc: BaseException, fields: Collection[str] = (), aliases: Mapp
     """
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError) and not isinstance(exc, ValidationError):  # the latter: our own bug
         word = str(exc).split(" ", 1)[0]
         word = (aliases or {}).get(word, word)
         return APIError(400, str(exc), param=word if word in fields else None)
