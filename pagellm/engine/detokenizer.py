@@ -25,6 +25,7 @@ class IncrementalDetokenizer:
     read_offset: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self._decode = _fast_decode(self.tokenizer, self.skip_special_tokens)
         self.tokens = list(self.prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
@@ -47,12 +48,10 @@ class IncrementalDetokenizer:
 
     def _decode_new(self) -> str:
         """Text of the tokens after ``read_offset``, decoded in context."""
-        if self.tokenizer is None:
+        if self._decode is None:
             return ""
-        def decode(ids: list[int]) -> str:
-            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
-        full = decode(self.tokens[self.prefix_offset:])
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset:])
         return full[len(prefix):]
 
     def _emit(self, new_text: str) -> None:
@@ -74,3 +73,14 @@ class IncrementalDetokenizer:
         if finished or not self._hold_back:
             return self.text
         return self.text[:max(0, len(self.text) - self._hold_back)]
+
+
+def _fast_decode(tokenizer, skip_special_tokens: bool):
+    """The tokenizers library's decode when it gives the same text as the
+    transformers wrapper (no clean-up of spaces), which costs far more per call."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
