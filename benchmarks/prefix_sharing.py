@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import sys
@@ -49,13 +50,14 @@ def main() -> int:
     parser.add_argument("--prefix-len", type=int, default=512)
     parser.add_argument("--suffix-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", default="1GiB")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     g = torch.Generator().manual_seed(0)
     results = {}
     for caching in (True, False):
-        llm = LLM(args.model, dtype=args.dtype, random_weights=args.random_weights,
+        llm = LLM(args.model, dtype=args.dtype, random_weights=args.random_weights, kv_cache_memory=args.kv_cache_memory,
                   enable_prefix_caching=caching, max_model_len=args.prefix_len + args.suffix_len + args.max_tokens)
         vocab = llm.engine.model_config.vocab_size
         prefix = torch.randint(0, vocab, (args.prefix_len,), generator=g.manual_seed(0)).tolist()
@@ -64,6 +66,9 @@ def main() -> int:
         run(llm, [torch.randint(0, vocab, (64,), generator=g).tolist()], 2)   # warm-up, shares nothing
         results["cache_on" if caching else "cache_off"] = run(llm, prompts, args.max_tokens)
         del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     on, off = results["cache_on"], results["cache_off"]
     record = {"benchmark": "prefix_sharing", "date": datetime.date.today().isoformat(),
               "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if torch.cuda.is_available()

@@ -18,7 +18,7 @@ OUT=${OUT:-benchmarks/results/run}
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-llama-3-8b}
 BUDGET=${BUDGET:-520}
-PARTS=${PARTS:-smoke prefill latency throughput}   # a subset reruns only those parts
+PARTS=${PARTS:-smoke serve prefill latency throughput}   # a subset reruns only those parts
 mkdir -p "$OUT"
 
 left() { echo $(( BUDGET - SECONDS )); }
@@ -97,6 +97,17 @@ for row in report.get("requests", []):
     print("  ", row)
 json.dump(report, open(sys.argv[1], "w"), indent=2)
 EOF
+
+part serve 90 bash -c '
+  $0 -m pagellm.cli serve qwen2.5-0.5b --random-weights --dtype bfloat16 --max-model-len 512 \
+     --kv-cache-memory 2GiB --port 8011 > "$1/serve.log" 2>&1 & pid=$!
+  for i in $(seq 60); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+  curl -sf localhost:8011/v1/completions -H "Content-Type: application/json" \
+    -d "{\"model\": \"qwen2.5-0.5b\", \"prompt\": [1, 2, 3, 4], \"max_tokens\": 16, \"n\": 2}" \
+    > "$1/serve.json" && echo "serve: PASS" || echo "serve: FAIL"
+  curl -sf localhost:8011/v1/completions -H "Content-Type: application/json" \
+    -d "{\"model\": \"qwen2.5-0.5b\", \"prompt\": [5, 6], \"max_tokens\": 8, \"stream\": true}" | tail -3
+  kill -TERM $pid; wait $pid; echo "serve exit $?"; tail -5 "$1/serve.log"' "$PY" "$OUT"
 
 part prefill 110 $PY -m pagellm.cli bench prefill --random-model "$MODEL" --dtype bfloat16 \
   --batch-size 8 --input-len 2048 --num-iters 5 --kv-cache-memory 16GiB --json "$OUT/prefill.json"

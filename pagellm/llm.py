@@ -30,7 +30,7 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
                  | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order."""
-        ids = self._submit(prompts, sampling_params)
+        ids = self._submit(prompts, sampling_params, stream=False)
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2) as bar:
             for output in self._run():
@@ -59,7 +59,7 @@ class LLM:
         ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def _submit(self, prompts, sampling_params) -> list[str]:
+    def _submit(self, prompts, sampling_params, stream: bool = True) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -69,7 +69,7 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 request_id = str(next(self._request_ids))
-                self.engine.add_request(request_id, prompt, p or SamplingParams())
+                self.engine.add_request(request_id, prompt, p or SamplingParams(), stream)
                 ids.append(request_id)
         except ValueError:
             for request_id in ids:
@@ -91,7 +91,7 @@ class LLM:
         while live := [s for s in states if not s.done]:
             beams = [(s, beam) for s in live for beam in s.running]
             ids = self._submit([s.prompt_token_ids + b.tokens for s, b in beams],
-                               [s.sampling_params() for s, _ in beams])
+                               [s.sampling_params() for s, _ in beams], stream=False)
             finished = {o.request_id: o for o in self._run() if o.finished}
             tops = [[(t, lp.logprob) for t, lp in finished[i].outputs[0].logprobs[0].items() if lp.rank is not None]
                     for i in ids]

@@ -36,6 +36,7 @@ class RequestState:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
+    stream: bool = True
     unforked: list[Sequence] = field(default_factory=list)  # samples 1..n-1 until the prompt is computed
 
     @property
@@ -94,7 +95,9 @@ class LLMEngine:
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
+        """Queue a request. ``stream=False``: ``step`` reports it only once finished."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -108,7 +111,7 @@ class LLMEngine:
         detokenizers = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop_strings,
                                                params.include_stop_str_in_output) for _ in seqs]
         self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, detokenizers, now,
-                                                 unforked=seqs[1:])
+                                                 stream=stream, unforked=seqs[1:])
         self.scheduler.add(seqs[0])
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
@@ -152,7 +155,7 @@ class LLMEngine:
             state = self.requests[seq.request_id]
             self._append(state, seq, row, draws, now)
             changed[state.request_id] = state
-        return [self._finish_or_report(state, now) for state in changed.values()]
+        return [self._finish_or_report(state, now) for state in changed.values() if state.stream or state.finished]
 
     def _append(self, state: RequestState, seq: Sequence, row: int, draws, now: float) -> None:
         token = draws.token_ids[row]
