@@ -12,6 +12,7 @@ from pagellm.engine.sequence import Sequence
 from tiny_models import make_tiny_hf_model
 
 ARCHS = {
+    "llama-mha": dict(arch="llama", num_kv_heads=4),
     "llama-gqa": dict(arch="llama", num_kv_heads=2),
     "qwen2-bias": dict(arch="qwen2", num_kv_heads=2),
     "llama-mqa": dict(arch="llama", num_kv_heads=1),

@@ -34,12 +34,13 @@ import torch
 
 from pagellm.bench.report import (TARGETS, bits_of, check, fmt, gib, header, measured_hardware, pct, print_tables,
                                   roofline, roofline_hardware, write_json)
-from pagellm.bench.runner import (Run, build_engine, decode_bandwidth_of, delta, device_info, engine_summary,
+from pagellm.bench.runner import (Run, decode_bandwidth_of, delta, device_info, engine_summary,
                                   free_device_memory, measure_peaks, peak_memory, random_prompts, reset_peak_memory,
                                   run_requests, runner_info, scheduler_stats)
 from pagellm.bench.stats import distribution_ms, prefill_flops, summarize_kv
 from pagellm.config import EngineConfig
 from pagellm.engine.commands import add_engine_arguments, engine_config_from_args
+from pagellm.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("pagellm")
 
@@ -181,7 +182,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 
 def _throughput_engine_phase(args, config, device, peaks, rng, input_lens, output_lens, SamplingParams) -> dict:
-    engine = build_engine(config)
+    engine = LLMEngine(config)
     vocab = engine.model_config.vocab_size
     longest = max(i + o for i, o in zip(input_lens, output_lens))
     if longest > engine.max_model_len:
@@ -292,7 +293,7 @@ def run_latency(args: argparse.Namespace) -> int:
 
 
 def _latency_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
-    engine = build_engine(config)
+    engine = LLMEngine(config)
     if args.input_len + args.output_len > engine.max_model_len:
         raise ValueError(f"input + output length {args.input_len + args.output_len} is over max_model_len "
                          f"{engine.max_model_len}")
@@ -378,13 +379,7 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 
 def _prefill_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
-    budget = config.batched_tokens
-    engine = build_engine(config, min_positions=budget if config.random_weights else 0)
-    notes = []
-    if budget > engine.max_model_len:
-        notes.append(f"rotary table enlarged to {budget} positions for the engine's activation profiling, which runs "
-                     f"one sequence of max_num_batched_tokens tokens at positions 0..; max_model_len stays "
-                     f"{engine.max_model_len}")
+    engine = LLMEngine(config)
     vocab = engine.model_config.vocab_size
     rng = random.Random(args.seed)
     params = [SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)] * args.batch_size
@@ -427,7 +422,7 @@ def _prefill_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
                             "measured": median, "ratio": median / step.time_s if step.time_s else None,
                             "predicted_ops": step.ops, "bandwidth": h.bandwidth, "flops": h.fp16_flops})
     out = {"model": engine_summary(engine), "runner": runner_info(engine), "peaks": peaks, "results": results,
-           "memory": memory, "roofline": predictions, "notes": notes,
+           "memory": memory, "roofline": predictions,
            "checks": {"prefill_fraction_of_matmul": check(results["fraction_of_matmul"],
                                                           TARGETS["prefill_fraction_of_matmul"])}}
     del engine

@@ -1,5 +1,4 @@
-"""The engine side of the offline benchmarks: building the engine (random
-weights of a preset or of an HF folder's config), stepping it while timing
+"""The engine side of the offline benchmarks: stepping it while timing
 every request and every step (``Run``), and reading its memory and stats.
 
 Timestamps are ``time.perf_counter``, taken as outputs come back from
@@ -16,45 +15,12 @@ import itertools
 import platform
 import random
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
 from pagellm.bench.stats import (StepRecord, StepRecorder, decode_bandwidth, kv_occupancy, measure_copy_bandwidth,
                                  measure_matmul_flops)
-from pagellm.config import EngineConfig
-
-
-def build_engine(config: EngineConfig, min_positions: int = 0):
-    """An LLMEngine. With random weights, ``config.model`` is a preset or an HF folder (its config.json),
-    and ``min_positions`` enlarges the rotary table to that many positions when the model has fewer
-    (``max_model_len`` stays the model's): the engine profiles its activation peak with one sequence of
-    ``max_num_batched_tokens`` tokens at positions 0.., which indexes past a shorter table."""
-    from pagellm.engine.llm_engine import LLMEngine
-    from pagellm.model.presets import canonical_preset_name, load_preset
-    if not config.random_weights:
-        return LLMEngine(config)
-    if canonical_preset_name(config.model) is not None:
-        model_config = load_preset(config.model)
-    else:
-        from pagellm.model.hf_loader import load_hf_config
-        folder = Path(config.model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"--random-model takes a preset name or an HF folder, got {config.model!r}")
-        model_config = load_hf_config(folder)
-    native = model_config.max_position_embeddings
-    if min_positions > native:
-        model_config = replace(model_config, max_position_embeddings=min_positions)
-        config = replace(config, max_model_len=min(config.max_model_len or native, native))
-
-    class _RandomEngine(LLMEngine):
-        @staticmethod
-        def _load(cfg: EngineConfig):
-            from pagellm.engine.model_runner import build_model
-            return build_model(model_config, cfg.torch_dtype, cfg.torch_device, None, seed=cfg.seed), None
-
-    return _RandomEngine(config)
 
 
 def free_device_memory(result: dict | None = None) -> None:

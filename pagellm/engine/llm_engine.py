@@ -65,9 +65,9 @@ class LLMEngine:
 
     @staticmethod
     def _load(config: EngineConfig):
-        if config.random_weights:
-            from pagellm.model.presets import load_preset
-            model_config = load_preset(config.model)
+        if config.random_weights:   # a preset name, config.json, HF folder or GGUF file gives the shapes
+            from pagellm.analysis.model_source import resolve_model
+            model_config = resolve_model(config.model)
             return build_model(model_config, config.torch_dtype, config.torch_device, None, seed=config.seed), None
         from pagellm.model.checkpoint import open_checkpoint
         checkpoint = open_checkpoint(config.model)

@@ -30,7 +30,6 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from pagellm.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
