@@ -47,7 +47,9 @@ class RequestState:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        start = time.perf_counter()
         model, self.tokenizer = self._load(config)
+        loaded = time.perf_counter()
         self.model_config = model.config
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
@@ -61,7 +63,11 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._seed_source = random.Random(config.seed)
+        # Start-up beyond reading weights: activation profile, KV pool, CUDA graph capture.
+        self.startup_seconds = {"load_weights": loaded - start, "ready_after_load": time.perf_counter() - loaded}
         logger.info(self.runner.memory.summary())
+        logger.info(f"ready {self.startup_seconds['ready_after_load']:.1f} s after loading weights "
+                    f"({self.startup_seconds['load_weights']:.1f} s)")
 
     @staticmethod
     def _load(config: EngineConfig):
