@@ -181,3 +181,8 @@ def test_incremental_detokenizer_handles_multibyte_characters(llm, text):
         pieces.append(detok.text[len(before):])
     assert detok.text == tok.decode(ids)
     assert "\ufffd" not in "".join(pieces)
+
+
+def test_max_model_len_beyond_the_model_is_rejected(tiny_llama):
+    with pytest.raises(ValueError, match="max_model_len 10000 exceeds the model's context length 256"):
+        LLM(str(tiny_llama), dtype="float32", max_model_len=10_000)

@@ -51,8 +51,10 @@ class LLMEngine:
         model, self.tokenizer = self._load(config)
         loaded = time.perf_counter()
         self.model_config = model.config
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
+        positions = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > positions:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
+        self.max_model_len = config.max_model_len or positions
         self.runner = ModelRunner(config, model, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
