@@ -99,7 +99,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
-                seq.num_cached_tokens = self.block_manager.match_prefix(seq)
+                self.block_manager.match_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, num_tokens):
                 self.block_manager.free(seq)

@@ -28,13 +28,11 @@ class Sequence:
     num_computed_tokens: int = 0   # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
-    num_cached_tokens: int = 0     # leading tokens found in the prefix cache at admission
     num_preemptions: int = 0
     cumulative_logprob: float = 0.0
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
