@@ -14,20 +14,27 @@ from pagellm.sampling_params import SamplingParams
 
 
 def check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
-    holders = [0] * bm.num_blocks
+    holders = [0] * len(bm.ref_counts)
     for seq in seqs:
-        assert len(set(seq.block_table)) == len(seq.block_table), "a sequence holds a block twice"
-        for block in seq.block_table:
+        table = [b for b in seq.block_table if b != bm.null_block]
+        assert len(set(table)) == len(table), "a sequence holds a block twice"
+        for block in table:
             holders[block] += 1
+        if bm.sliding_window:   # nothing the next token could still see has been given back
+            visible_from = max(0, seq.num_computed_tokens - bm.sliding_window + 1) // bm.block_size
+            assert bm.null_block not in seq.block_table[visible_from:]
     assert holders == bm.ref_counts
     free = set(bm.free_queue)
     assert len(free) == len(bm.free_queue)
-    for block, refs in enumerate(bm.ref_counts):
+    for block, refs in enumerate(bm.ref_counts[:bm.num_blocks]):
         assert (refs == 0) == (block in free)
+    assert bm.null_block not in free
     if not bm.enable_prefix_caching:   # without the cache only forks of one request share
         owners: dict[int, str] = {}
         for seq in seqs:
             for block in seq.block_table:
+                if block == bm.null_block:
+                    continue
                 assert owners.setdefault(block, seq.request_id) == seq.request_id, "a block is owned twice"
     for block_hash, block in bm.cached_blocks.items():
         assert bm.block_hash[block] == block_hash
@@ -43,6 +50,7 @@ workload = st.fixed_dictionaries({
     "abort_rate": st.floats(0, 0.2),
     "prefix_caching": st.booleans(),
     "fork_rate": st.floats(0, 0.3),
+    "sliding_window": st.sampled_from([None, 1, 3, 7]),
 })
 
 
@@ -58,7 +66,7 @@ def fork(bm: BlockManager, scheduler: Scheduler, parent: Sequence, seq_id: int) 
 @given(workload)
 def test_random_workload_keeps_invariants_and_frees_everything(w):
     rng = random.Random(w["seed"])
-    bm = BlockManager(w["num_blocks"], w["block_size"], w["prefix_caching"])
+    bm = BlockManager(w["num_blocks"], w["block_size"], w["prefix_caching"], w["sliding_window"])
     scheduler = Scheduler(SchedulerConfig(w["max_seqs"], w["budget"], 10_000), bm)
     capacity = w["num_blocks"] * w["block_size"]
     live: list[Sequence] = []
@@ -94,9 +102,12 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
         for seq in list(scheduler.running) + list(scheduler.waiting):
             if rng.random() < w["abort_rate"]:
                 scheduler.finish(seq)
-            elif (seq in scheduler.running and seq.num_output_tokens and len(live) < 2 * w["num_requests"]
-                  and rng.random() < w["fork_rate"]):
+            elif (seq in batch.seqs and seq.num_output_tokens == 1 and len(live) < 2 * w["num_requests"]
+                  and rng.random() < w["fork_rate"]):   # as the engine does: right after the prompt
                 live.append(fork(bm, scheduler, seq, len(live)))
+        for seq in batch.seqs:
+            if not seq.finished:
+                bm.free_outside_window(seq)
         check_invariants(bm, [s for s in live if not s.finished])
     assert not scheduler.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks

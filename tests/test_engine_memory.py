@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from pagellm import LLM
+from pagellm import LLM, SamplingParams
 from pagellm.cli import main
 from pagellm.model.checkpoint import open_checkpoint
+from test_engine_parity import hf_greedy
+from tiny_models import make_tiny_hf_model
 
 
 def closed_form(path):
@@ -40,3 +44,21 @@ def test_memory_measure_puts_the_engine_beside_the_prediction(tiny_llama, capsys
     assert out["memory"]["weights_bytes"] == out["measured"]["weights_bytes"] == weights
     assert out["memory"]["kv_bytes_per_token"] == out["measured"]["kv_bytes_per_token"] == per_token
     assert out["measured"]["num_blocks"] == 2 * 64 // 16
+
+
+def test_sliding_window_gives_back_blocks_behind_the_window(tmp_path):
+    folder = make_tiny_hf_model(tmp_path, arch="mistral", num_kv_heads=2, sliding_window=8)
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=64, max_num_batched_tokens=8)
+    engine = llm.engine
+    prompt = list(range(10, 30))
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    peak, tokens = 0, None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens = out.outputs[0].token_ids
+        peak = max(peak, engine.block_manager.num_used_blocks)
+    # window 8 + an 8-token chunk, in blocks of 4, plus the partly filled one: 5; all 80 tokens would need 20.
+    assert peak <= 5
+    assert engine.block_manager.num_used_blocks == 0
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert tokens == hf_greedy(hf, prompt, 60)

@@ -108,7 +108,7 @@ def kv_occupancy(engine) -> tuple[int, int, int]:
             continue
         computed = min(seq.num_computed_tokens, len(table) * bs)
         num_full = computed // bs
-        full.update(table[:num_full])
+        full.update(b for b in table[:num_full] if b != bm.null_block)   # blocks behind a window are gone
         rest = computed - num_full * bs
         if rest:
             block = table[num_full]

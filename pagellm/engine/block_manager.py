@@ -13,6 +13,10 @@ written. Such a position lies in a block that is not yet published, or in a
 shared block (a fork for parallel sampling or beam search), which the writer
 first copies (copy-on-write): a block is never overwritten while another
 sequence holds it.
+
+With a sliding window, blocks a sequence can never attend to again are given
+back as it advances; their places in its block table point at a null block
+(one extra block past the pool, ``null_block``) that attention never reads.
 """
 from __future__ import annotations
 
@@ -37,14 +41,18 @@ class PrefixCacheStats:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.sliding_window = sliding_window
+        self.null_block = num_blocks if sliding_window else -1   # never allocated, never counted
+        physical = num_blocks + (1 if sliding_window else 0)
+        self.ref_counts = [0] * physical
+        self.block_hash: list[int | None] = [None] * physical
         self.cached_blocks: dict[int, int] = {}  # hash -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.pending_copies: list[tuple[int, int]] = []   # (src, dst) KV block copies to run
@@ -96,6 +104,18 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
+    def free_outside_window(self, seq: Sequence) -> None:
+        """Give back the leading blocks that no future token of ``seq`` can
+        see: its next query sits at ``num_computed_tokens`` and sees keys after
+        ``num_computed_tokens - sliding_window``."""
+        if not self.sliding_window:
+            return
+        index = max(0, seq.num_computed_tokens - self.sliding_window + 1) // self.block_size - 1
+        while index >= 0 and seq.block_table[index] != self.null_block:
+            self._release(seq.block_table[index])
+            seq.block_table[index] = self.null_block
+            index -= 1
+
     def fork(self, parent: Sequence, child: Sequence, num_computed_tokens: int) -> None:
         """Let ``child`` share ``parent``'s blocks holding its first
         ``num_computed_tokens`` tokens; whoever writes into a shared block
@@ -105,7 +125,8 @@ class BlockManager:
         child.block_hashes = parent.block_hashes[:num_computed_tokens // self.block_size]
         child.num_computed_tokens = num_computed_tokens
         for block_id in child.block_table:
-            self.ref_counts[block_id] += 1
+            if block_id != self.null_block:
+                self.ref_counts[block_id] += 1
 
     def _write_block_is_shared(self, seq: Sequence) -> bool:
         index = seq.num_computed_tokens // self.block_size
@@ -122,6 +143,8 @@ class BlockManager:
         return block_id
 
     def _release(self, block_id: int) -> None:
+        if block_id == self.null_block:
+            return
         self.ref_counts[block_id] -= 1
         if self.ref_counts[block_id] == 0:
             self.free_queue[block_id] = None
@@ -167,7 +190,7 @@ class BlockManager:
         start = max(0, len(seq.block_hashes) - 1)
         for index in range(start, num_tokens // self.block_size):
             block_id = seq.block_table[index]
-            if self.block_hash[block_id] is not None:
+            if block_id == self.null_block or self.block_hash[block_id] is not None:
                 continue
             block_hash = self._hash_block(seq, index)
             if block_hash not in self.cached_blocks:

@@ -56,7 +56,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
         self.max_model_len = config.max_model_len or positions
         self.runner = ModelRunner(config, model, self.max_model_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.model_config.sliding_window)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
                                    self.block_manager)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -130,7 +131,10 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - prompt_len
         if prompt_len + max_tokens > limit:
             raise ValueError(f"max_tokens {max_tokens} + prompt length {prompt_len} exceeds max_model_len {limit}")
-        blocks = cdiv(prompt_len + max_tokens, self.config.block_size)
+        held = prompt_len + max_tokens
+        if self.model_config.sliding_window:   # blocks behind the window are given back as it advances
+            held = min(held, self.model_config.sliding_window + self.config.batched_tokens + self.config.block_size)
+        blocks = cdiv(held, self.config.block_size)
         if blocks > self.block_manager.num_blocks:
             raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {blocks} KV blocks, "
                              f"more than the whole pool ({self.block_manager.num_blocks})")
@@ -163,6 +167,9 @@ class LLMEngine:
             state = self.requests[seq.request_id]
             self._append(state, seq, row, draws, now)
             changed[state.request_id] = state
+        for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks
+            if not seq.finished:
+                self.block_manager.free_outside_window(seq)
         return [self._finish_or_report(state, now) for state in changed.values() if state.stream or state.finished]
 
     def _append(self, state: RequestState, seq: Sequence, row: int, draws, now: float) -> None:

@@ -67,7 +67,9 @@ class ModelRunner:
         activation_bytes, measured = self._activation_peak(max_model_len)
         per_token = kv_bytes_per_token(self.config, self.dtype)
         num_blocks = plan_num_blocks(engine, per_token * self.block_size, weights_bytes, activation_bytes)
-        self.kv_cache = torch.empty(2, self.config.num_hidden_layers, num_blocks, self.block_size,
+        self.num_blocks = num_blocks
+        null_block = 1 if self.config.sliding_window else 0   # see BlockManager.null_block
+        self.kv_cache = torch.empty(2, self.config.num_hidden_layers, num_blocks + null_block, self.block_size,
                                     self.config.num_key_value_heads, self.config.head_dim,
                                     dtype=self.dtype, device=self.device)
         self.memory = MemoryReport(weights_bytes, activation_bytes, self.kv_cache.numel() * self.kv_cache.element_size(),
@@ -83,10 +85,6 @@ class ModelRunner:
         logger.info(f"captured {len(graphs.sizes)} decode CUDA graphs (batch 1..{graphs.sizes[-1]}) "
                     f"in {graphs.capture_seconds:.1f} s")
         return graphs
-
-    @property
-    def num_blocks(self) -> int:
-        return self.kv_cache.shape[2]
 
     def _activation_peak(self, max_model_len: int) -> tuple[int, bool]:
         """Peak transient memory of the heaviest step: a full token budget of

@@ -39,15 +39,19 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int
-              ) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+              first_key: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, max_seq_len, Hkv, D]`` copy of each sequence's cached K or V; slots
-    past a sequence's length are zeroed (the pool is uninitialised memory, and
-    a NaN there would leak through a zero attention weight)."""
+    outside ``[first_key, seq_len)`` are zeroed: they may hold anything (the
+    pool is uninitialised, and blocks behind a sliding window are given back),
+    and a NaN there would leak through a zero attention weight."""
     blocks = cache[block_tables.long()]                  # [B, nb, bs, Hkv, D]
     batch, num_blocks, block_size = blocks.shape[:3]
     kv = blocks.reshape(batch, num_blocks * block_size, *cache.shape[-2:])[:, :max_seq_len]
-    valid = torch.arange(kv.shape[1], device=kv.device)[None, :] < seq_lens.long()[:, None]
+    positions = torch.arange(kv.shape[1], device=kv.device)[None, :]
+    valid = positions < seq_lens.long()[:, None]
+    if first_key is not None:
+        valid &= positions >= first_key[:, None]
     return kv.masked_fill(~valid[:, :, None, None], 0)
 
 
@@ -80,8 +84,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     padded_q = q.new_zeros(batch, meta.max_query_len, num_heads, head_dim)
     padded_q[seq_of_token, row_of_token] = q
-    keys = gather_kv(k_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len).to(q.dtype)
-    values = gather_kv(v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len).to(q.dtype)
+    first_key = None
+    if sliding_window is not None:    # the first key the sequence's first new token sees
+        first_key = (meta.seq_lens.long() - query_lens - sliding_window + 1).clamp_min(0)
+    keys = gather_kv(k_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, first_key).to(q.dtype)
+    values = gather_kv(v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, first_key).to(q.dtype)
     mask = attention_mask(meta, sliding_window)
 
     out = F.scaled_dot_product_attention(
