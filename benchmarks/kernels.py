@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from pagellm.bench.stats import measure_copy_bandwidth
 from pagellm.kernels import triton_attention as ta
 from pagellm.kernels import triton_ops as ops
 from pagellm.kernels.attention import AttentionMetadata
@@ -341,14 +342,6 @@ def bench_graph(calls, warmup=10, rep=100):
     return bench(graph.replay, warmup=warmup, rep=rep) / len(calls)
 
 
-def copy_bandwidth(device):
-    n = 1 << 30                                   # 2 GiB of bf16 each way
-    src = torch.randn(n, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * n * 2 / (ms * 1e-3) / 1e9          # GB/s, read + write
-
-
 class DecodePool:
     """One big bf16 cache for the decode timings; batches take disjoint blocks."""
 
@@ -603,7 +596,7 @@ def main():
             json.dump(report, f, indent=1)
 
     if device.type == "cuda":
-        report["copy_GBps"] = copy_bandwidth(device)
+        report["copy_GBps"] = measure_copy_bandwidth(device, 2**31)["bandwidth"] / 1e9   # read + write
         print(f"{name}: copy bandwidth {report['copy_GBps']:.0f} GB/s (read + write)", flush=True)
     if "check" in sections:
         report["checks"] = Checks(device, args.quick).run()

@@ -93,10 +93,10 @@ class LLM:
             ids = self._submit([s.prompt_token_ids + b.tokens for s, b in beams],
                                [s.sampling_params() for s, _ in beams], stream=False)
             finished = {o.request_id: o for o in self._run() if o.finished}
-            tops = [[(t, lp.logprob) for t, lp in finished[i].outputs[0].logprobs[0].items() if lp.rank is not None]
-                    for i in ids]
+            tops = iter([[(t, lp.logprob) for t, lp in finished[i].outputs[0].logprobs[0].items()
+                          if lp.rank is not None] for i in ids])
             for state in live:
-                state.advance([tops.pop(0) for _ in state.running])
+                state.advance([next(tops) for _ in state.running])
         for state in states:
             for seq in state.finished:
                 seq.text = engine.detokenize(seq.tokens)

@@ -30,9 +30,6 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
-    # Beam search (prefix sharing issue): n beams, length_penalty as in HF.
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ window is set).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
@@ -71,9 +72,4 @@ def get_attention_backend(name: str = "auto", device: torch.device | str = "cpu"
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    import importlib.util
-    return importlib.util.find_spec("pagellm.kernels.triton_attention") is not None
+    return importlib.util.find_spec("triton") is not None
