@@ -3,10 +3,10 @@ import math
 
 import pytest
 
-from pagellm.analysis.memory import (activation_bytes, advise, fit, kv_bytes_per_token, kv_tokens_per_sequence,
-                                     max_batch, memory_breakdown, weights_bytes, MemoryOptions)
-from pagellm.analysis.precision import Precision, shard
+from pagellm.analysis.memory import MemoryOptions, advise, fit, max_batch, memory_breakdown
 from pagellm.model.config import ModelConfig
+from pagellm.sizing import (Precision, activation_bytes, kv_bytes_per_token, kv_tokens_per_sequence, shard,
+                            weights_bytes)
 from pagellm.model.presets import load_preset
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pagellm.analysis.hardware import HARDWARE_PRESETS, get_hardware, match_device_name, override
-from pagellm.analysis.model_source import resolve_model
+from pagellm.model.model_spec import load_model_config
 from pagellm.model.presets import PRESETS, load_preset, preset_hf_dict
 
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b",
@@ -67,7 +67,7 @@ def test_unknown_preset_message():
     with pytest.raises(ValueError, match="unknown model preset 'llama-9'.*llama-2-7b"):
         load_preset("llama-9")
     with pytest.raises(ValueError, match="neither a file, a folder nor a preset"):
-        resolve_model("no-such-model")
+        load_model_config("no-such-model")
 
 
 def test_hardware_presets():
@@ -96,17 +96,17 @@ def test_hardware_override_and_device_names():
 
 def test_config_json_file_and_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["llama-3-8b"]))
-    from_file = resolve_model(str(tmp_path / "config.json"))
-    from_folder = resolve_model(str(tmp_path))
+    from_file = load_model_config(str(tmp_path / "config.json"))
+    from_folder = load_model_config(str(tmp_path))
     assert from_file.num_key_value_heads == from_folder.num_key_value_heads == 8
     assert from_file.num_parameters == PUBLISHED_PARAMS["llama-3-8b"]
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
-        resolve_model(str(tmp_path / "bad.json"))
+        load_model_config(str(tmp_path / "bad.json"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="neither a config.json nor a .gguf"):
-        resolve_model(str(empty))
+        load_model_config(str(empty))
 
 
 def _write_tiny_gguf(path, tied: bool, bias: bool):
@@ -142,7 +142,7 @@ def _write_tiny_gguf(path, tied: bool, bias: bool):
 @pytest.mark.parametrize("tied,bias", [(True, False), (False, True)])
 def test_gguf_metadata_to_config(tmp_path, tied, bias):
     path = _write_tiny_gguf(tmp_path / "tiny.gguf", tied, bias)
-    config = resolve_model(str(path))
+    config = load_model_config(str(path))
     assert config.architecture == ("qwen2" if bias else "llama")
     assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
             config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (300, 64, 160, 2, 4, 1, 16)
@@ -152,21 +152,21 @@ def test_gguf_metadata_to_config(tmp_path, tied, bias):
     assert config.attention_bias is bias
     assert config.name == "tiny-test"
     # A folder holding just that file resolves to the same model.
-    assert resolve_model(str(tmp_path)) == config
+    assert load_model_config(str(tmp_path)) == config
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_resolve_model_matches_the_engine_loader(tmp_path, arch):
+def test_load_model_config_matches_the_engine_loader(tmp_path, arch):
     """The analyzer's config for an HF folder or a GGUF is the one open_checkpoint builds."""
     from pagellm.model.checkpoint import open_checkpoint
     from tiny_models import make_tiny_hf_model, write_tiny_gguf
 
     folder = make_tiny_hf_model(tmp_path, arch=arch, num_kv_heads=2)
     hf_config = open_checkpoint(folder).config
-    assert resolve_model(str(folder)) == hf_config
-    assert resolve_model(str(folder / "config.json")) == hf_config
+    assert load_model_config(str(folder)) == hf_config
+    assert load_model_config(str(folder / "config.json")) == hf_config
     gguf_file = write_tiny_gguf(folder, tmp_path / f"{arch}.gguf")
-    config = resolve_model(str(gguf_file))
+    config = load_model_config(str(gguf_file))
     assert config == open_checkpoint(gguf_file).config
     assert config.name == folder.name and config.num_key_value_heads == 2
     assert config.num_parameters == hf_config.num_parameters
@@ -176,4 +176,4 @@ def test_not_a_gguf(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\xff" * 20)
     with pytest.raises(ValueError, match="cannot read GGUF file"):
-        resolve_model(str(junk))
+        load_model_config(str(junk))

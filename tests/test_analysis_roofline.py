@@ -2,7 +2,7 @@
 import pytest
 
 from pagellm.analysis.hardware import get_hardware
-from pagellm.analysis.precision import Precision
+from pagellm.sizing import Precision
 from pagellm.analysis.roofline import analyze, analyze_step, end_to_end
 from pagellm.model.config import ModelConfig
 from pagellm.model.presets import load_preset

@@ -43,7 +43,7 @@ def fake_model(tmp_path, monkeypatch) -> zoo.ZooModel:
 
 
 def test_join_verify_and_reuse(cache, fake_model, capsys):
-    path = zoo.resolve_model("fake-model")
+    path = zoo.model_path("fake-model")
     assert path == cache / "fake-model.gguf"
     assert path.read_bytes() == b"".join(PARTS)
     assert "joining fake-model" in capsys.readouterr().err  # tqdm progress bar
@@ -53,33 +53,33 @@ def test_join_verify_and_reuse(cache, fake_model, capsys):
     mtime = path.stat().st_mtime_ns
     for n in range(1, len(PARTS) + 1):
         fake_model.part_path(n).unlink()
-    assert zoo.resolve_model("fake-model") == path and path.stat().st_mtime_ns == mtime
+    assert zoo.model_path("fake-model") == path and path.stat().st_mtime_ns == mtime
 
 
 def test_truncated_cache_file_is_rebuilt(cache, fake_model):
-    path = zoo.resolve_model("fake-model", progress=False)
+    path = zoo.model_path("fake-model", progress=False)
     path.write_bytes(b"GGUF")
-    assert zoo.resolve_model("fake-model", progress=False).read_bytes() == b"".join(PARTS)
+    assert zoo.model_path("fake-model", progress=False).read_bytes() == b"".join(PARTS)
 
 
 def test_bad_sha_leaves_nothing(cache, fake_model, monkeypatch):
     monkeypatch.setitem(zoo.ZOO, "fake-model", zoo.ZooModel(**{**fake_model.__dict__, "sha256": "0" * 64}))
     with pytest.raises(ValueError, match="sha256 .* expected 0000.*--force-reinstall"):
-        zoo.resolve_model("fake-model", progress=False)
+        zoo.model_path("fake-model", progress=False)
     assert list(cache.iterdir()) == []
 
 
 def test_wrong_part_size(cache, fake_model):
     fake_model.part_path(2).write_bytes(b"short")
     with pytest.raises(ValueError, match="add up to"):
-        zoo.resolve_model("fake-model", progress=False)
+        zoo.model_path("fake-model", progress=False)
 
 
 def test_missing_parts_tell_the_pip_command(cache, fake_model):
     shutil.rmtree(fake_model.part_path(3).parent.parent)
     assert not fake_model.is_installed()
     with pytest.raises(zoo.ModelNotInstalledError, match=r"(?s)fakezoo-part3 .*pip install fakezoo-part\{1\.\.3\}==1\.0"):
-        zoo.resolve_model("fake-model", progress=False)
+        zoo.model_path("fake-model", progress=False)
 
 
 @pytest.mark.skipif(zoo.ZOO["qwen2.5-coder-1.5b"].is_installed(), reason="1.5B parts are installed")
@@ -90,15 +90,15 @@ def test_uninstalled_real_model(cache):
 
 def test_unknown_name_lists_known_ones(cache):
     with pytest.raises(ValueError, match="known names: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b"):
-        zoo.resolve_model("llama-7b")
+        zoo.model_path("llama-7b")
     assert zoo.DEFAULT_MODEL in zoo.list_models()
 
 
 def test_existing_paths_pass_through(tmp_path):
     f = tmp_path / "x.gguf"
     f.write_bytes(b"GGUF")
-    assert zoo.resolve_model(f) == f
-    assert zoo.resolve_model(str(tmp_path)) == tmp_path
+    assert zoo.model_path(f) == f
+    assert zoo.model_path(str(tmp_path)) == tmp_path
 
 
 def test_zoo_gguf_tokenizer_is_cached(cache, tmp_path):

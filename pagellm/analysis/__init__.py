@@ -2,23 +2,20 @@
 
 Independent of the engine: everything works from a ``ModelConfig`` and a
 ``Hardware`` description. Formulas live in the module docstrings of
-``memory``, ``roofline`` and ``precision``; the plot is in ``plot`` (imported
+``memory``, ``roofline`` and the neutral ``pagellm.sizing``; the plot is in ``plot`` (imported
 on demand, it pulls in matplotlib).
 """
 from pagellm.analysis.hardware import (HARDWARE_PRESETS, Hardware, custom_hardware, get_hardware,
                                        match_device_name)
-from pagellm.analysis.memory import (Advice, FitReport, MemoryBreakdown, MemoryOptions, advise, fit,
-                                     kv_bytes_per_token, max_batch, max_context, memory_breakdown, weights_bytes)
-from pagellm.analysis.model_source import resolve_model
-from pagellm.analysis.precision import Precision, shard
+from pagellm.analysis.memory import (Advice, FitReport, MemoryBreakdown, MemoryOptions, advise, fit, max_batch,
+                                     max_context, memory_breakdown)
 from pagellm.analysis.roofline import (EndToEnd, LayerRow, RooflineReport, StageReport, analyze, analyze_step,
                                        end_to_end, prediction_vs_measurement)
 
 __all__ = [
     "HARDWARE_PRESETS", "Hardware", "custom_hardware", "get_hardware", "match_device_name",
-    "Advice", "FitReport", "MemoryBreakdown", "MemoryOptions", "advise", "fit", "kv_bytes_per_token",
-    "max_batch", "max_context", "memory_breakdown", "weights_bytes",
-    "resolve_model", "Precision", "shard",
+    "Advice", "FitReport", "MemoryBreakdown", "MemoryOptions", "advise", "fit", "max_batch", "max_context",
+    "memory_breakdown",
     "EndToEnd", "LayerRow", "RooflineReport", "StageReport", "analyze", "analyze_step", "end_to_end",
     "prediction_vs_measurement",
 ]

@@ -17,8 +17,8 @@ from typing import Any
 from pagellm.analysis.hardware import Hardware, custom_hardware, get_hardware, hardware_names, override
 from pagellm.analysis.memory import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL_CHUNK, Advice, FitReport,
                                      MemoryBreakdown, MemoryOptions, advise, fit, memory_breakdown)
-from pagellm.analysis.model_source import resolve_model
-from pagellm.analysis.precision import Precision, dtype_bits, shard
+from pagellm.model.model_spec import load_model_config
+from pagellm.sizing import Precision, dtype_bits, shard
 from pagellm.analysis.roofline import RooflineReport, StageReport, analyze, model_summary
 from pagellm.model.config import ModelConfig
 from pagellm.utils.units import format_bytes, parse_quantity
@@ -185,7 +185,7 @@ def memory_json(config: ModelConfig, hardware: Hardware | None, breakdown: Memor
 def run_memory(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "context_len", "tp", "target_concurrency", "prefill_chunk", "block_size"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    config = resolve_model(args.model)
+    config = load_model_config(args.model)
     base = dtype_bits(args.dtype)
     precision = Precision(w_bits=args.w_bits or base, a_bits=base, kv_bits=args.kv_bits or base,
                           group_size=args.group_size, base_bits=base)
@@ -357,7 +357,7 @@ def _hardware_from_args(args: argparse.Namespace) -> tuple[Hardware, list[str]]:
 def run_roofline(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "prompt_len", "gen_len", "tp"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
-    config = resolve_model(args.model)
+    config = load_model_config(args.model)
     hardware, notes = _hardware_from_args(args)
     report = analyze(config, hardware, batch_size=args.batch_size, prompt_len=args.prompt_len,
                      gen_len=args.gen_len, w_bits=args.w_bits or 16, a_bits=args.a_bits,

@@ -1,36 +1,9 @@
 """GPU memory calculator, fit solver and quantization advisor.
 
-All figures are **per GPU** (with ``tp`` GPUs each holds 1/tp of the model and
-of the KV heads, see ``precision.py``). Notation: ``H`` hidden size, ``L``
-layers, ``I`` intermediate size, ``V`` vocabulary, ``hd`` head dim, ``qh`` /
-``kvh`` query / KV heads on this GPU, ``I_g`` / ``V_g`` the shares of ``I`` /
-``V`` on this GPU, ``a`` activation bytes, ``B`` batch, ``C`` context length.
-
-Weights
-    per block: q ``H x qh*hd``, k and v ``H x kvh*hd``, o ``qh*hd x H``,
-    gate and up ``H x I_g``, down ``I_g x H`` at the weight width (with
-    scales, ``precision.py``); QKV biases (Qwen2) and the two RMSNorm
-    vectors at the base width. Plus the embedding ``V_g x H``, the final norm
-    ``H`` and, unless tied to the embedding, the LM head ``V_g x H``, all at
-    the base width. With TP = 1 and 16 bits this is ``2 * num_parameters``:
-    Llama-2-7B = 13.48 GB.
-
-KV cache
-    per token ``2 * L * kvh * kv_vector_bytes`` (K and V), i.e.
-    ``2 * L * kvh * hd * kv_bits / 8`` for 8 and 16 bits; Llama-2-7B fp16:
-    512 KiB, Llama-3-8B (8 KV heads): 128 KiB. A sequence of context ``C``
-    stores ``min(C, sliding_window)`` tokens (older ones fall out of the
-    window and their pages are freed), rounded up to whole pages of
-    ``block_size`` tokens. Total ``B x`` that.
-
-Activations (peak of one prefill chunk of ``T = min(prefill_chunk, B*C)``
-tokens; inference keeps no activations across layers)
-    residual stream ``T*H*a`` live throughout, plus the larger of
-    attention phase ``T*(H + 2*qh*hd + 2*kvh*hd)*a`` (normed input, Q, K, V,
-    attention output) and MLP phase ``T*(H + 3*I_g)*a`` (normed input, gate,
-    up, their product), plus the FP32 logits of the ``B`` sampled rows
-    ``B*V*4``. Without FlashAttention the score matrix
-    ``qh*T*min(C, window)*a`` joins the attention phase.
+All figures are **per GPU**. The components (weights, KV cache, activations)
+come from :mod:`pagellm.sizing`, whose docstring gives their formulas; the
+engine sizes its own pool from the same module, so prediction and engine
+cannot drift apart. The total adds:
 
 Workspace
     a fixed allowance (default 1 GiB) for the CUDA context, cuBLAS
@@ -57,69 +30,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from pagellm.analysis.precision import Precision, Shard, shard
 from pagellm.model.config import ModelConfig
+from pagellm.sizing import (DEFAULT_BLOCK_SIZE, Precision, activation_bytes, kv_bytes_per_token,
+                            kv_tokens_per_sequence, weights_bytes)
 
 GiB = 2**30
 DEFAULT_WORKSPACE = 1 * GiB
-DEFAULT_BLOCK_SIZE = 16
 DEFAULT_PREFILL_CHUNK = 2048
-LOGIT_BYTES = 4  # logits are upcast to fp32 for sampling
-
-
-# ---------------------------------------------------------------- components
-
-def weights_bytes(config: ModelConfig, precision: Precision = Precision(), tp: int = 1) -> float:
-    """Bytes of weights on one GPU."""
-    s = shard(config, tp)
-    return block_weight_bytes(config, precision, s) * config.num_hidden_layers + _outside_block_weight_bytes(
-        config, precision, s)
-
-
-def block_weight_bytes(config: ModelConfig, precision: Precision, s: Shard) -> float:
-    """Bytes of one transformer block's weights on one GPU."""
-    h, hd = config.hidden_size, config.head_dim
-    q, kv = s.q_heads * hd, s.kv_heads * hd
-    lw = precision.linear_weight_bytes
-    linears = lw(h, q) + 2 * lw(h, kv) + lw(q, h) + 2 * lw(h, s.intermediate) + lw(s.intermediate, h)
-    bias = (q + 2 * kv) if config.attention_bias else 0
-    return linears + (bias + 2 * h) * precision.base_bytes
-
-
-def _outside_block_weight_bytes(config: ModelConfig, precision: Precision, s: Shard) -> float:
-    h = config.hidden_size
-    table = s.vocab * h
-    lm_head = 0 if config.tie_word_embeddings else table
-    return (table + lm_head + h) * precision.base_bytes
-
-
-def kv_bytes_per_token(config: ModelConfig, precision: Precision = Precision(), tp: int = 1) -> float:
-    """K and V bytes one token adds to the cache on one GPU, all layers."""
-    s = shard(config, tp)
-    return 2 * config.num_hidden_layers * s.kv_heads * precision.kv_vector_bytes(config.head_dim)
-
-
-def kv_tokens_per_sequence(config: ModelConfig, context_len: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    """Tokens a sequence of ``context_len`` keeps in the cache: window-capped, page-rounded."""
-    kept = min(context_len, config.sliding_window) if config.sliding_window else context_len
-    if block_size > 1:
-        kept = math.ceil(kept / block_size) * block_size
-    return kept
-
-
-def activation_bytes(config: ModelConfig, precision: Precision, tokens: int, batch_size: int,
-                     context_len: int, tp: int = 1, flash_attention: bool = True) -> float:
-    """Peak activation bytes on one GPU while a chunk of ``tokens`` goes through a block."""
-    s = shard(config, tp)
-    h, hd, a = config.hidden_size, config.head_dim, precision.a_bytes
-    residual = tokens * h * a
-    attn = tokens * (h + 2 * s.q_heads * hd + 2 * s.kv_heads * hd) * a
-    if not flash_attention:
-        keys = min(context_len, config.sliding_window or context_len)
-        attn += s.q_heads * tokens * keys * a
-    mlp = tokens * (h + 3 * s.intermediate) * a
-    logits = batch_size * config.vocab_size * LOGIT_BYTES
-    return residual + max(attn, mlp) + logits
 
 
 # ---------------------------------------------------------------- breakdown

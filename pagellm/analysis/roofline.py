@@ -107,7 +107,7 @@ from dataclasses import asdict, dataclass, field
 
 from pagellm.analysis.hardware import Hardware
 from pagellm.analysis.memory import MemoryBreakdown, memory_breakdown
-from pagellm.analysis.precision import Precision, Shard, shard
+from pagellm.sizing import Precision, Shard, shard
 from pagellm.model.config import ModelConfig
 
 VECTOR = 0          # peak_bits marker: element-wise kernel on the FP32 vector units

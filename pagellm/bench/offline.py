@@ -409,7 +409,7 @@ def _prefill_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
                "tokens_per_s": tokens / median, "flops": flops, "achieved_flops": flops["total"] / median,
                "matmul_flops": mm, "fraction_of_matmul": flops["total"] / median / mm if mm else None}
     from pagellm.analysis import analyze_step
-    from pagellm.analysis.precision import Precision
+    from pagellm.sizing import Precision
     hw = roofline_hardware(args, device_info(device))
     bits = bits_of(engine)
     predictions = []

@@ -56,6 +56,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
         self.max_model_len = config.max_model_len or positions
         self.runner = ModelRunner(config, model, self.max_model_len)
+        self.memory = self.runner.memory
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.model_config.sliding_window)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
@@ -75,8 +76,8 @@ class LLMEngine:
     @staticmethod
     def _load(config: EngineConfig):
         if config.random_weights:   # a preset name, config.json, HF folder or GGUF file gives the shapes
-            from pagellm.analysis.model_source import resolve_model
-            model_config = resolve_model(config.model)
+            from pagellm.model.model_spec import load_model_config
+            model_config = load_model_config(config.model)
             return build_model(model_config, config.torch_dtype, config.torch_device, None, seed=config.seed), None
         from pagellm.model.checkpoint import open_checkpoint
         checkpoint = open_checkpoint(config.model)

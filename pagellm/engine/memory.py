@@ -5,10 +5,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pagellm.analysis import memory as analysis_memory
-from pagellm.analysis.precision import Precision
+from pagellm import sizing
 from pagellm.config import EngineConfig
 from pagellm.model.config import ModelConfig
+from pagellm.sizing import Precision
 from pagellm.utils.units import format_bytes, parse_bytes
 
 _CPU_DEFAULT_KV = 2**30        # 1 GiB when no budget is given on the CPU
@@ -22,13 +22,13 @@ def precision_of(dtype: torch.dtype) -> Precision:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    return int(analysis_memory.kv_bytes_per_token(config, precision_of(dtype)))
+    return int(sizing.kv_bytes_per_token(config, precision_of(dtype)))
 
 
 def estimated_activation_bytes(config: ModelConfig, num_tokens: int, max_num_seqs: int, max_model_len: int,
                                dtype: torch.dtype, fused_attention: bool) -> int:
-    """The analyzer's activation peak, used where it can't be measured (CPU)."""
-    return int(analysis_memory.activation_bytes(config, precision_of(dtype), num_tokens, max_num_seqs,
+    """The closed-form activation peak (``pagellm.sizing``), used where it can't be measured (CPU)."""
+    return int(sizing.activation_bytes(config, precision_of(dtype), num_tokens, max_num_seqs,
                                                 max_model_len, flash_attention=fused_attention))
 
 

@@ -22,7 +22,7 @@ import torch
 from pagellm.model.config import ModelConfig
 from pagellm.model.gguf_loader import GGUFWeights, RawTensor
 from pagellm.model.hf_loader import HFWeights, is_hf_folder
-from pagellm.model.zoo import ZOO, cache_dir, resolve_model
+from pagellm.model.zoo import ZOO, cache_dir, model_path
 
 FORMATS = ("hf", "gguf")
 
@@ -71,7 +71,7 @@ class Checkpoint:
 
 def open_checkpoint(model: str | Path) -> Checkpoint:
     """Open a zoo name, a Hugging Face folder or a .gguf file (weights are read lazily)."""
-    path = resolve_model(model)
+    path = model_path(model)
     zoo_name = str(model) if str(model) in ZOO and not Path(str(model)).exists() else None
     if path.is_dir():
         path = _pick_in_folder(path)

@@ -1,10 +1,10 @@
 """Built-in model names for the real GGUF models shipped as PyPI wheels.
 
 No machine here reaches a model hub, so the real models come as pip packages whose
-`data/` files, joined in order, form one GGUF file (see MODELS.md). `resolve_model`
+`data/` files, joined in order, form one GGUF file (see MODELS.md). `model_path`
 turns a zoo name into that joined file, built once in a cache folder:
 
-    path = resolve_model("qwen2.5-coder-0.5b")   # ~/.cache/pagellm/qwen2.5-coder-0.5b.gguf
+    path = model_path("qwen2.5-coder-0.5b")   # ~/.cache/pagellm/qwen2.5-coder-0.5b.gguf
 
 The cache is `$PAGELLM_CACHE` if set, else `~/.cache/pagellm`. The join is written to a
 temporary file and renamed into place only after its sha256 matched, so a crash or a
@@ -164,7 +164,7 @@ def _lookup(name: str) -> ZooModel:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(ZOO)}") from None
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], progress: bool = True) -> Path:
+def model_path(name_or_path: str | os.PathLike[str], progress: bool = True) -> Path:
     """An existing file or folder as given, else the cached GGUF of a zoo name."""
     path = Path(name_or_path).expanduser()
     if path.exists():

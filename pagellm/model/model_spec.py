@@ -1,28 +1,35 @@
-"""Resolve the MODEL argument of the analyzer commands to a ``ModelConfig``.
+"""``load_model_config(spec)``: the ``ModelConfig`` a MODEL argument names,
+without reading any weight. The analyzer predicts from it and the engine
+builds random-weight models from it, so both see the same model.
 
 Accepted, in this order:
 
 1. a Hugging Face ``config.json`` file (any ``.json`` file): ``ModelConfig.from_json``;
 2. a folder holding a ``config.json`` (``hf_loader.load_hf_config``), or else
    exactly one GGUF file;
-3. a GGUF file: its metadata goes through the engine's GGUF loader
+3. a GGUF file: its metadata goes through the GGUF loader
    (``gguf_loader.config_dict_from_gguf`` on a ``gguf.GGUFReader``, which
    memory-maps the file and never reads the weights);
-4. a built-in preset name or its Hub id (``pagellm.model.presets.load_preset``).
+4. a zoo name whose packages are installed (``pagellm.model.zoo``): the config
+   of the GGUF the engine would run, which may differ from the preset of the
+   same name (the Qwen2.5-Coder GGUFs carry an untied output projection);
+5. a built-in preset name or its Hub id (``pagellm.model.presets.load_preset``).
 
 This module parses no file format itself; the loaders are imported on demand
 so that the analyzer does not pull in torch until a checkpoint is named.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pagellm.model.config import ModelConfig
 from pagellm.model.presets import PRESETS, canonical_preset_name, load_preset
+from pagellm.model.zoo import ZOO, ensure_model_file
 
 
-def resolve_model(spec: str) -> ModelConfig:
-    """A ModelConfig from a config.json path, a folder, a GGUF file or a preset name."""
+def load_model_config(spec: str) -> ModelConfig:
+    """A ModelConfig from a config.json path, a folder, a GGUF file, a zoo name or a preset name."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(path)
@@ -30,6 +37,9 @@ def resolve_model(spec: str) -> ModelConfig:
         if path.suffix.lower() == ".gguf" or _is_gguf(path):
             return _from_gguf(path)
         return _from_json(path)
+    if spec in ZOO and ZOO[spec].is_installed():
+        config = _from_gguf(ensure_model_file(spec))
+        return replace(config, name=spec)
     if canonical_preset_name(spec) is not None:
         return load_preset(spec)
     raise ValueError(f"model {spec!r} is neither a file, a folder nor a preset; "
