@@ -31,6 +31,6 @@ for batch in (1, 8):
 model = llm.engine.runner.model
 for name, linear in (("qkv", model.layers[0].self_attn.qkv_proj), ("o", model.layers[0].self_attn.o_proj),
                      ("gate_up", model.layers[0].mlp.gate_up_proj), ("lm_head", model.lm_head)):
-    x = torch.randn(1, linear.in_features, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, linear.input_size, device="cuda", dtype=torch.bfloat16)
     seconds = timed(lambda: linear(x), 200)
     print(name, f"{seconds * 1e6:.1f} us", f"{linear.weight.numel() * 2 / seconds / 1e9:.0f} GB/s")

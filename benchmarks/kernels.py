@@ -36,7 +36,7 @@ import triton
 from pagellm.bench.stats import measure_copy_bandwidth
 from pagellm.kernels import triton_attention as ta
 from pagellm.kernels import triton_ops as ops
-from pagellm.kernels.attention import AttentionMetadata
+from pagellm.kernels.attention import AttentionMetadata, LayerKVCache
 from pagellm.kernels.torch_attention import paged_attention, write_kv_cache
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -241,10 +241,10 @@ class Checks:
         q = torch.randn(batch, num_heads, head_dim, dtype=dtype, device=self.device)
         backend, scale = ta.TritonAttention(), head_dim ** -0.5
         for window in (None, 1000):
-            backend.attend(q, k_cache, v_cache, static, scale, window)     # compile outside capture
+            backend.attend(q, LayerKVCache(k_cache, v_cache), static, scale, window)     # compile outside capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = backend.attend(q, k_cache, v_cache, static, scale, window)
+                out = backend.attend(q, LayerKVCache(k_cache, v_cache), static, scale, window)
             for trial in range(2):
                 lens = self.rand_lens(batch, 1, bound)
                 fresh = make_batch([1] * batch, lens, block_size, self.device, num_blocks=num_blocks, gen=self.gen)
@@ -373,7 +373,7 @@ def time_decode(pool, batch, ctx, with_ref, copy_bw, **kwargs):
         calls = [lambda m=m: ta.decode_attention(q, pool.k, pool.v, m, scale, None, out, **kwargs) for m in metas]
     else:
         backend = ta.TritonAttention()
-        calls = [lambda m=m: backend.attend(q, pool.k, pool.v, m, scale, None) for m in metas]
+        calls = [lambda m=m: backend.attend(q, LayerKVCache(pool.k, pool.v), m, scale, None) for m in metas]
     ms = bench_graph(calls)
     row = dict(batch=batch, ctx=ctx, triton_us=ms * 1e3, kv_GBps=kv_bytes / (ms * 1e-3) / 1e9,
                num_splits=kwargs.get("num_splits") or ta.num_kv_splits(batch, cfg["num_kv_heads"], ctx,

@@ -1,4 +1,10 @@
-"""The `pagellm` command line: each subsystem registers its own subcommands."""
+"""The `pagellm` command line: each subsystem registers its own subcommands.
+
+Subsystems do not import each other for the CLI's sake: where one command
+needs another subsystem's function (``pagellm memory --measure`` builds an
+engine, but the analyzer must not import the engine), this module, which
+knows them all, hands it over as a parser default once all have registered.
+"""
 from __future__ import annotations
 
 import argparse
@@ -28,8 +34,17 @@ def register_modules(subparsers: argparse._SubParsersAction, module_names: tuple
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagellm", description="Run and serve decoder-only LLMs in tight memory.")
-    register_modules(parser.add_subparsers(dest="command", required=True), _COMMAND_MODULES)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register_modules(subparsers, _COMMAND_MODULES)
+    _connect(subparsers.choices)
     return parser
+
+
+def _connect(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Give `memory` the engine's memory measurement, when both are installed."""
+    if "memory" in commands and "generate" in commands:
+        from pagellm.engine.commands import measure_memory
+        commands["memory"].set_defaults(measure_engine=measure_memory)
 
 
 def main(argv: list[str] | None = None) -> int:

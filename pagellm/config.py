@@ -1,12 +1,32 @@
-"""Engine settings, as one dataclass the CLI, the offline API and the server share."""
+"""Engine settings, as one dataclass the CLI, the offline API and the server share.
+
+``EngineConfig``'s fields are the one list of engine settings: every command
+that builds an engine (generate, chat, serve, bench) gets its flags from
+``add_engine_arguments``, which derives them from each field's type, default
+and metadata (``help``, ``choices``). A field added here is a flag everywhere
+with no other edit. Naming: ``--kebab-case``; a bool defaulting to False is a
+``store_true`` flag, one defaulting to True is a ``--no-...`` flag with a
+leading ``enable_`` dropped (``enable_prefix_caching`` -> ``--no-prefix-caching``).
+Every flag's ``dest`` is its field name, so ``EngineConfig.from_args`` is a
+plain copy.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import typing
+from dataclasses import Field, dataclass, field, fields
 
 import torch
 
+from pagellm.quant import quantization_policy
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _setting(default, help_text: str, **metadata):
+    """A field with its CLI help (and e.g. ``choices``) in its metadata."""
+    return field(default=default, metadata={"help": help_text, **metadata})
 
 
 @dataclass
@@ -15,27 +35,35 @@ class EngineConfig:
     budget for weights + activations + KV (both absolute, e.g. "20GiB", so two
     engines can share a device); ``num_kv_blocks`` overrides both."""
 
-    model: str
-    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"                # auto: cuda when available
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: str | int | None = None
-    gpu_memory: str | int | None = None
-    max_model_len: int | None = None    # default: the model's context length
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: 8192 on CUDA, 2048 on CPU
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"     # auto | torch | triton
-    enforce_eager: bool = False         # no CUDA graphs
-    random_weights: bool = False        # real shapes, random weights (benchmarks)
-    seed: int = 0
+    model: str = field(metadata={"help": "HF folder, .gguf file or built-in model name"})
+    dtype: str = _setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    quantization: str = _setting("none", "how weight matrices are stored: none (dense, in --dtype)")
+    device: str = _setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    block_size: int = _setting(16, "tokens per KV-cache block, a power of two")
+    num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (overrides --kv-cache-memory and "
+                                               "--gpu-memory)")
+    kv_cache_memory: str | int | None = _setting(None, "KV pool budget, e.g. 4GiB")
+    gpu_memory: str | int | None = _setting(None, "total budget for weights + activations + KV, e.g. 40GiB")
+    max_model_len: int | None = _setting(None, "longest prompt + output (default: the model's context length)")
+    max_num_seqs: int = _setting(256, "sequences scheduled at once")
+    max_num_batched_tokens: int | None = _setting(None, "tokens per step (default: 8192 on CUDA, 2048 on CPU)")
+    enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of prompt prefixes already computed")
+    attention_backend: str = _setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
+    enforce_eager: bool = _setting(False, "no CUDA graphs")
+    random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
+    seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """The config of a namespace parsed by a parser given ``add_engine_arguments``."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        quantization_policy(self.quantization)   # a clear error now rather than after loading
 
     @property
     def torch_device(self) -> torch.device:
@@ -56,3 +84,44 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 8192 if self.torch_device.type == "cuda" else 2048
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    """One flag per EngineConfig field; MODEL is a positional, optional when ``default_model`` is given."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in fields(EngineConfig):
+        if f.name == "model":
+            _add_model(parser, f.metadata["help"], default_model)
+        elif hints[f.name] is bool:
+            _add_switch(parser, f)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(f.name, hints[f.name]),
+                                default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"])
+
+
+def _add_model(parser: argparse.ArgumentParser, help_text: str, default_model: str | None) -> None:
+    if default_model is None:
+        parser.add_argument("model", help=help_text)
+    else:
+        parser.add_argument("model", nargs="?", default=default_model,
+                            help=help_text + (f" (default {default_model})" if default_model else ""))
+
+
+def _add_switch(parser: argparse.ArgumentParser, f: Field) -> None:
+    """False by default: ``--name`` turns it on; True by default: ``--no-name`` turns it off."""
+    if f.default:
+        parser.add_argument("--no-" + f.name.removeprefix("enable_").replace("_", "-"), dest=f.name,
+                            action="store_false", help="turn off: " + f.metadata["help"])
+    else:
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                            help=f.metadata["help"])
+
+
+def _flag_type(name: str, hint) -> type:
+    """str where a string is accepted (quantities such as '4GiB' are parsed later), else the one other type."""
+    members = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    if str in members:
+        return str
+    if len(members) != 1:
+        raise TypeError(f"EngineConfig.{name}: no CLI type for {hint}")
+    return members[0]

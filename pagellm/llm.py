@@ -9,10 +9,9 @@ from tqdm.auto import tqdm
 from pagellm.config import EngineConfig
 from pagellm.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchState
 from pagellm.engine.llm_engine import LLMEngine
+from pagellm.inputs import Prompt, apply_chat_template, as_prompt_list
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
-
-Prompt = str | list[int]
 
 
 class LLM:
@@ -53,15 +52,10 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template")
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return apply_chat_template(self.engine.tokenizer, conversation)
 
     def _submit(self, prompts, sampling_params, stream: bool = True) -> list[str]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = as_prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
@@ -84,10 +78,8 @@ class LLM:
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """Beam search for each prompt (all prompts' beams batched together)."""
         engine = self.engine
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
         eos = frozenset(engine.eos_token_ids)
-        states = [BeamSearchState(engine.tokenize(p)[1], params, eos) for p in prompts]
+        states = [BeamSearchState(engine.tokenize(p)[1], params, eos) for p in as_prompt_list(prompts)]
         while live := [s for s in states if not s.done]:
             beams = [(s, beam) for s in live for beam in s.running]
             ids = self._submit([s.prompt_token_ids + b.tokens for s, b in beams],

@@ -27,14 +27,22 @@ KV cache
     window and their pages are freed), rounded up to whole pages of
     ``block_size`` tokens. Total ``B x`` that.
 
-Activations (peak of one prefill chunk of ``T = min(prefill_chunk, B*C)``
-tokens; inference keeps no activations across layers)
-    residual stream ``T*H*a`` live throughout, plus the larger of
-    attention phase ``T*(H + 2*qh*hd + 2*kvh*hd)*a`` (normed input, Q, K, V,
-    attention output) and MLP phase ``T*(H + 3*I_g)*a`` (normed input, gate,
-    up, their product), plus the FP32 logits of the ``B`` sampled rows
-    ``B*V*4``. Without FlashAttention the score matrix
-    ``qh*T*min(C, window)*a`` joins the attention phase.
+Activations (peak of one step of ``T = min(prefill_chunk, B*C)`` tokens that
+samples ``B`` rows; inference keeps no activations across layers). Two phases
+never overlap, so the peak is the larger:
+    forward, inside a block: the residual stream ``4*T*H*a`` (the block's
+    input and residual, which its caller still holds, and the normed input
+    and new residual it makes), plus the larger of the attention phase
+    ``T*(H + 2*qh*hd + 2*kvh*hd)*a`` (Q, K, V, attention output, O
+    projection) and the MLP phase ``3*T*I_g*a`` (gate, up, their product).
+    Without FlashAttention the score matrix ``qh*T*min(C, window)*a`` joins
+    the attention phase.
+    sampling: the final hidden states ``T*H*a``, the sampled rows' ``B*H*a``
+    and their FP32 logits ``B*V*4``, plus the sampler's working set: it takes
+    ``R = sampler_chunk_rows(V)`` rows at a time and the heaviest path
+    (penalties, temperature, min-p/top-k/top-p, noise, log-probabilities)
+    holds ``SAMPLER_COPIES + CUDA_SORT_COPIES`` fp32 tensors of
+    ``min(B, R) x V`` at once.
 
 Weight bytes
 ------------
@@ -78,6 +86,13 @@ from pagellm.model.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
 LOGIT_BYTES = 4  # logits are upcast to fp32 for sampling
+# The sampler works through its rows in chunks of about this many logits (``sampler_chunk_rows``), each
+# holding at most SAMPLER_COPIES fp32 tensors of the chunk's size on its heaviest path (penalties,
+# temperature, min-p/top-k/top-p, noise, log-probabilities; tests/test_sampler counts them) plus, on
+# CUDA, CUDA_SORT_COPIES more for the sort's key/index buffers (measured on an H200).
+SAMPLER_CHUNK_ELEMENTS = 1 << 23
+SAMPLER_COPIES = 11.5
+CUDA_SORT_COPIES = 5
 
 DTYPE_BITS = {"fp32": 32, "float32": 32, "fp16": 16, "float16": 16, "half": 16,
               "bf16": 16, "bfloat16": 16}
@@ -209,14 +224,22 @@ def kv_tokens_per_sequence(config: ModelConfig, context_len: int, block_size: in
 
 def activation_bytes(config: ModelConfig, precision: Precision, tokens: int, batch_size: int,
                      context_len: int, tp: int = 1, flash_attention: bool = True) -> float:
-    """Peak activation bytes on one GPU while a chunk of ``tokens`` goes through a block."""
+    """Peak activation bytes on one GPU of a step of ``tokens`` tokens that samples ``batch_size`` rows."""
     s = shard(config, tp)
     h, hd, a = config.hidden_size, config.head_dim, precision.a_bytes
-    residual = tokens * h * a
+    stream = 4 * tokens * h * a
     attn = tokens * (h + 2 * s.q_heads * hd + 2 * s.kv_heads * hd) * a
     if not flash_attention:
         keys = min(context_len, config.sliding_window or context_len)
         attn += s.q_heads * tokens * keys * a
-    mlp = tokens * (h + 3 * s.intermediate) * a
-    logits = batch_size * config.vocab_size * LOGIT_BYTES
-    return residual + max(attn, mlp) + logits
+    mlp = 3 * tokens * s.intermediate * a
+    v = config.vocab_size
+    chunk = min(batch_size, sampler_chunk_rows(v))
+    sampling = (tokens * h * a + batch_size * (h * a + v * LOGIT_BYTES)
+                + (SAMPLER_COPIES + CUDA_SORT_COPIES) * chunk * v * LOGIT_BYTES)
+    return max(stream + max(attn, mlp), sampling)
+
+
+def sampler_chunk_rows(vocab_size: int) -> int:
+    """Rows the sampler takes at once: about SAMPLER_CHUNK_ELEMENTS logits."""
+    return max(1, SAMPLER_CHUNK_ELEMENTS // vocab_size)

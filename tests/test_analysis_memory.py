@@ -5,8 +5,8 @@ import pytest
 
 from pagellm.analysis.memory import MemoryOptions, advise, fit, max_batch, memory_breakdown
 from pagellm.model.config import ModelConfig
-from pagellm.sizing import (Precision, activation_bytes, kv_bytes_per_token, kv_tokens_per_sequence, shard,
-                            weights_bytes)
+from pagellm.sizing import (CUDA_SORT_COPIES, SAMPLER_COPIES, Precision, activation_bytes, kv_bytes_per_token,
+                            kv_tokens_per_sequence, shard, weights_bytes)
 from pagellm.model.presets import load_preset
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -107,14 +107,19 @@ def test_tied_embeddings_counted_once():
 
 def test_activation_peak_closed_form(llama7):
     t, h, i = 2048, 4096, 11008
-    residual = t * h * 2
-    attn = t * (h + 2 * h + 2 * h) * 2                    # normed x, Q, K, V, attention out
-    mlp = t * (h + 3 * i) * 2                             # normed x, gate, up, product
-    logits = 1 * 32000 * 4
-    assert activation_bytes(llama7, Precision(), t, 1, 2048) == residual + max(attn, mlp) + logits
+    stream = 4 * t * h * 2                                # block input + residual, normed x + new residual
+    attn = t * (2 * h + 2 * h + h) * 2                    # Q, K, V, attention out, O projection
+    mlp = 3 * t * i * 2                                   # gate, up, product
+    assert activation_bytes(llama7, Precision(), t, 1, 2048) == stream + max(attn, mlp)
     # Unfused attention adds the score matrix: heads x T x keys.
     unfused = activation_bytes(llama7, Precision(), t, 1, 2048, flash_attention=False)
-    assert unfused == residual + max(attn + 32 * t * 2048 * 2, mlp) + logits
+    assert unfused == stream + max(attn + 32 * t * 2048 * 2, mlp)
+    # Sampling many rows outweighs a short forward: hidden states, sampled rows, fp32 logits, and the
+    # sampler's working copies of the logits of the rows it takes at once (2^23 // 32000 = 262).
+    sampled = activation_bytes(llama7, Precision(), 64, 64, 2048)
+    assert sampled == 64 * h * 2 + 64 * (h * 2 + 32000 * 4) + (SAMPLER_COPIES + CUDA_SORT_COPIES) * 64 * 32000 * 4
+    many = activation_bytes(llama7, Precision(), 64, 1000, 2048)
+    assert many == 64 * h * 2 + 1000 * (h * 2 + 32000 * 4) + (SAMPLER_COPIES + CUDA_SORT_COPIES) * 262 * 32000 * 4
 
 
 def test_breakdown_total_is_sum(llama7):
@@ -129,12 +134,14 @@ def test_breakdown_total_is_sum(llama7):
 def test_fit_closed_form(llama7):
     mem = 80 * GiB
     weights = 2 * LLAMA2_7B_PARAMS
-    act = 2048 * 4096 * 2 + 2048 * (4096 + 3 * 11008) * 2          # full prefill chunk, MLP phase peak
-    per_seq = 2048 * 512 * KiB + 32000 * 4                           # KV of one sequence + its logits
+    act = 4 * 2048 * 4096 * 2 + 3 * 2048 * 11008 * 2               # full prefill chunk, MLP phase peak
+    sampling_66 = 2048 * 4096 * 2 + 66 * (4096 * 2 + 32000 * 4 * (1 + SAMPLER_COPIES + CUDA_SORT_COPIES))
+    assert sampling_66 < act                                         # the forward is the peak at these batches
+    per_seq = 2048 * 512 * KiB                                       # KV of one sequence
     report = fit(llama7, mem, 1, 2048)
     assert report.fits
     assert report.max_batch == (mem - weights - GiB - act) // per_seq == 66
-    pages = (mem - weights - GiB - act - 32000 * 4) // (16 * 512 * KiB)
+    pages = (mem - weights - GiB - act) // (16 * 512 * KiB)
     assert report.max_context_by_memory == pages * 16
     assert report.max_context == 4096 and report.max_context_limited_by == "model"
 

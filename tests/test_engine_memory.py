@@ -9,7 +9,14 @@ from transformers import AutoModelForCausalLM
 
 from pagellm import LLM, SamplingParams
 from pagellm.cli import main
+from pagellm.engine.kv_cache import KVCacheSpec
 from pagellm.model.checkpoint import open_checkpoint
+from pagellm.model.layers import LayerFactory
+from pagellm.model.llama import LlamaForCausalLM
+from pagellm.model.model_spec import load_model_config
+from pagellm.model.presets import preset_names
+from pagellm.model.zoo import ZOO
+from pagellm.sizing import Precision, kv_bytes_per_token, weights_bytes
 from test_engine_parity import hf_greedy
 from tiny_models import make_tiny_hf_model
 
@@ -62,3 +69,26 @@ def test_sliding_window_gives_back_blocks_behind_the_window(tmp_path):
     assert engine.block_manager.num_used_blocks == 0
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert tokens == hf_greedy(hf, prompt, 60)
+
+
+@pytest.mark.parametrize("name", preset_names() + [n for n in ZOO if ZOO[n].is_installed()])
+def test_engine_layout_matches_the_analyzer_for_every_preset_and_zoo_model(name):
+    """The model the engine builds (on the meta device: no memory) holds the
+    analyzer's weight bytes, and its KV cache the analyzer's bytes per token."""
+    config = load_model_config(name)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, LayerFactory(torch.bfloat16))
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert held == pytest.approx(weights_bytes(config, Precision()), rel=0.01)
+    assert KVCacheSpec.for_model(config, torch.bfloat16, 16).bytes_per_token == kv_bytes_per_token(config, Precision())
+
+
+def test_memory_measure_agrees_on_the_default_model(qwen_gguf, capsys):
+    """`pagellm memory qwen2.5-coder-0.5b --measure`: the real GGUF's untied LM head on both sides."""
+    assert main(["memory", "qwen2.5-coder-0.5b", "--context-len", "1024", "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    predicted, measured = out["memory"], out["measured"]
+    assert measured["weights_bytes"] == pytest.approx(predicted["weights_bytes"], rel=0.01)
+    assert measured["kv_bytes_per_token"] == predicted["kv_bytes_per_token"]
+    assert measured["kv_cache_bytes"] == predicted["kv_bytes"]
+    assert measured["activation_bytes"] == pytest.approx(predicted["activation_bytes"], rel=0.10)

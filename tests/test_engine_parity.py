@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 from pagellm import LLM, SamplingParams
 from pagellm.engine.scheduler import ScheduledBatch
 from pagellm.engine.sequence import Sequence
+from pagellm.engine.step import build_step_input
+from pagellm.model.context import ForwardContext
 from tiny_models import make_tiny_hf_model
 
 ARCHS = {
@@ -72,9 +74,10 @@ def test_prefill_logits_match_hf(model_dir):
     engine.block_manager.allocate(seq, len(prompt))
     batch = ScheduledBatch()
     batch.add(seq, len(prompt))
-    input_ids, positions, meta, _, _ = engine.runner.prepare(batch)
+    runner = engine.runner
+    input_ids, positions, meta = runner.prepare(build_step_input(batch, engine.config.block_size, []))
     with torch.inference_mode():
-        hidden = engine.runner.model(input_ids, positions, engine.runner.kv_cache, meta, engine.runner.backend)
-        logits = engine.runner.model.compute_logits(hidden)
+        hidden = runner.model(input_ids, positions, ForwardContext(meta, runner.kv_cache.layers, runner.backend))
+        logits = runner.model.compute_logits(hidden)
         expected = reference(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
+from pagellm.kernels.attention import AttentionMetadata, LayerKVCache, get_attention_backend
 from pagellm.kernels.torch_attention import TorchAttention, paged_attention, write_kv_cache
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pagellm"
@@ -166,9 +166,10 @@ def test_write_then_attend_round_trip():
     padding = torch.randn(2, num_kv_heads, head_dim, generator=gen, dtype=torch.float64)
     slots = torch.cat([meta.slot_mapping, torch.tensor([-1, -1])])
     backend = TorchAttention()
-    backend.write_kv(torch.cat([k_new, padding]), torch.cat([v_new, padding]), k_cache, v_cache, slots)
+    cache = LayerKVCache(k_cache, v_cache)
+    backend.write_kv(torch.cat([k_new, padding]), torch.cat([v_new, padding]), cache, slots)
     assert torch.equal(k_cache, k_full) and torch.equal(v_cache, v_full)
-    out = backend.attend(q, k_cache, v_cache, meta, head_dim ** -0.5, None)
+    out = backend.attend(q, cache, meta, head_dim ** -0.5, None)
     torch.testing.assert_close(out, naive_attention(q, k_full, v_full, meta, head_dim ** -0.5, None))
 
 

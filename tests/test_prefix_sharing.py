@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from pagellm import LLM, SamplingParams
 from pagellm.engine.beam_search import BeamSearchParams
+from pagellm.utils.math import cdiv
 from tiny_models import make_tiny_hf_model
 
 
@@ -70,7 +71,7 @@ def test_parallel_samples_share_prompt_blocks(model_dir):
     llm = LLM(str(model_dir), dtype="float32", block_size=block, num_kv_blocks=400, enable_prefix_caching=False)
     params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=5, ignore_eos=True)
     (shared,), peak_shared = run_with_peak_blocks(llm, [prompt], params)
-    prompt_blocks, generated_blocks = 512 // block, -(-max_tokens // block)
+    prompt_blocks, generated_blocks = 512 // block, cdiv(max_tokens, block)
     assert peak_shared <= prompt_blocks + n * (generated_blocks + 1)
     assert len({tuple(o.token_ids) for o in shared.outputs}) == n
 

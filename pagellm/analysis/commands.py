@@ -12,15 +12,18 @@ import argparse
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from pagellm.analysis.hardware import Hardware, custom_hardware, get_hardware, hardware_names, override
 from pagellm.analysis.memory import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL_CHUNK, Advice, FitReport,
                                      MemoryBreakdown, MemoryOptions, advise, fit, memory_breakdown)
-from pagellm.model.model_spec import load_model_config
-from pagellm.sizing import Precision, dtype_bits, shard
 from pagellm.analysis.roofline import RooflineReport, StageReport, analyze, model_summary
 from pagellm.model.config import ModelConfig
+from pagellm.model.model_spec import load_model_config
+from pagellm.model.zoo import ZOO
+from pagellm.sizing import Precision, dtype_bits, shard
+from pagellm.utils.math import cdiv
 from pagellm.utils.units import format_bytes, parse_quantity
 
 DEFAULT_HARDWARE = "H100-SXM"
@@ -69,7 +72,7 @@ def _register_memory(subparsers) -> None:
     p.add_argument("--measure", action="store_true",
                    help="also build the engine with these settings (random weights for a preset) and show "
                         "its own measured breakdown beside the prediction")
-    p.set_defaults(func=run_memory)
+    p.set_defaults(func=run_memory, measure_engine=None)   # pagellm.cli sets the engine's
 
 
 def _register_roofline(subparsers) -> None:
@@ -205,7 +208,12 @@ def run_memory(args: argparse.Namespace) -> int:
     notes = _gguf_note(config, args.w_bits is not None)
     if args.context_len > config.max_position_embeddings:
         notes.append(f"context {args.context_len} exceeds the model's {config.max_position_embeddings} positions")
-    measured = measure_engine(args, breakdown) if args.measure else None
+    measured = _measure(args, breakdown) if args.measure else None
+    if measured is not None and not measured.fused_attention:   # compare like with like
+        breakdown = memory_breakdown(config, args.batch_size, args.context_len, precision, opts.tp, opts.block_size,
+                                     opts.prefill_chunk, opts.workspace_bytes, flash_attention=False)
+        notes.append("the engine's attention backend here (the torch reference) materialises the score "
+                     "matrix, so the activations are predicted without FlashAttention")
     if args.json:
         result = memory_json(config, hardware, breakdown, fit_report, advice, notes)
         print(json.dumps(result | ({"measured": measured.to_dict()} if measured else {}), indent=2))
@@ -216,23 +224,26 @@ def run_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_engine(args: argparse.Namespace, b: MemoryBreakdown):
-    """The engine's own memory report for the same model, batch, context and dtype."""
-    from pathlib import Path
-
-    from pagellm.config import EngineConfig
-    from pagellm.engine.llm_engine import LLMEngine
-    from pagellm.model.zoo import ZOO
-
+def _measure(args: argparse.Namespace, b: MemoryBreakdown):
+    """The engine's own memory report for the same model, batch, context and dtype, from
+    ``args.measure_engine`` (EngineConfig fields -> the engine's ``MemoryReport``), which
+    ``pagellm.cli`` hands over: the analyzer never imports the engine."""
     if b.precision.w_bits < 16 or b.precision.kv_bits < 16 or args.tp != 1:
         raise ValueError("--measure runs the unquantized engine on one device: drop --w-bits/--kv-bits/--tp")
-    blocks = args.batch_size * -(-b.kv_tokens_per_sequence // args.block_size)
-    engine = LLMEngine(EngineConfig(
-        model=args.model, dtype={16: "bfloat16" if args.dtype == "bf16" else "float16", 32: "float32"}[
-            b.precision.base_bits], block_size=args.block_size, num_kv_blocks=blocks,
-        max_model_len=args.context_len, max_num_seqs=args.batch_size, max_num_batched_tokens=args.prefill_chunk,
-        random_weights=not (Path(args.model).exists() or args.model in ZOO)))
-    return engine.runner.memory
+    if args.measure_engine is None:
+        raise ValueError("--measure needs the engine (pagellm.engine), which this installation lacks")
+    return args.measure_engine(**_engine_settings(args, b))
+
+
+def _engine_settings(args: argparse.Namespace, b: MemoryBreakdown) -> dict[str, Any]:
+    """EngineConfig fields matching the prediction: its dtype (the engine takes the same names),
+    batch, context and prefill chunk, and a KV pool of exactly the predicted blocks. A model that
+    is not on disk (a preset, or a zoo model whose packages are not installed) gets random weights."""
+    on_disk = Path(args.model).exists() or (args.model in ZOO and ZOO[args.model].is_installed())
+    return dict(model=args.model, dtype=args.dtype.lower(), block_size=args.block_size,
+                num_kv_blocks=args.batch_size * cdiv(b.kv_tokens_per_sequence, args.block_size),
+                max_model_len=args.context_len, max_num_seqs=args.batch_size,
+                max_num_batched_tokens=args.prefill_chunk, random_weights=not on_disk)
 
 
 def _render_measured(b: MemoryBreakdown, m) -> None:

@@ -17,7 +17,8 @@ between steps runs off the clock when the step ended synchronised (the
 sampler's ``.tolist()``), since the device is idle then. ``--compare hf`` runs
 transformers on the same shapes and requests (``hf_baseline``) after the
 engine is freed; ``--random-model NAME`` (a preset, or an HF folder whose
-config is used) needs no checkpoint. The roofline prediction of
+config is used) needs no checkpoint; ``--seed`` (the engine's) seeds the
+random weights and the prompts. The roofline prediction of
 ``pagellm.analysis`` is printed beside the measurement (``--hardware``, or the
 preset matching the CUDA device; ``--bandwidth``/``--flops`` on other
 devices). ``--json PATH`` writes everything.
@@ -28,7 +29,6 @@ import argparse
 import logging
 import random
 import statistics
-from dataclasses import replace
 
 import torch
 
@@ -38,9 +38,9 @@ from pagellm.bench.runner import (Run, decode_bandwidth_of, delta, device_info, 
                                   free_device_memory, measure_peaks, peak_memory, random_prompts, reset_peak_memory,
                                   run_requests, runner_info, scheduler_stats)
 from pagellm.bench.stats import distribution_ms, prefill_flops, summarize_kv
-from pagellm.config import EngineConfig
-from pagellm.engine.commands import add_engine_arguments, engine_config_from_args
+from pagellm.config import EngineConfig, add_engine_arguments
 from pagellm.engine.llm_engine import LLMEngine
+from pagellm.utils.math import cdiv
 
 logger = logging.getLogger("pagellm")
 
@@ -65,7 +65,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser, default_model="")
     parser.add_argument("--random-model", metavar="NAME",
                         help="random weights of a preset's shape (e.g. llama-3-8b) or of an HF folder's config")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the prompts and the random weights")
     parser.add_argument("--json", metavar="PATH", help="write every number here")
     parser.add_argument("--compare", choices=["hf"], help="also run HF transformers on the same requests")
     parser.add_argument("--hardware", help="roofline hardware preset (default: matched from the CUDA device name)")
@@ -110,17 +109,14 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 # ---------------------------------------------------------------- engine
 
-def _engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.random_model and args.model:
         raise ValueError("give MODEL or --random-model, not both")
     if args.random_model:
         args.model, args.random_weights = args.random_model, True
     if not args.model:
         raise ValueError("name a model: MODEL (checkpoint) or --random-model NAME")
-    if args.max_num_seqs is None:
-        args.max_num_seqs = 256
-    config = replace(engine_config_from_args(args), seed=args.seed)
-    return replace(config, **overrides) if overrides else config
+    return EngineConfig.from_args(args)
 
 
 # ---------------------------------------------------------------- throughput
@@ -133,7 +129,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     device, dtype = config.torch_device, config.torch_dtype
     dev = device_info(device)
     peaks = measure_peaks(device, dtype, matmul=device.type == "cuda")
-    rng = random.Random(args.seed)
+    rng = random.Random(config.seed)
     (in_lo, in_hi), (out_lo, out_hi) = args.input_len, args.output_len
     input_lens = [rng.randint(in_lo, in_hi) for _ in range(args.num_prompts)]
     output_lens = [rng.randint(out_lo, out_hi) for _ in range(args.num_prompts)]
@@ -193,7 +189,7 @@ def _throughput_engine_phase(args, config, device, peaks, rng, input_lens, outpu
     warm = min(args.warmup_requests, args.num_prompts)
     if warm:
         warm_lens = [max(input_lens)] + [min(input_lens)] * (warm - 1)
-        run_requests(engine, random_prompts(random.Random(args.seed + 1), vocab, warm_lens),
+        run_requests(engine, random_prompts(random.Random(config.seed + 1), vocab, warm_lens),
                      [SamplingParams(max_tokens=min(8, max(output_lens)), temperature=0.0, ignore_eos=True)] * warm,
                       "warmup", record_kv=False)
     before = scheduler_stats(engine)
@@ -218,7 +214,7 @@ def _throughput_engine_phase(args, config, device, peaks, rng, input_lens, outpu
     bw = decode_bandwidth_of(engine, run.steps, peaks)
     hw = roofline_hardware(args, device_info(device))
     batch = min(len(prompts), config.max_num_seqs)
-    waves = -(-len(prompts) // batch)
+    waves = cdiv(len(prompts), batch)
     mean_in = round(statistics.fmean(input_lens))
     mean_out = max(1, round(statistics.fmean(output_lens)))
     predictions = []
@@ -298,7 +294,7 @@ def _latency_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
         raise ValueError(f"input + output length {args.input_len + args.output_len} is over max_model_len "
                          f"{engine.max_model_len}")
     vocab = engine.model_config.vocab_size
-    rng = random.Random(args.seed)
+    rng = random.Random(config.seed)
     params = [SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)] * args.batch_size
     for i in range(args.warmup_iters):
         run_requests(engine, random_prompts(rng, vocab, [args.input_len] * args.batch_size), params,
@@ -381,7 +377,7 @@ def run_prefill(args: argparse.Namespace) -> int:
 def _prefill_engine_phase(args, config, device, peaks, SamplingParams) -> dict:
     engine = LLMEngine(config)
     vocab = engine.model_config.vocab_size
-    rng = random.Random(args.seed)
+    rng = random.Random(config.seed)
     params = [SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)] * args.batch_size
     tokens = args.batch_size * args.input_len
     times, batches = [], []

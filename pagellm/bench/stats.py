@@ -65,18 +65,15 @@ class StepRecord:
 
 
 class StepRecorder:
-    """Wraps ``engine.scheduler.schedule`` on the instance (no engine change) to
-    see each step's batch; ``close()`` puts the original back."""
+    """A step observer (``LLMEngine.add_observer``) that notes each step's
+    batch shape; ``close()`` detaches it."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.scheduler = engine.scheduler
-        self._original = self.scheduler.schedule
         self.last: tuple[int, int, bool, int] | None = None
-        self.scheduler.schedule = self._schedule
+        engine.add_observer(self)
 
-    def _schedule(self):
-        batch = self._original()
+    def on_schedule(self, batch) -> None:
         decode_only = bool(batch.seqs)
         kv_read = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -85,15 +82,16 @@ class StepRecorder:
                 break
             kv_read += seq.num_computed_tokens + 1
         self.last = (len(batch.seqs), batch.num_tokens, decode_only, kv_read if decode_only else 0)
-        return batch
+
+    def on_step(self, batch, outputs) -> None:
+        pass
 
     def take(self) -> tuple[int, int, bool, int]:
         last, self.last = self.last, None
         return last or (0, 0, False, 0)
 
     def close(self) -> None:
-        if self.scheduler.__dict__.get("schedule") is self._schedule:
-            del self.scheduler.schedule
+        self.engine.remove_observer(self)
 
 
 def kv_occupancy(engine) -> tuple[int, int, int]:

@@ -15,8 +15,8 @@ first copies (copy-on-write): a block is never overwritten while another
 sequence holds it.
 
 With a sliding window, blocks a sequence can never attend to again are given
-back as it advances; their places in its block table point at a null block
-(one extra block past the pool, ``null_block``) that attention never reads.
+back as it advances; their places in its block table point at the KV cache's
+null block (``kv_cache.py`` says which id), never allocated and never read.
 """
 from __future__ import annotations
 
@@ -24,10 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pagellm.engine.sequence import Sequence
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from pagellm.utils.math import cdiv
 
 
 @dataclass
@@ -42,15 +39,17 @@ class PrefixCacheStats:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, null_block: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
+        if sliding_window and null_block is None:
+            raise ValueError("a sliding window needs the KV cache's null block")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.sliding_window = sliding_window
-        self.null_block = num_blocks if sliding_window else -1   # never allocated, never counted
-        physical = num_blocks + (1 if sliding_window else 0)
+        self.null_block = -1 if null_block is None else null_block   # never allocated, never counted
+        physical = max(num_blocks, self.null_block + 1)
         self.ref_counts = [0] * physical
         self.block_hash: list[int | None] = [None] * physical
         self.cached_blocks: dict[int, int] = {}  # hash -> block id

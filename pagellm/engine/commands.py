@@ -1,43 +1,19 @@
-"""`pagellm generate` and `pagellm chat`."""
+"""`pagellm generate` and `pagellm chat`, and the engine's side of `pagellm memory --measure`.
+
+``--seed`` is the engine's: it seeds the random weights and the per-request
+sampling seeds, so the same ``--seed`` gives the same output.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from pagellm.config import EngineConfig
+from pagellm.config import EngineConfig, add_engine_arguments
 
-
-def add_engine_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    """Arguments shared by every command that builds an engine."""
-    if default_model is None:
-        parser.add_argument("model", help="HF folder, .gguf file or built-in model name")
-    else:
-        parser.add_argument("model", nargs="?", default=default_model,
-                            help=f"HF folder, .gguf file or built-in model name (default {default_model})")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int)
-    parser.add_argument("--kv-cache-memory", help="KV pool budget, e.g. 4GiB")
-    parser.add_argument("--gpu-memory", help="total budget for weights + activations + KV, e.g. 40GiB")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--random-weights", action="store_true", help="MODEL names a preset; random weights")
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory, gpu_memory=args.gpu_memory,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        random_weights=args.random_weights)
+if TYPE_CHECKING:
+    from pagellm.engine.memory import MemoryReport
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -45,14 +21,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def sampling_params_from_args(args: argparse.Namespace):
     from pagellm.sampling_params import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=args.stop)
+                          top_k=args.top_k, stop=args.stop)
+
+
+def measure_memory(**settings) -> MemoryReport:
+    """The memory report of an engine built with these EngineConfig fields."""
+    from pagellm.engine.llm_engine import LLMEngine
+    return LLMEngine(EngineConfig(**settings)).memory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _make_llm(args: argparse.Namespace):
     from pagellm.llm import LLM
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return LLM(engine_config_from_args(args))
+    return LLM(EngineConfig.from_args(args))
 
 
 def run_generate(args: argparse.Namespace) -> int:

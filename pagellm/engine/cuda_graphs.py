@@ -13,7 +13,9 @@ import time
 
 import torch
 
+from pagellm.engine.kv_cache import KVCache
 from pagellm.kernels.attention import AttentionBackend, AttentionMetadata
+from pagellm.model.context import ForwardContext
 from pagellm.model.llama import LlamaForCausalLM
 
 
@@ -23,9 +25,9 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_cache: torch.Tensor,
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_cache: KVCache,
                  max_batch: int, max_blocks_per_seq: int, max_seq_len: int) -> None:
-        device = kv_cache.device
+        device = kv_cache.pool.device
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
         self.max_seq_len = max_seq_len
         self.sizes = graph_batch_sizes(max_batch)
@@ -46,8 +48,8 @@ class DecodeGraphs:
                                  self.slot_mapping[:batch], max_query_len=1, max_seq_len=self.max_seq_len)
 
     def _forward(self, batch: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.kv_cache, self._meta(batch),
-                            self.backend)
+        ctx = ForwardContext(self._meta(batch), self.kv_cache.layers, self.backend)
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], ctx)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -63,8 +65,9 @@ class DecodeGraphs:
             self.graphs[batch] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, num_seqs: int, max_query_len: int, max_blocks: int) -> bool:
-        return max_query_len == 1 and num_seqs <= self.sizes[-1] and max_blocks <= self.block_tables.shape[1]
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return (meta.max_query_len == 1 and meta.num_seqs <= self.sizes[-1]
+                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Logits ``[num_seqs, vocab]`` of a decode-only batch."""

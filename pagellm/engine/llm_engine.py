@@ -1,9 +1,12 @@
 """The step loop: requests in, one scheduled model step at a time, outputs out.
 
-``add_request`` validates and queues; ``step`` schedules, runs the model,
+``add_request`` validates and queues; ``step`` schedules, turns the batch into
+a ``StepInput`` (``step.py``), has the worker (``ModelRunner``) run it,
 appends the sampled tokens, detokenizes, applies stop conditions and frees
 finished sequences; it returns a RequestOutput for every request that changed.
-The offline ``LLM`` and the HTTP server both drive this one loop.
+The offline ``LLM`` and the HTTP server both drive this one loop. Step
+observers (``add_observer``) see every scheduled batch and every step's
+outputs; the benchmarks record per-step figures through them.
 """
 from __future__ import annotations
 
@@ -12,15 +15,19 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from pagellm.config import EngineConfig
-from pagellm.engine.block_manager import BlockManager, cdiv
+from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.detokenizer import IncrementalDetokenizer
-from pagellm.engine.model_runner import ModelRunner, build_model
-from pagellm.engine.scheduler import Scheduler, SchedulerConfig
+from pagellm.engine.model_runner import ModelRunner
+from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
+from pagellm.engine.step import StepOutput, build_step_input, profile_step_input
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagellm.quant import quantization_policy
 from pagellm.sampling_params import SamplingParams
+from pagellm.utils.math import cdiv
 
 logger = logging.getLogger("pagellm")
 
@@ -44,21 +51,34 @@ class RequestState:
         return all(s.finished for s in self.seqs)
 
 
+class StepObserver(Protocol):
+    """Sees each step from outside the engine (benchmarks, tracing)."""
+
+    def on_schedule(self, batch: ScheduledBatch) -> None:
+        """After scheduling, before the model runs (``batch`` may be empty)."""
+
+    def on_step(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> None:
+        """After the step's tokens were appended and its outputs made."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        model, self.tokenizer = self._load(config)
-        loaded = time.perf_counter()
-        self.model_config = model.config
+        self.model_config, weights, self.tokenizer = self._open(config)
         positions = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > positions:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
         self.max_model_len = config.max_model_len or positions
-        self.runner = ModelRunner(config, model, self.max_model_len)
+        self.runner = ModelRunner(config, self.model_config, weights, self.max_model_len,
+                                  quantization_policy(config.quantization))
+        loaded = time.perf_counter()
+        profile = profile_step_input(config.batched_tokens, config.max_num_seqs, self.max_model_len,
+                                     config.block_size)
+        num_blocks = self.runner.allocate_kv_cache(*self.runner.profile_activations(profile))
         self.memory = self.runner.memory
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          self.model_config.sliding_window)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.model_config.sliding_window, self.runner.kv_cache.null_block)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
                                    self.block_manager)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -67,6 +87,8 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._seed_source = random.Random(config.seed)
+        self.observers: list[StepObserver] = []
+        self._pin_memory = self.runner.device.type == "cuda"
         # Start-up beyond reading weights: activation profile, KV pool, CUDA graph capture.
         self.startup_seconds = {"load_weights": loaded - start, "ready_after_load": time.perf_counter() - loaded}
         logger.info(self.runner.memory.summary())
@@ -74,16 +96,17 @@ class LLMEngine:
                     f"({self.startup_seconds['load_weights']:.1f} s)")
 
     @staticmethod
-    def _load(config: EngineConfig):
+    def _open(config: EngineConfig):
+        """(model config, weight stream, tokenizer or None) of ``config.model``."""
         if config.random_weights:   # a preset name, config.json, HF folder or GGUF file gives the shapes
+            from pagellm.model.builder import random_weights
             from pagellm.model.model_spec import load_model_config
             model_config = load_model_config(config.model)
-            return build_model(model_config, config.torch_dtype, config.torch_device, None, seed=config.seed), None
+            return model_config, random_weights(model_config, config.torch_dtype, config.torch_device,
+                                                config.seed), None
         from pagellm.model.checkpoint import open_checkpoint
         checkpoint = open_checkpoint(config.model)
-        model = build_model(checkpoint.config, config.torch_dtype, config.torch_device, checkpoint.tensors(),
-                            checkpoint.num_tensors(), seed=config.seed)
-        return model, checkpoint.load_tokenizer()
+        return checkpoint.config, checkpoint.tensors(), checkpoint.load_tokenizer()
 
     # ---- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -153,35 +176,50 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def add_observer(self, observer: StepObserver) -> None:
+        self.observers.append(observer)
+
+    def remove_observer(self, observer: StepObserver) -> None:
+        self.observers.remove(observer)
+
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        for observer in self.observers:
+            observer.on_schedule(batch)
         if not batch:
             return []
-        self.runner.copy_blocks(self.block_manager.take_pending_copies())
-        sampled, draws = self.runner.execute(batch)
+        step = build_step_input(batch, self.config.block_size, self.block_manager.take_pending_copies(),
+                                pin_memory=self._pin_memory)
+        result = self.runner.execute(step)
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         changed: dict[str, RequestState] = {}
-        for row, seq in enumerate(sampled):
-            state = self.requests[seq.request_id]
-            self._append(state, seq, row, draws, now)
-            changed[state.request_id] = state
+        for index, seq in enumerate(batch.seqs):
+            if result.token_ids[index]:
+                state = self.requests[seq.request_id]
+                self._append(state, seq, result, index, now)
+                changed[state.request_id] = state
         for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks
             if not seq.finished:
                 self.block_manager.free_outside_window(seq)
-        return [self._finish_or_report(state, now) for state in changed.values() if state.stream or state.finished]
+        outputs = [self._finish_or_report(state, now) for state in changed.values() if state.stream or state.finished]
+        for observer in self.observers:
+            observer.on_step(batch, outputs)
+        return outputs
 
-    def _append(self, state: RequestState, seq: Sequence, row: int, draws, now: float) -> None:
-        token = draws.token_ids[row]
+    def _append(self, state: RequestState, seq: Sequence, result: StepOutput, index: int, now: float) -> None:
+        """Append the one token ``seq`` sampled this step."""
+        token = result.token_ids[index][0]
         seq.append_token(token)
         if state.unforked:
             self._fork_samples(state, seq)
         if state.params.logprobs is not None:
-            seq.cumulative_logprob += draws.logprobs[row]
-            top = draws.top_logprobs[row][:state.params.logprobs] if draws.top_logprobs else []
-            seq.logprobs.append(self._logprob_entry(token, draws.logprobs[row], top))
+            logprob = result.logprobs[index][0]
+            seq.cumulative_logprob += logprob
+            top = result.top_logprobs[index][0][:state.params.logprobs] if result.top_logprobs else []
+            seq.logprobs.append(self._logprob_entry(token, logprob, top))
         if state.first_token_time is None:
             state.first_token_time = now
         detokenizer = state.detokenizers[seq.sample_index]

@@ -21,15 +21,13 @@ def precision_of(dtype: torch.dtype) -> Precision:
     return Precision(w_bits=bits, a_bits=bits, kv_bits=bits, base_bits=32 if bits == 32 else 16)
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    return int(sizing.kv_bytes_per_token(config, precision_of(dtype)))
-
-
-def estimated_activation_bytes(config: ModelConfig, num_tokens: int, max_num_seqs: int, max_model_len: int,
+def estimated_activation_bytes(config: ModelConfig, num_tokens: int, num_sampled: int, max_model_len: int,
                                dtype: torch.dtype, fused_attention: bool) -> int:
-    """The closed-form activation peak (``pagellm.sizing``), used where it can't be measured (CPU)."""
-    return int(sizing.activation_bytes(config, precision_of(dtype), num_tokens, max_num_seqs,
-                                                max_model_len, flash_attention=fused_attention))
+    """The closed-form activation peak (``pagellm.sizing``) of a step of
+    ``num_tokens`` tokens sampling ``num_sampled`` rows, used where it can't be
+    measured (CPU)."""
+    return int(sizing.activation_bytes(config, precision_of(dtype), num_tokens, num_sampled, max_model_len,
+                                       flash_attention=fused_attention))
 
 
 @dataclass
@@ -42,6 +40,7 @@ class MemoryReport:
     block_size: int
     max_model_len: int
     activation_measured: bool
+    fused_attention: bool       # the attention backend never materialises the score matrix
 
     @property
     def kv_tokens(self) -> int:

@@ -8,21 +8,30 @@ the batch, after preemption and recomputation, and on any device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from pagellm.engine.sequence import Sequence
+from pagellm.sampling_params import SamplingParams
+from pagellm import sizing
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
 
 @dataclass
+class SamplingMetadata:
+    """What the sampler needs per logits row, as plain values (it travels in the ``StepInput``)."""
+    params: list[SamplingParams]
+    row_keys: list[tuple[int, int]]                   # noise keys (``row_keys``); [] when all rows are greedy
+    prompt_token_ids: list[list[int]] | None = None   # only when some row has a penalty
+    output_token_ids: list[list[int]] | None = None
+
+
+@dataclass
 class SamplingTensors:
     """Per-row settings as device tensors; only what the batch needs is built
     (an all-greedy batch without penalties or logprobs needs none)."""
-    seqs: list[Sequence]
     all_greedy: bool
     needs_filtering: bool
     needs_penalties: bool
@@ -36,23 +45,24 @@ class SamplingTensors:
     repetition_penalty: torch.Tensor | None = None  # [N] fp32
     presence_penalty: torch.Tensor | None = None    # [N] fp32
     frequency_penalty: torch.Tensor | None = None   # [N] fp32
+    prompt_token_ids: list[list[int]] | None = None   # the rows' histories, when penalties need them
+    output_token_ids: list[list[int]] | None = None
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingTensors":
-        params = [s.params for s in seqs]
+    def from_metadata(cls, meta: SamplingMetadata, vocab_size: int, device: torch.device) -> "SamplingTensors":
+        params = meta.params
 
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        t = cls(seqs=seqs, all_greedy=all(p.greedy for p in params),
+        t = cls(all_greedy=all(p.greedy for p in params),
                 needs_filtering=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
-                needs_penalties=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
-                                    for p in params),
+                needs_penalties=any(p.has_penalties for p in params),
                 wants_logprobs=any(p.logprobs is not None for p in params),
                 max_logprobs=max((p.logprobs or 0) for p in params))
         if not t.all_greedy:
             t.temperature = tensor([p.temperature for p in params])
-            t.row_keys = tensor([_row_keys(s) for s in seqs], torch.int64)
+            t.row_keys = tensor(meta.row_keys, torch.int64)
         if not t.all_greedy and t.needs_filtering:
             t.top_k = tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
             t.top_p = tensor([p.top_p for p in params])
@@ -61,12 +71,34 @@ class SamplingTensors:
             t.repetition_penalty = tensor([p.repetition_penalty for p in params])
             t.presence_penalty = tensor([p.presence_penalty for p in params])
             t.frequency_penalty = tensor([p.frequency_penalty for p in params])
+            t.prompt_token_ids, t.output_token_ids = meta.prompt_token_ids, meta.output_token_ids
         return t
 
+    def rows(self, start: int, end: int) -> SamplingTensors:
+        """The settings of rows ``start .. end-1``."""
+        return replace(self, **{f.name: getattr(self, f.name)[start:end] for f in fields(self)
+                                if isinstance(getattr(self, f.name), (torch.Tensor, list))})
 
-def _row_keys(seq: Sequence) -> tuple[int, int]:
+
+def token_histograms(prompt_token_ids: list[list[int]], output_token_ids: list[list[int]], vocab_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: which tokens occur in prompt or output, and how often each occurs in the output."""
+    rows = len(prompt_token_ids)
+    seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+    counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+    for row, (prompt, output) in enumerate(zip(prompt_token_ids, output_token_ids)):  # one scatter per row
+        seen[row, torch.tensor(prompt + output, device=device)] = True
+        if output:
+            out = torch.tensor(output, device=device)
+            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+    return seen, counts
+
+
+def row_keys(seed: int, sample_index: int, output_position: int) -> tuple[int, int]:
+    """The noise keys of one draw: a pure function of the request's seed, the
+    sample and the position of the token drawn."""
     # Python's hash of a tuple of ints is fixed across runs (no hash randomisation).
-    base = (seq.seed, seq.sample_index, seq.num_output_tokens)
+    base = (seed, sample_index, output_position)
     return hash(base) & _MASK32, hash(base + (1,)) & _MASK32
 
 
@@ -91,15 +123,7 @@ def exponential_noise(row_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Repetition penalty over prompt and output (HF semantics); presence and
     frequency penalties over the output only (OpenAI semantics)."""
-    num_rows, vocab = logits.shape
-    device = logits.device
-    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-    counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
-    for row, seq in enumerate(t.seqs):  # one scatter per row, not per token
-        seen[row, torch.tensor(seq.token_ids, device=device)] = True
-        if seq.num_output_tokens:
-            out = torch.tensor(seq.output_token_ids, device=device)
-            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+    seen, counts = token_histograms(t.prompt_token_ids, t.output_token_ids, logits.shape[-1], logits.device)
     rep = t.repetition_penalty[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
@@ -127,7 +151,27 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-    """``logits [N, V]`` fp32 -> one token per row."""
+    """``logits [N, V]`` fp32 -> one token per row.
+
+    Rows go through in chunks of ``sizing.sampler_chunk_rows(V)``, which
+    bounds the working memory of the heavy paths whatever the batch size; a
+    row's draw depends only on its own keys, so chunking changes no token."""
+    if t.all_greedy and not t.needs_penalties and not t.wants_logprobs:
+        return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None)
+    step = sizing.sampler_chunk_rows(logits.shape[-1])
+    chunks = [_sample_rows(logits[start:start + step], t.rows(start, start + step))
+              for start in range(0, logits.shape[0], step)]
+    tokens, chosen, top_values, top_ids = (torch.cat(parts) if parts[0] is not None else None
+                                           for parts in zip(*chunks))
+    if chosen is None:
+        return SamplerOutput(tokens.tolist(), None, None)
+    top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())] if t.max_logprobs else None
+    return SamplerOutput(tokens.tolist(), chosen.tolist(), top)
+
+
+def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, ...]:
+    """(tokens, their log-probabilities, top log-probabilities, their ids) of
+    some rows; the last three None when not asked for."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if t.wants_logprobs else None
     if t.needs_penalties:
         logits = apply_penalties(logits, t)
@@ -140,10 +184,9 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         drawn = (probs / exponential_noise(t.row_keys, logits.shape[-1])).argmax(dim=-1)
         tokens = torch.where(t.temperature == 0, tokens, drawn)
     if raw_logprobs is None:
-        return SamplerOutput(tokens.tolist(), None, None)
+        return tokens, None, None, None
     chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-    top = None
-    if t.max_logprobs:
-        values, ids = raw_logprobs.topk(t.max_logprobs, dim=-1)
-        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    return SamplerOutput(tokens.tolist(), chosen.tolist(), top)
+    if not t.max_logprobs:
+        return tokens, chosen, None, None
+    values, ids = raw_logprobs.topk(t.max_logprobs, dim=-1)
+    return tokens, chosen, values, ids

@@ -1,8 +1,10 @@
 """One attention interface for the model; backends behind it.
 
-The KV cache is one tensor for all layers, ``[2, num_layers, num_blocks,
-block_size, num_kv_heads, head_dim]``; a layer sees ``k_cache``/``v_cache`` of
-shape ``[num_blocks, block_size, num_kv_heads, head_dim]``. A batch is a flat
+A layer's share of the paged KV pool is a ``LayerKVCache``: ``k`` and ``v`` of
+shape ``[num_blocks, block_size, num_kv_heads, head_dim]`` (the pool's owner,
+``pagellm.engine.kv_cache``, decides where they live; a quantized cache will
+add its scales here). A backend writes new K/V into it and attends over it;
+the model never indexes the pool itself. A batch is a flat
 run of tokens from several sequences, each sequence contributing a prefill
 chunk or a single decode token:
 
@@ -28,6 +30,13 @@ import torch
 
 
 @dataclass
+class LayerKVCache:
+    """One layer's K and V pages."""
+    k: torch.Tensor                 # [num_blocks, block_size, num_kv_heads, head_dim]
+    v: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     query_start_loc: torch.Tensor   # [B + 1] int32
     seq_lens: torch.Tensor          # [B] int32
@@ -40,22 +49,20 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
 
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
-
 
 class AttentionBackend(Protocol):
     """Paged attention, plus ``ops``: the module of elementwise ops (rms_norm,
     rotary, silu_and_mul) that runs best beside it."""
     name: str
     ops: ModuleType
+    fused: bool     # attends without materialising the [queries, keys] score matrix
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None: ...
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        """Store token K/V ``[T, Hkv, D]`` at their slots (slot -1: padding, nothing written)."""
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None) -> torch.Tensor: ...
+    def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None) -> torch.Tensor:
+        """Attention of ``q [T, H, D]`` over each sequence's cached context; returns ``[T, H, D]``."""
 
 
 def get_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:

@@ -12,20 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from pagellm.kernels import torch_ops
-from pagellm.kernels.attention import AttentionMetadata
+from pagellm.kernels.attention import AttentionMetadata, LayerKVCache
 
 
 class TorchAttention:
     name = "torch"
     ops = torch_ops
+    fused = False
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        write_kv_cache(k, v, cache.k, cache.v, slot_mapping)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None) -> torch.Tensor:
+        return paged_attention(q, cache.k, cache.v, meta, scale, sliding_window)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

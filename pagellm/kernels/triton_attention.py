@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from pagellm.kernels import triton_ops
-from pagellm.kernels.attention import AttentionMetadata
+from pagellm.kernels.attention import AttentionMetadata, LayerKVCache
 
 LOG2_E = 1.4426950408889634
 # Stands in for "no sliding window": larger than any sequence, small enough
@@ -425,17 +425,18 @@ class TritonAttention:
 
     name = "triton"
     ops = triton_ops
+    fused = True
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        write_kv(k, v, k_cache, v_cache, slot_mapping)
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        write_kv(k, v, cache.k, cache.v, slot_mapping)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, sliding_window: int | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None) -> torch.Tensor:
         """Decode tokens go to the split-KV decode kernel; when any sequence has
         more than one query (``meta.max_query_len > 1``) the prefill kernel runs
         too, each skipping the other's sequences. No host sync on either path."""
         head_dim = q.shape[2]
+        k_cache, v_cache = cache.k, cache.v
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"triton attention takes fp16 or bf16 queries, got {q.dtype}")
         if head_dim < 16 or head_dim & (head_dim - 1):

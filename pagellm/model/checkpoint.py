@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pagellm.model.config import ModelConfig
+from pagellm.model.config import ModelConfig, expected_shapes
 from pagellm.model.gguf_loader import GGUFWeights, RawTensor
 from pagellm.model.hf_loader import HFWeights, is_hf_folder
 from pagellm.model.zoo import ZOO, cache_dir, model_path
-
-FORMATS = ("hf", "gguf")
 
 
 @dataclass
@@ -116,34 +114,6 @@ def _tokenizer_cache_for(path: Path) -> Path | None:
     except OSError:
         return None
     return path.parent / f"{path.stem}.tokenizer" if in_cache else None
-
-
-def expected_shapes(config: ModelConfig, bias_names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of `config` must have, with its HF shape."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.q_size, config.kv_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        })
-        if config.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-            if p + "self_attn.o_proj.bias" in bias_names:  # HF Llama with attention_bias has one too
-                shapes[p + "self_attn.o_proj.bias"] = (h,)
-    return shapes
 
 
 def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:

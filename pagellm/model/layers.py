@@ -1,22 +1,36 @@
 """Building blocks of a Llama-family transformer; the elementwise math runs
 through ``ops`` (the torch reference or its Triton twins, kernels/).
 
-Projections that read the same input are fused (q|k|v, gate|up) so each is one
-matmul; the checkpoint's separate tensors are loaded into slices of them.
+The linear-method seam. Every weight matrix of the model (the merged q|k|v
+and gate|up projections, o and down, the token embedding, the LM head) is a
+``Linear`` made by one ``LayerFactory``. Projections that read the same input
+are merged so each is one matmul; the checkpoint's separate tensors are
+loaded into their row ranges ("shards"). *How* a matrix is stored and
+multiplied is its ``LinearMethod``: ``DenseLinearMethod`` keeps it as is; a
+quantized method keeps codes and scales, a tensor-parallel one its rank's
+slice. The method registers the layer's parameters, each carrying a
+``weight_loader(param, loaded, shard_id)`` that puts one checkpoint tensor
+where it belongs, so the model loader only maps checkpoint names to
+parameters and never knows how a weight is stored.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ops: ModuleType
@@ -25,19 +39,112 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
-class MergedLinear(nn.Linear):
-    """One Linear whose output rows are the concatenation of several
-    checkpoint projections (``shard_sizes`` rows each)."""
+class LinearMethod(Protocol):
+    """How a ``Linear`` stores its matrix and computes with it."""
 
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
-        self.shard_offsets = [0]
-        for size in shard_sizes:
-            self.shard_offsets.append(self.shard_offsets[-1] + size)
+    def create_weights(self, layer: Linear) -> None:
+        """Register the layer's parameters (sizes and dtype from ``layer``), each
+        with a ``weight_loader(param, loaded, shard_id)``."""
 
-    def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
-        start, end = self.shard_offsets[shard], self.shard_offsets[shard + 1]
-        getattr(self, param_name).data[start:end].copy_(tensor)
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + layer.bias``."""
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``W``, in the layer's dtype."""
+
+
+class DenseLinearMethod:
+    """The matrix as it is, ``[output_size, input_size]`` in the model dtype."""
+
+    def create_weights(self, layer: Linear) -> None:
+        weight = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=layer.params_dtype),
+                              requires_grad=False)
+        weight.weight_loader = layer.load_rows
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
+
+
+DENSE = DenseLinearMethod()
+
+
+def dense_everywhere(prefix: str) -> LinearMethod:
+    return DENSE
+
+
+class Linear(nn.Module):
+    """A weight matrix ``[sum(output_sizes), input_size]`` whose output rows
+    concatenate the checkpoint tensors it merges (``output_sizes`` rows each:
+    q|k|v, gate|up; a single size for the others)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, method: LinearMethod,
+                 params_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_offsets = [0, *itertools.accumulate(self.output_sizes)]
+        self.params_dtype = params_dtype
+        self.method = method
+        method.create_weights(self)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size, dtype=params_dtype), requires_grad=False)
+            self.bias.weight_loader = self.load_rows
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def output_size(self) -> int:
+        return self.output_offsets[-1]
+
+    def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
+                  output_dim: int = 0) -> None:
+        """Copy ``loaded`` into the rows of output shard ``shard_id`` (all rows
+        when None) of ``param``, whose output dimension is ``output_dim``."""
+        target = param.data
+        if shard_id is not None:
+            target = target.narrow(output_dim, self.output_offsets[shard_id], self.output_sizes[shard_id])
+        if target.shape != loaded.shape:
+            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit "
+                             f"{tuple(target.shape)}")
+        target.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The matrix read by rows: a token embedding (tied embeddings share this module with the LM head)."""
+        return self.method.embed(self, ids)
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, output_sizes={self.output_sizes}, method={type(self.method).__name__}"
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Makes every weight matrix of a model, so how weights are stored (dense,
+    quantized, sharded) is decided in one place: ``linear_method`` picks the
+    method for each layer by its name in the model (``layers.0.mlp.down_proj``,
+    ``embed_tokens``, ``lm_head``)."""
+
+    params_dtype: torch.dtype
+    linear_method: Callable[[str], LinearMethod] = dense_everywhere
+
+    def linear(self, prefix: str, input_size: int, output_sizes: list[int], bias: bool = False) -> Linear:
+        return Linear(input_size, output_sizes, bias, self.linear_method(prefix), self.params_dtype)
+
+    def norm(self, hidden_size: int, eps: float) -> RMSNorm:
+        return RMSNorm(hidden_size, eps, self.params_dtype)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+    """Parameters that are neither merged nor stored specially (norm weights)."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
+    param.data.copy_(loaded)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -76,10 +183,6 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
         return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
-
-    def reset_cache(self) -> None:
-        """Rebuild after the module was materialised from the meta device."""
-        self.cos_sin_cache = self._build_cache().to(self.cos_sin_cache.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ops: ModuleType) -> None:
         """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` in place."""

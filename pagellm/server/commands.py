@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from pagellm.engine.commands import add_engine_arguments, engine_config_from_args
+from pagellm.config import EngineConfig, add_engine_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.grace_period < 0:
         raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    async_engine = AsyncEngine(LLMEngine(engine_config_from_args(args)), max_waiting=args.max_waiting)
+    async_engine = AsyncEngine(LLMEngine(EngineConfig.from_args(args)), max_waiting=args.max_waiting)
     server = make_server(async_engine, args.served_model_name or args.model, host=args.host, port=args.port,
                          api_key=args.api_key, grace_period=args.grace_period, log_level=args.log_level)
     server.run()

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from pagellm.inputs import Prompt, as_prompt_list
 from pagellm.sampling_params import SamplingParams
 
 MAX_N = 128            # samples per prompt
@@ -102,12 +103,9 @@ class CompletionRequest(SamplingRequest):
     echo: Unsupported = False
     suffix: Unsupported = None
 
-    def prompts(self) -> list[str | list[int]]:
+    def prompts(self) -> list[Prompt]:
         """The prompt field as a list of prompts (text or token ids)."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            return [prompt]
-        return list(prompt)
+        return as_prompt_list(self.prompt)
 
 
 class TextPart(OpenAIModel):

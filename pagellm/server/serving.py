@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from pagellm.inputs import apply_chat_template
 from pagellm.outputs import Logprob, RequestOutput
 from pagellm.sampling_params import SamplingParams
 from pagellm.server.async_engine import AsyncEngine, Prompt, RequestStream
@@ -134,15 +134,9 @@ def chat_logprobs(delta: Delta, top_n: int) -> ChatLogprobs | None:
 
 def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("messages cannot be used: this model has no chat template (use /v1/completions)")
     conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in messages]
-    try:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-    except jinja2.TemplateError as exc:
-        raise ValueError(f"messages could not be rendered by the model's chat template: {exc}") from exc
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return apply_chat_template(tokenizer, conversation)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

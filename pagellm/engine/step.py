@@ -1,0 +1,156 @@
+"""The step contract between the engine and a worker.
+
+The engine (scheduler, block manager, sequences) turns each scheduled batch
+into a ``StepInput``: plain tensors on the host and plain values, everything a
+worker needs to run one forward pass and sample, and nothing it must look up
+elsewhere. The worker answers with a ``StepOutput``. A worker never sees a
+``Sequence``, so it can live in another process (a tensor- or
+pipeline-parallel rank receives a pickled ``StepInput``).
+
+Layout of the flat batch (as in ``kernels.attention``): sequence ``b`` owns
+tokens ``query_start_loc[b]:query_start_loc[b+1]``; its context after the step
+is ``seq_lens[b]`` tokens; ``block_tables[b]`` names its pages (padded with
+block 0, which no kernel reads past ``seq_lens``); ``slot_mapping[t]`` is where
+token ``t``'s K/V go. Sequence ``b`` wants logits for its last
+``num_logits[b]`` tokens: 0 for a prompt chunk that is not the last, 1 for a
+decode or a prompt's last chunk, k+1 when k proposed tokens are verified.
+``logits_indices`` lists those rows of the flat batch, sequence by sequence,
+and ``sampling`` describes each of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagellm.engine.sampler import SamplerOutput, SamplingMetadata, row_keys
+from pagellm.engine.scheduler import ScheduledBatch
+from pagellm.engine.sequence import Sequence
+from pagellm.sampling_params import SamplingParams
+from pagellm.utils.math import cdiv
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor         # [T] int64
+    positions: torch.Tensor         # [T] int64
+    query_start_loc: torch.Tensor   # [B + 1] int32
+    seq_lens: torch.Tensor          # [B] int32
+    block_tables: torch.Tensor      # [B, max_blocks] int32
+    slot_mapping: torch.Tensor      # [T] int64
+    max_query_len: int
+    max_seq_len: int
+    num_logits: list[int]           # [B]
+    logits_indices: torch.Tensor    # [sum(num_logits)] int64
+    sampling: SamplingMetadata
+    block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), run before the forward
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.num_logits)
+
+
+@dataclass
+class StepOutput:
+    """Per sequence of the step, in order: the tokens it sampled (``[]`` when
+    it wanted no logits) and, when asked, their log-probabilities."""
+    token_ids: list[list[int]]
+    logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+
+    @classmethod
+    def from_rows(cls, draws: SamplerOutput, num_logits: list[int]) -> StepOutput:
+        """Regroup the sampler's per-row draws by sequence."""
+        def split(values: list | None) -> list[list] | None:
+            if values is None:
+                return None
+            out, start = [], 0
+            for n in num_logits:
+                out.append(values[start:start + n])
+                start += n
+            return out
+
+        return cls(split(draws.token_ids), split(draws.logprobs), split(draws.top_logprobs))
+
+
+def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[tuple[int, int]],
+                     pin_memory: bool = False) -> StepInput:
+    """The StepInput of a scheduled batch: each sequence computes its next
+    ``num_new_tokens`` tokens from ``num_computed_tokens`` on. ``pin_memory``
+    (for a CUDA worker) lets its copies to the device run asynchronously."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start = [0]
+    seq_lens: list[int] = []
+    num_logits: list[int] = []
+    logits_indices: list[int] = []
+    sampled = []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(slot_range(seq.block_table, block_size, start, end))
+        query_start.append(query_start[-1] + n)
+        seq_lens.append(end)
+        rows = 1 if end == seq.num_tokens else 0
+        num_logits.append(rows)
+        logits_indices.extend(range(len(input_ids) - rows, len(input_ids)))
+        sampled.extend([seq] * rows)
+    width = max(len(s.block_table) for s in batch.seqs)
+    tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+
+    def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=pin_memory)
+
+    return StepInput(
+        input_ids=tensor(input_ids, torch.int64), positions=tensor(positions, torch.int64),
+        query_start_loc=tensor(query_start, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
+        block_tables=tensor(tables, torch.int32), slot_mapping=tensor(slots, torch.int64),
+        max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), num_logits=num_logits,
+        logits_indices=tensor(logits_indices, torch.int64), sampling=sampling_metadata(sampled),
+        block_copies=block_copies)
+
+
+def slot_range(block_table: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Pool slots of positions ``start .. end-1`` through ``block_table``."""
+    slots: list[int] = []
+    for index in range(start // block_size, (end - 1) // block_size + 1):
+        base = block_table[index] * block_size
+        lo, hi = max(start, index * block_size), min(end, (index + 1) * block_size)
+        slots.extend(range(base + lo % block_size, base + (hi - 1) % block_size + 1))
+    return slots
+
+
+def sampling_metadata(seqs: list[Sequence]) -> SamplingMetadata:
+    """One row per sequence that samples its next token (greedy rows need no noise keys)."""
+    params = [s.params for s in seqs]
+    keys = [] if all(p.greedy for p in params) else [row_keys(s.seed, s.sample_index, s.num_output_tokens)
+                                                      for s in seqs]
+    meta = SamplingMetadata(params, keys)
+    if any(p.has_penalties for p in params):
+        meta.prompt_token_ids = [s.prompt_token_ids for s in seqs]
+        meta.output_token_ids = [s.output_token_ids for s in seqs]
+    return meta
+
+
+# The sampling path that allocates the most: every filter, penalty and logprobs on.
+_HEAVIEST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, repetition_penalty=1.1,
+                                    presence_penalty=0.1, frequency_penalty=0.1, logprobs=5)
+
+
+def profile_step_input(num_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int) -> StepInput:
+    """The heaviest step the scheduler can hand a worker: a full token budget
+    of prompts, each within ``max_model_len``, in as many sequences as allowed
+    (each samples a token, with the heaviest sampling settings), over blocks
+    ``0 .. n-1`` of a scratch pool."""
+    num_tokens = min(num_tokens, max_num_seqs * max_model_len)
+    num_seqs = min(max_num_seqs, num_tokens)
+    batch = ScheduledBatch()
+    next_block = 0
+    for i in range(num_seqs):
+        length = num_tokens // num_seqs + (i < num_tokens % num_seqs)
+        seq = Sequence(i, "profile", 0, [0] * length, _HEAVIEST_SAMPLING, seed=0, arrival_time=0.0)
+        seq.block_table = list(range(next_block, next_block + cdiv(length, block_size)))
+        next_block += len(seq.block_table)
+        batch.add(seq, length)
+    return build_step_input(batch, block_size, [])

@@ -1,0 +1,35 @@
+"""What a request's prompt may be, shared by the offline API (``LLM``) and the server.
+
+A prompt is text or a list of token ids; wherever one prompt or several are
+accepted, a ``str`` or a sequence whose first element is an ``int`` is one
+prompt and anything else is a sequence of prompts. A conversation becomes
+token ids through the tokenizer's chat template, with the generation prompt
+appended so that the model's reply comes next; any failure to render is a
+``ValueError`` (a 400 in the server, one line on the CLI).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jinja2
+
+Prompt = str | list[int]
+
+
+def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt or several, as a list of prompts."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def apply_chat_template(tokenizer, conversation: list[dict]) -> list[int]:
+    """Token ids of ``conversation`` (``{"role": ..., "content": ...}`` dicts) ready for the reply."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("messages cannot be used: this model has no chat template "
+                         "(send plain prompts: LLM.generate, /v1/completions)")
+    try:
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"messages could not be rendered by the model's chat template: {exc}") from exc
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -1,0 +1,76 @@
+"""Building a model: its layers on the target device, then its weights.
+
+Weights arrive as a stream of ``(Hugging Face name, tensor)`` pairs, from a
+checkpoint (``checkpoint.open_checkpoint(...).tensors()``) or from
+``random_weights`` (real shapes, random values, for benchmarks). Either way
+each tensor goes to its parameter's ``weight_loader`` (see ``layers``), which
+decides how it is stored, so a quantized or sharded layer loads the same
+stream. Layers are created with ``torch.empty`` directly on the device: no
+throw-away initialisation, no copy.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from pagellm.model.config import ModelConfig, expected_shapes
+from pagellm.model.layers import LayerFactory, LinearMethod, default_weight_loader, dense_everywhere
+from pagellm.model.llama import LlamaForCausalLM
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                weights: Iterable[tuple[str, torch.Tensor]],
+                linear_method: Callable[[str], LinearMethod] = dense_everywhere) -> LlamaForCausalLM:
+    """The model on ``device`` with every parameter filled from ``weights``;
+    ValueError when the stream lacks a tensor or holds one with no place."""
+    with torch.device(device):
+        model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method))
+    num_tensors = len(expected_shapes(config))
+    loaded = load_weights(model, tqdm(weights, total=num_tensors, desc="loading weights", unit="tensor",
+                                      leave=False))
+    missing = set(expected_shapes(config)) - loaded
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return model.eval()
+
+
+def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Hand each checkpoint tensor to its parameter's weight loader (merged
+    projections through ``packed_modules_mapping``); returns the names loaded."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        param_name, shard_id = _parameter_of(model, name)
+        param = params.get(param_name)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard_id)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        loaded.add(name)
+    return loaded
+
+
+def _parameter_of(model: LlamaForCausalLM, name: str) -> tuple[str, int | None]:
+    """``model.layers.0.self_attn.k_proj.weight`` -> (``layers.0.self_attn.qkv_proj.weight``, 1)."""
+    name = name.removeprefix("model.")
+    for part, (merged, shard_id) in model.packed_modules_mapping.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{merged}."), shard_id
+    return name, None
+
+
+def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                   seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint of ``config``'s shapes with N(0, 0.02) values (norms 1),
+    generated on ``device`` one tensor at a time."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+        else:
+            yield name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
