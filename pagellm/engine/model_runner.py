@@ -61,8 +61,8 @@ class ModelRunner:
             return estimated_activation_bytes(self.config, len(step.input_ids), len(step.logits_indices),
                                               self.max_model_len, self.dtype,
                                               fused_attention=self.backend.fused), False
-        scratch = KVCache(self.kv_spec, int(step.block_tables.max()) + 1, self.device)
-        self._execute(step, scratch)   # first: kernel compilation and library workspaces, which stay (not activations)
+        scratch = KVCache(self.kv_spec, int(step.attention.block_tables.max()) + 1, self.device)
+        self._execute(step, scratch)   # once first: kernel builds and library workspaces stay, they are no activations
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
@@ -99,18 +99,16 @@ class ModelRunner:
         return self._execute(step, self.kv_cache)
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The step's token ids, positions and attention metadata on the device."""
-        meta = AttentionMetadata(
-            query_start_loc=self._to_device(step.query_start_loc), seq_lens=self._to_device(step.seq_lens),
-            block_tables=self._to_device(step.block_tables), slot_mapping=self._to_device(step.slot_mapping),
-            max_query_len=step.max_query_len, max_seq_len=step.max_seq_len)
-        return self._to_device(step.input_ids), self._to_device(step.positions), meta
+        """The step's token ids, positions and attention metadata on the device
+        (asynchronous copies when the engine built the step in pinned memory)."""
+        return (step.input_ids.to(self.device, non_blocking=True), step.positions.to(self.device, non_blocking=True),
+                step.attention.to(self.device))
 
     @torch.inference_mode()
     def _execute(self, step: StepInput, kv_cache: KVCache) -> StepOutput:
         kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
-        rows = self._to_device(step.logits_indices)
+        rows = step.logits_indices.to(self.device, non_blocking=True)
         if kv_cache is self.kv_cache and self.graphs is not None and self.graphs.can_run(meta):
             logits = self.graphs.run(input_ids, positions, meta)[rows]
         else:
@@ -120,7 +118,3 @@ class ModelRunner:
             return StepOutput([[] for _ in step.num_logits])
         draws = sample(logits, SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device))
         return StepOutput.from_rows(draws, step.num_logits)
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Asynchronous when the engine built the step in pinned memory."""
-        return tensor.to(self.device, non_blocking=True)

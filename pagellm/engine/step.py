@@ -7,7 +7,8 @@ elsewhere. The worker answers with a ``StepOutput``. A worker never sees a
 ``Sequence``, so it can live in another process (a tensor- or
 pipeline-parallel rank receives a pickled ``StepInput``).
 
-Layout of the flat batch (as in ``kernels.attention``): sequence ``b`` owns
+Layout of the flat batch (``StepInput.attention``, the attention metadata of
+``kernels.attention``, still on the host): sequence ``b`` owns
 tokens ``query_start_loc[b]:query_start_loc[b+1]``; its context after the step
 is ``seq_lens[b]`` tokens; ``block_tables[b]`` names its pages (padded with
 block 0, which no kernel reads past ``seq_lens``); ``slot_mapping[t]`` is where
@@ -26,27 +27,20 @@ import torch
 from pagellm.engine.sampler import SamplerOutput, SamplingMetadata, row_keys
 from pagellm.engine.scheduler import ScheduledBatch
 from pagellm.engine.sequence import Sequence
+from pagellm.kernels.attention import AttentionMetadata
 from pagellm.sampling_params import SamplingParams
 from pagellm.utils.math import cdiv
+
 
 @dataclass
 class StepInput:
     input_ids: torch.Tensor         # [T] int64
     positions: torch.Tensor         # [T] int64
-    query_start_loc: torch.Tensor   # [B + 1] int32
-    seq_lens: torch.Tensor          # [B] int32
-    block_tables: torch.Tensor      # [B, max_blocks] int32
-    slot_mapping: torch.Tensor      # [T] int64
-    max_query_len: int
-    max_seq_len: int
+    attention: AttentionMetadata    # on the host; the worker moves it to its device
     num_logits: list[int]           # [B]
     logits_indices: torch.Tensor    # [sum(num_logits)] int64
     sampling: SamplingMetadata
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), run before the forward
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.num_logits)
 
 
 @dataclass
@@ -102,13 +96,14 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, pin_memory=pin_memory)
 
-    return StepInput(
-        input_ids=tensor(input_ids, torch.int64), positions=tensor(positions, torch.int64),
+    attention = AttentionMetadata(
         query_start_loc=tensor(query_start, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
         block_tables=tensor(tables, torch.int32), slot_mapping=tensor(slots, torch.int64),
-        max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens), num_logits=num_logits,
-        logits_indices=tensor(logits_indices, torch.int64), sampling=sampling_metadata(sampled),
-        block_copies=block_copies)
+        max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens))
+    return StepInput(input_ids=tensor(input_ids, torch.int64), positions=tensor(positions, torch.int64),
+                     attention=attention, num_logits=num_logits,
+                     logits_indices=tensor(logits_indices, torch.int64), sampling=sampling_metadata(sampled),
+                     block_copies=block_copies)
 
 
 def slot_range(block_table: list[int], block_size: int, start: int, end: int) -> list[int]:

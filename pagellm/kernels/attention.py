@@ -22,7 +22,7 @@ window is set).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from types import ModuleType
 from typing import Protocol
 
@@ -48,6 +48,11 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """A copy on ``device`` (asynchronous from pinned host memory)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 class AttentionBackend(Protocol):
