@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "pagellm.analysis.commands",   # memory, roofline
     "pagellm.server.commands",     # serve
     "pagellm.bench.commands",      # bench
+    "pagellm.bench.perplexity",    # eval perplexity
 )
 
 

@@ -18,7 +18,7 @@ from dataclasses import Field, dataclass, field, fields
 
 import torch
 
-from pagellm.quant import quantization_policy
+from pagellm.quant import check_quantization
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -37,7 +37,9 @@ class EngineConfig:
 
     model: str = field(metadata={"help": "HF folder, .gguf file or built-in model name"})
     dtype: str = _setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
-    quantization: str = _setting("none", "how weight matrices are stored: none (dense, in --dtype)")
+    quantization: str = _setting("none", "how weight matrices are stored: none (dense, in --dtype), int8 "
+                                         "(per channel), int4 (groups of 128), gguf (a GGUF file's own blocks), "
+                                         "auto (gguf for a GGUF file, else none)")
     device: str = _setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     block_size: int = _setting(16, "tokens per KV-cache block, a power of two")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (overrides --kv-cache-memory and "
@@ -63,7 +65,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        quantization_policy(self.quantization)   # a clear error now rather than after loading
+        check_quantization(self.quantization)   # a clear error now rather than after loading
 
     @property
     def torch_device(self) -> torch.device:

@@ -33,3 +33,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    # When asked for (SamplingParams.prompt_logprobs): per prompt token, None for the first
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

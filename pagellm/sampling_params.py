@@ -30,6 +30,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None   # per prompt token: its log-probability and this many top ones
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class SamplingParams:
                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         _check(self.logprobs is None or self.logprobs >= 0, "logprobs", f"must be >= 0, got {self.logprobs}")
+        _check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
+               f"must be >= 0, got {self.prompt_logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop_strings), "stop",
                "must be a non-empty string or a list of them")
         _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")

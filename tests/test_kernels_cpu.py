@@ -20,7 +20,7 @@ from pagellm.kernels.attention import AttentionMetadata, LayerKVCache, get_atten
 from pagellm.kernels.torch_attention import TorchAttention, paged_attention, write_kv_cache
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pagellm"
-TRITON_MODULES = ("pagellm.kernels.triton_attention", "pagellm.kernels.triton_ops")
+TRITON_MODULES = ("pagellm.kernels.triton_attention", "pagellm.kernels.triton_ops", "pagellm.kernels.triton_quant")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 

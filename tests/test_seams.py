@@ -65,11 +65,10 @@ class TransposedMethod:
     transpose of the checkpoint's layout, so shards fill columns, not rows."""
 
     def create_weights(self, layer: Linear) -> None:
-        weight = nn.Parameter(torch.empty(layer.input_size, layer.output_size, dtype=layer.params_dtype),
-                              requires_grad=False)
-        weight.weight_loader = lambda param, loaded, shard_id: layer.load_rows(param, loaded.t(), shard_id,
-                                                                               output_dim=1)
-        layer.register_parameter("weight", weight)
+        layer.weight = nn.Parameter(torch.empty(layer.input_size, layer.output_size, dtype=layer.params_dtype),
+                                    requires_grad=False)
+        layer.weight_loaders["weight"] = lambda loaded, shard_id: layer.load_rows(layer.weight, loaded.t(),
+                                                                                  shard_id, output_dim=1)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         out = x @ layer.weight
@@ -84,7 +83,7 @@ class TransposedMethod:
                          ids=["qwen2-bias", "llama-mqa-tied"])
 def test_a_second_linear_method_leaves_greedy_output_unchanged(tmp_path, monkeypatch, arch):
     folder = make_tiny_hf_model(tmp_path, **arch)
-    monkeypatch.setitem(QUANTIZATION_FORMATS, "transposed", lambda prefix: TransposedMethod())
+    monkeypatch.setitem(QUANTIZATION_FORMATS, "transposed", lambda checkpoint: lambda prefix: TransposedMethod())
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     dense = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=64).generate(PROMPTS, params,
                                                                                         use_tqdm=False)
@@ -100,7 +99,7 @@ def test_a_second_linear_method_leaves_greedy_output_unchanged(tmp_path, monkeyp
 
 
 def test_unknown_quantization_is_a_clear_error(tiny_llama):
-    with pytest.raises(ValueError, match="quantization must be one of none"):
+    with pytest.raises(ValueError, match="quantization must be one of auto, none"):
         EngineConfig(str(tiny_llama), quantization="int3")
 
 

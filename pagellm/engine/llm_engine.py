@@ -25,7 +25,7 @@ from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
 from pagellm.engine.step import StepOutput, build_step_input, profile_step_input
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagellm.quant import quantization_policy
+from pagellm.quant import keeps_blocks, quantization_policy, resolve_quantization
 from pagellm.sampling_params import SamplingParams
 from pagellm.utils.math import cdiv
 
@@ -65,13 +65,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.model_config, weights, self.tokenizer = self._open(config)
+        self.model_config, checkpoint, weights, self.tokenizer = self._open(config)
         positions = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > positions:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
         self.max_model_len = config.max_model_len or positions
+        self.quantization = resolve_quantization(config.quantization, checkpoint)
         self.runner = ModelRunner(config, self.model_config, weights, self.max_model_len,
-                                  quantization_policy(config.quantization))
+                                  quantization_policy(self.quantization, checkpoint))
         loaded = time.perf_counter()
         profile = profile_step_input(config.batched_tokens, config.max_num_seqs, self.max_model_len,
                                      config.block_size)
@@ -97,16 +98,17 @@ class LLMEngine:
 
     @staticmethod
     def _open(config: EngineConfig):
-        """(model config, weight stream, tokenizer or None) of ``config.model``."""
+        """(model config, checkpoint or None, weight stream, tokenizer or None) of ``config.model``."""
         if config.random_weights:   # a preset name, config.json, HF folder or GGUF file gives the shapes
             from pagellm.model.builder import random_weights
             from pagellm.model.model_spec import load_model_config
             model_config = load_model_config(config.model)
-            return model_config, random_weights(model_config, config.torch_dtype, config.torch_device,
-                                                config.seed), None
+            return model_config, None, random_weights(model_config, config.torch_dtype, config.torch_device,
+                                                      config.seed), None
         from pagellm.model.checkpoint import open_checkpoint
         checkpoint = open_checkpoint(config.model)
-        return checkpoint.config, checkpoint.tensors(), checkpoint.load_tokenizer()
+        weights = checkpoint.block_tensors() if keeps_blocks(config.quantization, checkpoint) else checkpoint.tensors()
+        return checkpoint.config, checkpoint, weights, checkpoint.load_tokenizer()
 
     # ---- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -197,6 +199,11 @@ class LLMEngine:
             seq.num_computed_tokens += n
         changed: dict[str, RequestState] = {}
         for index, seq in enumerate(batch.seqs):
+            if result.scored is not None and result.scored[index]:
+                seq.prompt_logprobs.extend(self._logprob_entry(target, s.logprob, s.top[:seq.params.prompt_logprobs],
+                                                               s.rank)
+                                           for target, s in zip(self._scored_targets(seq, result, index),
+                                                                result.scored[index]))
             if result.token_ids[index]:
                 state = self.requests[seq.request_id]
                 self._append(state, seq, result, index, now)
@@ -254,11 +261,18 @@ class LLMEngine:
             return "length", None
         return None
 
-    def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> dict[int, Logprob]:
+    @staticmethod
+    def _scored_targets(seq: Sequence, result: StepOutput, index: int) -> list[int]:
+        """The prompt tokens this step scored for ``seq``: the next ones after those already held."""
+        done = len(seq.prompt_logprobs)
+        return seq.token_ids[done + 1:done + 1 + len(result.scored[index])]
+
+    def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]],
+                       rank: int | None = None) -> dict[int, Logprob]:
         decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
-        entry = {tid: Logprob(lp, rank + 1, decode(tid)) for rank, (tid, lp) in enumerate(top)}
+        entry = {tid: Logprob(lp, i + 1, decode(tid)) for i, (tid, lp) in enumerate(top)}
         if token not in entry:
-            entry[token] = Logprob(logprob, None, decode(token))
+            entry[token] = Logprob(logprob, rank, decode(token))
         return entry
 
     def _finish_or_report(self, state: RequestState, now: float) -> RequestOutput:
@@ -280,7 +294,9 @@ class LLMEngine:
             metrics["first_token_time"] = state.first_token_time
         if state.finished_time is not None:
             metrics["finished_time"] = state.finished_time
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, state.finished, metrics)
+        prompt_logprobs = None if state.params.prompt_logprobs is None else [None, *state.seqs[0].prompt_logprobs]
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, state.finished, metrics,
+                             prompt_logprobs)
 
     def stats(self) -> dict[str, float]:
         bm, sched = self.block_manager, self.scheduler

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 
+from pagellm import sizing
 from pagellm.config import EngineConfig
 from pagellm.engine.cuda_graphs import DecodeGraphs
 from pagellm.engine.kv_cache import KVCache, KVCacheSpec
 from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan_num_blocks
-from pagellm.engine.sampler import SamplingTensors, sample
-from pagellm.engine.step import StepInput, StepOutput
+from pagellm.engine.sampler import SamplingTensors, sample, score_tokens
+from pagellm.engine.step import PromptScoring, ScoredToken, StepInput, StepOutput
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
@@ -109,12 +111,34 @@ class ModelRunner:
         kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)
-        if kv_cache is self.kv_cache and self.graphs is not None and self.graphs.can_run(meta):
+        scored = None
+        if (kv_cache is self.kv_cache and step.scoring is None and self.graphs is not None
+                and self.graphs.can_run(meta)):
             logits = self.graphs.run(input_ids, positions, meta)[rows]
         else:
             hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend))
             logits = self.model.compute_logits(hidden[rows])
+            scored = self._score(hidden, step.scoring) if step.scoring is not None else None
         if not step.sampling.params:
-            return StepOutput([[] for _ in step.num_logits])
+            return StepOutput([[] for _ in step.num_logits], scored=scored)
         draws = sample(logits, SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device))
-        return StepOutput.from_rows(draws, step.num_logits)
+        return replace(StepOutput.from_rows(draws, step.num_logits), scored=scored)
+
+    def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[list[ScoredToken]]:
+        """Score each row against its target token, a chunk of rows at a time
+        (the logits of a long prompt chunk would not fit at once)."""
+        rows = scoring.row_indices.to(self.device, non_blocking=True)
+        targets = scoring.target_token_ids.to(self.device, non_blocking=True)
+        chunk = sizing.sampler_chunk_rows(self.config.vocab_size)
+        parts = [score_tokens(self.model.compute_logits(hidden[rows[start:start + chunk]]),
+                              targets[start:start + chunk], scoring.num_top)
+                 for start in range(0, len(rows), chunk)]
+        logprobs, ranks, top_values, top_ids = (torch.cat(p).tolist() if p[0] is not None else None
+                                                for p in zip(*parts))
+        scored = [ScoredToken(lp, rank, list(zip(top_ids[i], top_values[i])) if top_ids else [])
+                  for i, (lp, rank) in enumerate(zip(logprobs, ranks))]
+        out, start = [], 0
+        for n in scoring.num_rows:
+            out.append(scored[start:start + n])
+            start += n
+        return out

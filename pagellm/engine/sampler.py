@@ -143,6 +143,20 @@ def filter_probs(probs: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, num_top: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per row of ``logits [N, V]`` (the raw model distribution): the
+    log-probability of ``targets[row]``, its rank (1 = most likely) and the
+    ``num_top`` largest log-probabilities with their token ids."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+    if not num_top:
+        return chosen, ranks, None, None
+    values, ids = logprobs.topk(num_top, dim=-1)
+    return chosen, ranks, values, ids
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]

@@ -95,7 +95,7 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and seq.params.prompt_logprobs is None:   # cached tokens get no logits
                 self.block_manager.match_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, num_tokens):

@@ -31,6 +31,7 @@ class Sequence:
     num_preemptions: int = 0
     cumulative_logprob: float = 0.0
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)   # of prompt tokens 1.. as they are computed
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

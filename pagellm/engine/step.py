@@ -16,7 +16,10 @@ token ``t``'s K/V go. Sequence ``b`` wants logits for its last
 ``num_logits[b]`` tokens: 0 for a prompt chunk that is not the last, 1 for a
 decode or a prompt's last chunk, k+1 when k proposed tokens are verified.
 ``logits_indices`` lists those rows of the flat batch, sequence by sequence,
-and ``sampling`` describes each of them.
+and ``sampling`` describes each of them. Separately, ``scoring`` names the
+rows whose logits score the prompt's own next tokens (prompt log-probs): the
+worker reports the log-probability of each target token, its rank and the top
+ones, and samples nothing there.
 """
 from __future__ import annotations
 
@@ -41,15 +44,35 @@ class StepInput:
     logits_indices: torch.Tensor    # [sum(num_logits)] int64
     sampling: SamplingMetadata
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), run before the forward
+    scoring: PromptScoring | None = None
+
+
+@dataclass
+class PromptScoring:
+    """Rows scored against the token that follows them in the prompt."""
+    num_rows: list[int]             # [B], 0 for sequences that want no prompt log-probs
+    row_indices: torch.Tensor       # [sum(num_rows)] int64, rows of the flat batch
+    target_token_ids: torch.Tensor  # [sum(num_rows)] int64
+    num_top: int                    # top log-probs per row (the largest any sequence asks for)
+
+
+@dataclass
+class ScoredToken:
+    """A known token's log-probability, its rank (1 = the most likely) and the top tokens of the row."""
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class StepOutput:
     """Per sequence of the step, in order: the tokens it sampled (``[]`` when
-    it wanted no logits) and, when asked, their log-probabilities."""
+    it wanted no logits) and, when asked, their log-probabilities; and the
+    prompt tokens it scored."""
     token_ids: list[list[int]]
     logprobs: list[list[float]] | None = None
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    scored: list[list[ScoredToken]] | None = None
 
     @classmethod
     def from_rows(cls, draws: SamplerOutput, num_logits: list[int]) -> StepOutput:
@@ -79,8 +102,10 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     num_logits: list[int] = []
     logits_indices: list[int] = []
     sampled = []
+    scored = _ScoredRows()
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        scored.add(seq, start, end, first_row=len(input_ids))
         input_ids.extend(seq.token_ids[start:end])
         positions.extend(range(start, end))
         slots.extend(slot_range(seq.block_table, block_size, start, end))
@@ -103,7 +128,34 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     return StepInput(input_ids=tensor(input_ids, torch.int64), positions=tensor(positions, torch.int64),
                      attention=attention, num_logits=num_logits,
                      logits_indices=tensor(logits_indices, torch.int64), sampling=sampling_metadata(sampled),
-                     block_copies=block_copies)
+                     block_copies=block_copies, scoring=scored.request(tensor))
+
+
+@dataclass
+class _ScoredRows:
+    """Collects the prompt positions to score: a position ``p`` of the prompt
+    scores token ``p + 1``; a position scored before a preemption is not
+    scored again (``seq.prompt_logprobs`` holds what is done)."""
+    num_rows: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    num_top: int = -1
+
+    def add(self, seq: Sequence, start: int, end: int, first_row: int) -> None:
+        wanted = seq.params.prompt_logprobs
+        lo, hi = max(start, len(seq.prompt_logprobs)), min(end, seq.num_prompt_tokens - 1)
+        count = hi - lo if wanted is not None and lo < hi else 0
+        self.num_rows.append(count)
+        if count:
+            self.rows.extend(range(first_row + lo - start, first_row + hi - start))
+            self.targets.extend(seq.token_ids[lo + 1:hi + 1])
+            self.num_top = max(self.num_top, wanted)
+
+    def request(self, tensor) -> PromptScoring | None:
+        if not self.rows:
+            return None
+        return PromptScoring(self.num_rows, tensor(self.rows, torch.int64), tensor(self.targets, torch.int64),
+                             self.num_top)
 
 
 def slot_range(block_table: list[int], block_size: int, start: int, end: int) -> list[int]:

@@ -37,22 +37,32 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
 
 
 def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Hand each checkpoint tensor to its parameter's weight loader (merged
+    """Hand each checkpoint tensor to its layer's loader for it (merged
     projections through ``packed_modules_mapping``); returns the names loaded."""
-    params = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
-        param_name, shard_id = _parameter_of(model, name)
-        param = params.get(param_name)
-        if param is None:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-        loader = getattr(param, "weight_loader", default_weight_loader)
         try:
-            loader(param, tensor, shard_id)
+            _loader_of(model, name)(tensor)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         loaded.add(name)
     return loaded
+
+
+def _loader_of(model: LlamaForCausalLM, name: str) -> Callable[[torch.Tensor], None]:
+    target, shard_id = _parameter_of(model, name)
+    module_name, _, leaf = target.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    loader = getattr(module, "weight_loaders", {}).get(leaf)
+    if loader is not None:
+        return lambda tensor: loader(tensor, shard_id)
+    param = getattr(module, leaf, None)
+    if not isinstance(param, torch.nn.Parameter):
+        raise ValueError("this checkpoint tensor has no place in the model")
+    return lambda tensor: default_weight_loader(param, tensor)
 
 
 def _parameter_of(model: LlamaForCausalLM, name: str) -> tuple[str, int | None]:

@@ -56,9 +56,21 @@ class Checkpoint:
 
     def raw_tensors(self) -> Iterator[RawTensor]:
         """GGUF only: the stored (possibly quantized) blocks under HF names, q/k unpermuted."""
+        return self._gguf().raw_tensors()
+
+    def tensor_types(self):
+        """GGUF only: each tensor's GGML type, by HF name."""
+        return self._gguf().tensor_types()
+
+    def block_tensors(self) -> Iterator[tuple[str, torch.Tensor | RawTensor]]:
+        """GGUF only: quantized tensors as their blocks (``RawTensor``), float ones as float32 tensors."""
+        for raw in self.raw_tensors():
+            yield raw.name, raw if raw.is_quantized else raw.dequantize()
+
+    def _gguf(self) -> GGUFWeights:
         if not isinstance(self.source, GGUFWeights):
             raise TypeError(f"{self.path} is a {self.format} checkpoint; only GGUF files hold quantized tensors")
-        return self.source.raw_tensors()
+        return self.source
 
     def load_tokenizer(self):
         """A transformers fast tokenizer (`PreTrainedTokenizerBase`) with its chat template."""

@@ -283,6 +283,9 @@ class GGUFWeights:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: _ggml_shape(t) for name, t in self._tensors.items()}
 
+    def tensor_types(self) -> dict[str, GGMLQuantizationType]:
+        return {name: t.tensor_type for name, t in self._tensors.items()}
+
     def raw_tensor(self, name: str) -> RawTensor:
         t = self._tensors[name]
         shape = _ggml_shape(t)

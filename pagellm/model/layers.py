@@ -8,13 +8,17 @@ are merged so each is one matmul; the checkpoint's separate tensors are
 loaded into their row ranges ("shards"). *How* a matrix is stored and
 multiplied is its ``LinearMethod``: ``DenseLinearMethod`` keeps it as is; a
 quantized method keeps codes and scales, a tensor-parallel one its rank's
-slice. The method registers the layer's parameters, each carrying a
-``weight_loader(param, loaded, shard_id)`` that puts one checkpoint tensor
-where it belongs, so the model loader only maps checkpoint names to
-parameters and never knows how a weight is stored.
+slice. The method registers the layer's parameters and, in
+``layer.weight_loaders``, a loader for each tensor a checkpoint may hold for
+the layer (``weight``, ``bias``; a quantized checkpoint's ``qweight``,
+``scales``, ...): ``loader(tensor, shard_id)`` puts one checkpoint tensor (or
+shard ``shard_id`` of a merged layer) where it belongs, quantizing a float
+weight on the way if the method stores codes. The model loader only maps
+checkpoint names to layers and never knows how a weight is stored.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -43,8 +47,8 @@ class LinearMethod(Protocol):
     """How a ``Linear`` stores its matrix and computes with it."""
 
     def create_weights(self, layer: Linear) -> None:
-        """Register the layer's parameters (sizes and dtype from ``layer``), each
-        with a ``weight_loader(param, loaded, shard_id)``."""
+        """Register the layer's parameters (sizes and dtype from ``layer``) and
+        their loaders in ``layer.weight_loaders``."""
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + layer.bias``."""
@@ -57,10 +61,9 @@ class DenseLinearMethod:
     """The matrix as it is, ``[output_size, input_size]`` in the model dtype."""
 
     def create_weights(self, layer: Linear) -> None:
-        weight = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=layer.params_dtype),
-                              requires_grad=False)
-        weight.weight_loader = layer.load_rows
-        layer.register_parameter("weight", weight)
+        layer.weight = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=layer.params_dtype),
+                                    requires_grad=False)
+        layer.weight_loaders["weight"] = functools.partial(layer.load_rows, layer.weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
@@ -70,6 +73,10 @@ class DenseLinearMethod:
 
 
 DENSE = DenseLinearMethod()
+
+
+# loader(checkpoint tensor, shard id or None for the whole layer)
+WeightLoader = Callable[[torch.Tensor, "int | None"], None]
 
 
 def dense_everywhere(prefix: str) -> LinearMethod:
@@ -89,10 +96,11 @@ class Linear(nn.Module):
         self.output_offsets = [0, *itertools.accumulate(self.output_sizes)]
         self.params_dtype = params_dtype
         self.method = method
+        self.weight_loaders: dict[str, WeightLoader] = {}
         method.create_weights(self)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.output_size, dtype=params_dtype), requires_grad=False)
-            self.bias.weight_loader = self.load_rows
+            self.weight_loaders["bias"] = functools.partial(self.load_rows, self.bias)
         else:
             self.register_parameter("bias", None)
 
@@ -140,7 +148,7 @@ class LayerFactory:
         return RMSNorm(hidden_size, eps, self.params_dtype)
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     """Parameters that are neither merged nor stored specially (norm weights)."""
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")

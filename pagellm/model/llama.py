@@ -81,6 +81,15 @@ class LlamaForCausalLM(nn.Module):
     packed_modules_mapping = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
+    @classmethod
+    def checkpoint_names(cls, prefix: str) -> list[str]:
+        """The checkpoint (HF) names of the weight matrices a layer holds, shard
+        by shard: ``layers.0.self_attn.qkv_proj`` -> the q, k and v projections."""
+        module, _, leaf = prefix.rpartition(".")
+        parts = [part for part, (merged, _) in cls.packed_modules_mapping.items() if merged == leaf] or [leaf]
+        hf_prefix = "" if prefix == "lm_head" else "model."
+        return [f"{hf_prefix}{module + '.' if module else ''}{part}.weight" for part in parts]
+
     def __init__(self, config: ModelConfig, make: LayerFactory) -> None:
         super().__init__()
         self.config = config

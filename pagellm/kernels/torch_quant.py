@@ -1,0 +1,160 @@
+"""Quantized weight formats in plain torch: packing, dequantization and the
+reference matmuls the fused kernels (``triton_quant``) are checked against.
+
+Formats (rows are output channels, ``K`` the input dimension):
+
+* **int8**: ``q int8 [N, K]``, one scale per row: ``w = q * scale``.
+* **int4**: ``q`` in 0..15, two per byte (``packed uint8 [N, K/2]``: element
+  ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high one), groups of
+  ``G`` along K with a scale and an integer zero point each:
+  ``w = (q - zero) * scale``.
+* **GGUF blocks** (llama.cpp's layouts, bytes ``uint8 [N, K / block * bytes]``):
+  Q8_0, Q5_0 (32 weights, one fp16 scale), Q4_K (256 weights in 8 groups, 6-bit
+  scales and mins under fp16 super-scales), Q6_K (256 weights in 16 groups,
+  int8 scales under one fp16 super-scale). ``dequantize_gguf`` turns the
+  bytes of any of them into floats exactly as ``gguf.quants.dequantize``
+  does; ``GGUF_DEQUANTIZERS`` lists the types served.
+
+Everything here runs on any device and is vectorised over whole tensors: no
+Python loop over blocks or rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+# --------------------------------------------------------------------------- int8 / int4
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest, symmetric, per row: (``q int8 [N, K]``, ``scale fp32 [N]``)."""
+    scale = w.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest, asymmetric, groups of ``group_size`` along K:
+    (``packed uint8 [N, K/2]``, ``scale fp32 [N, K/G]``, ``zero uint8 [N, K/G]``)."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1).clamp_max(0), groups.amax(dim=-1).clamp_min(0)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    q = torch.round(groups / scale[..., None] + zero[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return pack_int4(q), scale, zero.to(torch.uint8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, K]`` values in 0..15 -> ``uint8 [N, K/2]``, even elements in the low nibbles."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    groups = q.reshape(n, scale.shape[1], -1)
+    return ((groups - zero.float()[..., None]) * scale.float()[..., None]).reshape(n, k).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference: ``x @ dequant(q)^T + bias``."""
+    return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference: ``x @ dequant(packed)^T + bias``."""
+    return F.linear(x, dequantize_int4(packed, scale, zero, x.dtype), bias)
+
+
+# --------------------------------------------------------------------------- GGUF blocks
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The little-endian fp16 at byte ``start`` of every block, as float32 ``[..., 1]``."""
+    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _f16(blocks, 0) * blocks[..., 2:].contiguous().view(torch.int8).float()
+
+
+def _bits(data: torch.Tensor, width: int) -> torch.Tensor:
+    """Little-endian ``width``-bit fields of the bytes along the last dim (uint8, no widening)."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=data.device)
+    return ((data[..., None] >> shifts) & ((1 << width) - 1)).flatten(-2)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks, 0)
+    high = _bits(blocks[..., 2:6], 1)                                         # bit j of the uint32: element j
+    qs = blocks[..., 6:22]
+    low = torch.cat([qs & 0xF, qs >> 4], dim=-1)                              # elements 0..15, 16..31
+    return d * ((low | high << 4).to(torch.int8) - 16).float()
+
+
+def _k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of 6-bit scales and mins -> two ``[..., 8]`` tensors."""
+    s = scales.long()
+    lo_sc, lo_m = s[..., 0:4] & 63, s[..., 4:8] & 63
+    hi_sc = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return torch.cat([lo_sc, hi_sc], dim=-1).float(), torch.cat([lo_m, hi_m], dim=-1).float()
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    sc, m = _k_scales_mins(blocks[..., 4:16])
+    qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)             # 4 chunks of 64 weights
+    q = torch.stack([qs & 0xF, qs >> 4], dim=-2).reshape(*blocks.shape[:-1], 8, 32).float()
+    return (d[..., None] * sc[..., None] * q - dmin[..., None] * m[..., None]).flatten(-2)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    lead = blocks.shape[:-1]
+    ql = blocks[..., 0:128].reshape(*lead, 2, 2, 32).long()                  # [half, low/high 32, l]
+    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32).long()
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).float().reshape(*lead, 2, 4, 2)
+    d = _f16(blocks, 208)
+    low = torch.cat([ql & 0xF, ql >> 4], dim=-2)                              # [half, 4 quarters, l]
+    high = (qh >> (2 * torch.arange(4, device=blocks.device)[:, None])) & 3
+    q = ((low | high << 4) - 32).float().reshape(*lead, 2, 4, 2, 16)          # quarter, l in two 16s
+    return (d[..., None, None, None] * scales[..., None] * q).flatten(-4)
+
+
+GGUF_DEQUANTIZERS = {
+    GGMLQuantizationType.Q8_0: _q8_0,
+    GGMLQuantizationType.Q5_0: _q5_0,
+    GGMLQuantizationType.Q4_K: _q4_k,
+    GGMLQuantizationType.Q6_K: _q6_k,
+}
+
+
+def gguf_row_bytes(qtype: GGMLQuantizationType, num_columns: int) -> int:
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    if num_columns % block:
+        raise ValueError(f"{qtype.name} rows hold whole blocks of {block}, not {num_columns} values")
+    return num_columns // block * nbytes
+
+
+def dequantize_gguf(data: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype) -> torch.Tensor:
+    """``uint8 [N, row bytes]`` blocks of ``qtype`` -> ``[N, K]`` in ``dtype``."""
+    try:
+        dequantize = GGUF_DEQUANTIZERS[qtype]
+    except KeyError:
+        raise ValueError(f"GGUF type {qtype.name} is not served quantized (served: "
+                         f"{', '.join(t.name for t in GGUF_DEQUANTIZERS)})") from None
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    rows = data.shape[0]
+    return dequantize(data.reshape(rows, -1, nbytes)).reshape(rows, -1).to(dtype)

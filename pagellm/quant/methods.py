@@ -1,0 +1,130 @@
+"""Quantized ``LinearMethod``s: how a layer holds codes and scales, loads them
+(quantizing a float checkpoint tensor on the way, or copying a quantized
+checkpoint's own codes) and multiplies with them.
+
+Every method keeps the layer's output rows in checkpoint order, so a merged
+layer (q|k|v, gate|up) loads each shard into its own rows exactly as the dense
+method does; quantization never crosses a row, which makes shards independent.
+``apply`` dispatches to a fused kernel where one fits (``kernels.quant_ops``)
+and to the torch reference otherwise.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from pagellm.kernels import quant_ops
+from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, gguf_row_bytes, quantize_int4,
+                                         quantize_int8)
+from pagellm.model.layers import Linear
+
+FLOAT_GGUF_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def _parameter(layer: Linear, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    layer.register_parameter(name, param)
+    layer.weight_loaders[name] = functools.partial(layer.load_rows, param)
+    return param
+
+
+class Int8LinearMethod:
+    """Weight-only int8, one fp32 scale per output channel: ``qweight int8 [N, K]``, ``scales [N]``."""
+
+    def create_weights(self, layer: Linear) -> None:
+        qweight = _parameter(layer, "qweight", (layer.output_size, layer.input_size), torch.int8)
+        scales = _parameter(layer, "scales", (layer.output_size,), torch.float32)
+
+        def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
+            q, scale = quantize_int8(tensor)
+            layer.load_rows(qweight, q, shard_id)
+            layer.load_rows(scales, scale, shard_id)
+
+        layer.weight_loaders["weight"] = load_float
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return quant_ops.int8_linear(x, layer.qweight, layer.scales, layer.bias)
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return (layer.qweight[ids].float() * layer.scales[ids, None]).to(layer.params_dtype)
+
+
+class Int4LinearMethod:
+    """Weight-only int4, asymmetric, groups of ``group_size`` along the input:
+    ``qweight uint8 [N, K/2]`` (two codes a byte), ``scales fp32 [N, K/G]``,
+    ``zeros uint8 [N, K/G]``."""
+
+    def __init__(self, group_size: int = 128) -> None:
+        self.group_size = group_size
+
+    def create_weights(self, layer: Linear) -> None:
+        if layer.input_size % self.group_size:
+            raise ValueError(f"int4 groups of {self.group_size} do not divide the input size {layer.input_size}")
+        groups = layer.input_size // self.group_size
+        qweight = _parameter(layer, "qweight", (layer.output_size, layer.input_size // 2), torch.uint8)
+        scales = _parameter(layer, "scales", (layer.output_size, groups), torch.float32)
+        zeros = _parameter(layer, "zeros", (layer.output_size, groups), torch.uint8)
+
+        def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
+            for param, value in zip((qweight, scales, zeros), quantize_int4(tensor, self.group_size)):
+                layer.load_rows(param, value, shard_id)
+
+        layer.weight_loaders["weight"] = load_float
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return quant_ops.int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.bias)
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_int4(layer.qweight[ids], layer.scales[ids], layer.zeros[ids], layer.params_dtype)
+
+
+class GGUFLinearMethod:
+    """A GGUF file's own blocks, one ``uint8 [rows, row bytes]`` tensor per
+    shard (``qweight_i``; float types as ``weight_i``), since the shards of a
+    merged layer may be stored in different types (Q5_0 q and k, Q8_0 v)."""
+
+    def __init__(self, shard_types: list[GGMLQuantizationType]) -> None:
+        self.shard_types = shard_types
+
+    def create_weights(self, layer: Linear) -> None:
+        if len(self.shard_types) != len(layer.output_sizes):
+            raise ValueError(f"{len(self.shard_types)} GGUF tensors for {len(layer.output_sizes)} shards")
+        for i, (rows, qtype) in enumerate(zip(layer.output_sizes, self.shard_types)):
+            if qtype in FLOAT_GGUF_TYPES:
+                shape, dtype, name = (rows, layer.input_size), layer.params_dtype, f"weight_{i}"
+            else:
+                shape, dtype, name = (rows, gguf_row_bytes(qtype, layer.input_size)), torch.uint8, f"qweight_{i}"
+            layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+        layer.weight_loaders["weight"] = functools.partial(self._load, layer)
+
+    def _load(self, layer: Linear, tensor, shard_id: int | None) -> None:
+        """``tensor``: a ``RawTensor`` (still quantized) or a float tensor (float types)."""
+        index = shard_id or 0
+        qtype = self.shard_types[index]
+        if qtype in FLOAT_GGUF_TYPES:
+            target, value = getattr(layer, f"weight_{index}"), tensor
+        else:
+            if getattr(tensor, "tensor_type", None) != qtype:
+                raise ValueError(f"expected the file's {qtype.name} blocks")
+            target, value = getattr(layer, f"qweight_{index}"), torch.from_numpy(tensor.data.copy())
+        if target.shape != value.shape:
+            raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
+        target.data.copy_(value)
+
+    def _shards(self, layer: Linear):
+        for i, qtype in enumerate(self.shard_types):
+            yield (getattr(layer, f"weight_{i}"), None) if qtype in FLOAT_GGUF_TYPES else \
+                (getattr(layer, f"qweight_{i}"), qtype)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([quant_ops.gguf_linear(x, data, qtype) for data, qtype in self._shards(layer)], dim=-1)
+        return out if layer.bias is None else out + layer.bias
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        (data, qtype), = self._shards(layer)
+        rows = data[ids.reshape(-1)]
+        values = rows if qtype is None else dequantize_gguf(rows, qtype, layer.params_dtype)
+        return values.reshape(*ids.shape, layer.input_size)

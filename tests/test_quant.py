@@ -1,0 +1,171 @@
+"""Quantized weights: formats against references (gguf's own numpy
+dequantizer, closed-form error bounds), the engine's memory against the
+analyzer, and greedy output of quantized layers against dense ones."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
+
+from pagellm import LLM, SamplingParams
+from pagellm.kernels import torch_quant
+from pagellm.kernels.quant_ops import gguf_linear
+from pagellm.model.model_spec import load_model_config
+from pagellm.sizing import Precision, weights_bytes
+
+SERVED = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K)
+
+
+# --------------------------------------------------------------------------- formats
+
+def test_int8_round_trip_error_is_half_a_step_per_row():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    q, scale = torch_quant.quantize_int8(w)
+    error = (torch_quant.dequantize_int8(q, scale, torch.float32) - w).abs()
+    assert q.dtype == torch.int8 and (error <= scale[:, None] / 2 + 1e-7).all()
+    assert torch.equal(q.abs().amax(dim=1), torch.full((64,), 127, dtype=torch.int8))   # the range is used
+
+
+def test_int4_pack_round_trip_and_error_is_half_a_step_per_group():
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8, generator=gen)
+    assert torch.equal(torch_quant.unpack_int4(torch_quant.pack_int4(codes)), codes)
+    w = torch.randn(32, 512, generator=gen) + 0.5          # off-centre groups need the zero point
+    packed, scale, zero = torch_quant.quantize_int4(w, 128)
+    assert packed.shape == (32, 256) and scale.shape == zero.shape == (32, 4)
+    error = (torch_quant.dequantize_int4(packed, scale, zero, torch.float32) - w).abs().reshape(32, 4, 128)
+    assert (error <= scale[..., None] / 2 + 1e-6).all()
+
+
+def test_reference_matmuls_are_dequantize_then_linear():
+    gen = torch.Generator().manual_seed(2)
+    x, w, bias = torch.randn(3, 256, generator=gen), torch.randn(48, 256, generator=gen), torch.randn(48)
+    q, scale = torch_quant.quantize_int8(w)
+    expected = x @ torch_quant.dequantize_int8(q, scale, torch.float32).t() + bias
+    torch.testing.assert_close(torch_quant.int8_linear(x, q, scale, bias), expected)
+    packed, s4, z4 = torch_quant.quantize_int4(w, 128)
+    expected = x @ torch_quant.dequantize_int4(packed, s4, z4, torch.float32).t() + bias
+    torch.testing.assert_close(torch_quant.int4_linear(x, packed, s4, z4, bias), expected)
+
+
+def _blocks(qtype: GGMLQuantizationType, rows: int, cols: int, gen: np.random.Generator) -> np.ndarray:
+    """Valid blocks of ``qtype``: quantized by gguf where it can, else random bytes with sane fp16 scales."""
+    if qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0):
+        return quantize(gen.standard_normal((rows, cols)).astype(np.float32), qtype)
+    block, nbytes = {GGMLQuantizationType.Q4_K: (256, 144), GGMLQuantizationType.Q6_K: (256, 210)}[qtype]
+    data = gen.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    scales = gen.uniform(1e-3, 1e-2, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == GGMLQuantizationType.Q4_K:
+        data[..., 0:4] = scales.reshape(rows, cols // block, 4)          # d, dmin
+    else:
+        data[..., 208:210] = scales[..., :2]                              # d
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", SERVED, ids=lambda t: t.name)
+def test_gguf_dequantizers_match_the_gguf_package(qtype):
+    data = _blocks(qtype, 6, 512, np.random.default_rng(3))
+    expected = dequantize(data, qtype)
+    got = torch_quant.dequantize_gguf(torch.from_numpy(data), qtype, torch.float32)
+    np.testing.assert_array_equal(got.numpy(), expected.reshape(got.shape))
+
+
+def test_gguf_linear_in_row_slices_is_the_dense_product(monkeypatch):
+    qtype = GGMLQuantizationType.Q5_0
+    data = torch.from_numpy(_blocks(qtype, 40, 256, np.random.default_rng(4)))
+    x = torch.randn(2, 256)
+    dense = x @ torch_quant.dequantize_gguf(data, qtype, torch.float32).t()
+    monkeypatch.setattr("pagellm.kernels.quant_ops.ROWS_ELEMENTS", 7 * 256)   # 6 slices, the last one short
+    torch.testing.assert_close(gguf_linear(x, data, qtype), dense)
+
+
+def test_real_gguf_tensors_dequantize_exactly(qwen_gguf):
+    """Every served type in the real file (the 0.5B mixes all four), a few rows each."""
+    seen = {}
+    for tensor in GGUFReader(qwen_gguf).tensors:
+        if tensor.tensor_type in SERVED and tensor.tensor_type not in seen:
+            seen[tensor.tensor_type] = np.asarray(tensor.data)[:8]
+    assert set(seen) == set(SERVED)
+    for qtype, data in seen.items():
+        got = torch_quant.dequantize_gguf(torch.from_numpy(data.copy()), qtype, torch.float32)
+        np.testing.assert_array_equal(got.numpy(), dequantize(data, qtype).reshape(got.shape))
+
+
+# --------------------------------------------------------------------------- engine
+
+PROMPT = list(range(30, 70))
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prompt_logprobs(llm) -> torch.Tensor:
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    return torch.tensor([entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], PROMPT[1:])])
+
+
+def fake_quantized_copy(folder, dest, round_trip):
+    """The checkpoint with every block projection replaced by round_trip(weight): what a quantized layer holds."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(folder, dest)
+    tensors = load_file(dest / "model.safetensors")
+    for name, tensor in tensors.items():
+        if any(f".{p}.weight" in name for p in PROJECTIONS):
+            tensors[name] = round_trip(tensor)
+    save_file(tensors, dest / "model.safetensors")
+    return dest
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_layers_compute_what_their_dequantized_weights_do(tmp_path, quantization):
+    """A quantized engine (merged q|k|v and gate|up, packing, loaders, matmul dispatch) against the dense
+    engine on a checkpoint whose block projections were quantized and dequantized beforehand."""
+    from tiny_models import make_tiny_hf_model
+    folder = make_tiny_hf_model(tmp_path / "model", arch="qwen2", num_kv_heads=2, hidden_size=256,
+                                intermediate_size=512)
+    round_trip = {"int8": lambda w: torch_quant.dequantize_int8(*torch_quant.quantize_int8(w), w.dtype),
+                  "int4": lambda w: torch_quant.dequantize_int4(*torch_quant.quantize_int4(w, 128), w.dtype)}
+    reference = LLM(str(fake_quantized_copy(folder, tmp_path / "fake", round_trip[quantization])), dtype="float32",
+                    num_kv_blocks=64)
+    quant = LLM(str(folder), dtype="float32", num_kv_blocks=64, quantization=quantization)
+    layer = quant.engine.runner.model.layers[0].mlp.down_proj
+    assert "weight" not in dict(layer.named_parameters()) and layer.qweight.dtype in (torch.int8, torch.uint8)
+    assert type(quant.engine.runner.model.embed_tokens.method).__name__ == "DenseLinearMethod"
+    torch.testing.assert_close(prompt_logprobs(quant), prompt_logprobs(reference), atol=1e-4, rtol=0)
+    dense = LLM(str(folder), dtype="float32", num_kv_blocks=64)
+    assert not torch.allclose(prompt_logprobs(dense), prompt_logprobs(quant), atol=1e-4)   # it did quantize
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "qwen2.5-7b", "mistral-7b"])
+@pytest.mark.parametrize("quantization, w_bits, group", [("int8", 8, -1), ("int4", 4, 128)])
+def test_quantized_weight_bytes_match_the_analyzer(name, quantization, w_bits, group):
+    """Built on the meta device (no memory): the engine's parameters against ``--w-bits``."""
+    from pagellm.model.layers import LayerFactory
+    from pagellm.model.llama import LlamaForCausalLM
+    from pagellm.quant import quantization_policy
+    config = load_model_config(name)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, LayerFactory(torch.bfloat16, quantization_policy(quantization)))
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    predicted = weights_bytes(config, Precision(w_bits=w_bits, group_size=group))
+    assert held == pytest.approx(predicted, rel=0.05)
+
+
+def test_gguf_mode_keeps_the_file_s_blocks_and_its_outputs(qwen_gguf):
+    llm = LLM(str(qwen_gguf), dtype="float32", num_kv_blocks=64, max_model_len=256, quantization="auto")
+    assert llm.engine.quantization == "gguf"
+    assert llm.engine.memory.weights_bytes <= 1.15 * os.path.getsize(qwen_gguf)
+    float_llm = LLM(str(qwen_gguf), dtype="float32", num_kv_blocks=64, max_model_len=256)
+    prompts = ["def fibonacci(n):", "import numpy as np\n"]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    blocks = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    floats = [o.outputs[0].token_ids for o in float_llm.generate(prompts, params, use_tqdm=False)]
+    assert blocks == floats
+
+
+def test_gguf_needs_a_gguf_file(tiny_llama):
+    with pytest.raises(ValueError, match="must be a .gguf file"):
+        LLM(str(tiny_llama), quantization="gguf")
