@@ -476,7 +476,10 @@ def test_drain_aborts_what_outlives_the_grace_period(tiny_llama):
         server.thread.join(30)
         assert not server.thread.is_alive() and time.monotonic() - started < 20
     assert error is None and lines[-1] == "data: [DONE]"   # ended in-band, not cut off
-    last = json.loads(lines[-2][len("data: "):])
-    assert last["error"]["code"] == "service_unavailable" and "shutting down" in last["error"]["message"]
+    aborted, usage = (json.loads(line[len("data: "):]) for line in lines[-3:-1])
+    assert aborted["error"]["code"] == "service_unavailable" and "shutting down" in aborted["error"]["message"]
+    streamed = sum(len(choice["text"]) > 0 for chunk in map(json.loads, (line[6:] for line in lines[:-3]))
+                   for choice in chunk["choices"])
+    assert usage["choices"] == [] and 0 < streamed <= usage["usage"]["completion_tokens"] < 4 * 200
     stats = server.server.async_engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
