@@ -26,12 +26,16 @@ PROMPT = "Paged attention keeps the key value cache"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
 
 
-def server_thread(model_dir, *, api_key=None, max_waiting=None, grace_period=30.0, **engine_kwargs) -> ServerThread:
+SERVER_OPTIONS = ("api_key", "grace_period", "max_request_bytes", "allowed_origins", "enable_docs")
+
+
+def server_thread(model_dir, *, max_waiting=None, max_seqs_per_request=None, **kwargs) -> ServerThread:
+    """A server on the tiny model; ``kwargs`` are ``make_server``'s SERVER_OPTIONS, then EngineConfig fields."""
+    options = {name: kwargs.pop(name) for name in SERVER_OPTIONS if name in kwargs}
     config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256,
-                          **({"num_kv_blocks": NUM_KV_BLOCKS} | engine_kwargs))
-    async_engine = AsyncEngine(LLMEngine(config), max_waiting=max_waiting)
-    return ServerThread(make_server(async_engine, MODEL, port=0, api_key=api_key, grace_period=grace_period,
-                                    log_level="warning"))
+                          **({"num_kv_blocks": NUM_KV_BLOCKS} | kwargs))
+    async_engine = AsyncEngine(LLMEngine(config), max_waiting=max_waiting, max_seqs_per_request=max_seqs_per_request)
+    return ServerThread(make_server(async_engine, MODEL, port=0, log_level="warning", **options))
 
 
 def wait_until_idle(server: ServerThread, timeout: float = 20.0) -> dict[str, float]:
