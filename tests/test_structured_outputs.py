@@ -1,6 +1,6 @@
 """Structured outputs: the allowed-token mask in the sampler against closed forms, and
 generations constrained by a regex, a choice or a JSON schema, checked by ``re``, set
-membership and jsonschema (and, with the real model, JSON objects and schemas)."""
+membership and jsonschema (and, with the real model, a JSON schema)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from pagellm import LLM, SamplingParams, StructuredOutputsParams
-from pagellm.engine.sampler import SamplingTensors, allowed_tokens, sample
-from pagellm.engine.sampler import SamplingMetadata
+from pagellm.engine.sampler import SamplingMetadata, SamplingTensors, allowed_tokens, sample
 from pagellm.engine.step import sampling_metadata
 from test_sampler import make_seqs
 
@@ -87,17 +86,13 @@ def test_grammar_errors_name_the_field(llm):
 
 
 @pytest.mark.slow
-def test_real_model_answers_json_objects_and_schemas(qwen_gguf):
-    llm = LLM(str(qwen_gguf), dtype="float32", kv_cache_memory="256MiB", max_model_len=512)
+def test_real_model_answers_a_json_schema(qwen_gguf):
+    llm = LLM(str(qwen_gguf), dtype="float32", kv_cache_memory="64MiB", max_model_len=256)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},
               "required": ["name", "age"], "additionalProperties": False}
     prompt = llm.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}])
-    outputs = llm.generate([prompt, prompt], [
-        SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(json=schema)),
-        SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(json_object=True))],
-        use_tqdm=False)
-    person, anything = (o.outputs[0] for o in outputs)
+    person = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, structured_outputs=(
+        StructuredOutputsParams(json=schema))), use_tqdm=False)[0].outputs[0]
     jsonschema.validate(json.loads(person.text), schema)
-    assert isinstance(json.loads(anything.text), dict)
-    assert person.finish_reason == anything.finish_reason == "stop"
+    assert person.finish_reason == "stop"

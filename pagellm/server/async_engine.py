@@ -163,6 +163,11 @@ class AsyncEngine:
     def accepting(self) -> bool:
         return self._accepting and self._thread.is_alive()
 
+    @property
+    def stopped(self) -> bool:
+        """The engine thread has ended."""
+        return not self._thread.is_alive()
+
     def stats(self) -> dict[str, float]:
         """The engine's counters now, submissions not yet applied counted as waiting (safe from any thread)."""
         stats = self.engine.stats()

@@ -56,4 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
                          max_request_bytes=args.max_request_bytes, allowed_origins=args.allowed_origins,
                          enable_docs=not args.disable_docs)
     server.run()
+    if not async_engine.stopped:   # a step outlived the shutdown: exit without waiting for it
+        logging.shutdown()         # (interpreter teardown under a running torch op aborts the process)
+        os._exit(0)
     return 0
