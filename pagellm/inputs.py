@@ -1,6 +1,7 @@
 """What a request's prompt may be, shared by the offline API (``LLM``) and the server.
 
-A prompt is text or a list of token ids; wherever one prompt or several are
+A prompt is text or a list of token ids (or a ``TokenizedPrompt``: text already
+tokenized elsewhere, as the server does in its worker pool); wherever one prompt or several are
 accepted, a ``str`` or a sequence whose first element is an ``int`` is one
 prompt and anything else is a sequence of prompts. A conversation becomes
 token ids through the tokenizer's chat template, with the generation prompt
@@ -10,10 +11,20 @@ appended so that the model's reply comes next; any failure to render is a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jinja2
 
-Prompt = str | list[int]
+
+@dataclass
+class TokenizedPrompt:
+    """A text prompt and the token ids the engine's tokenizer made of it."""
+
+    text: str
+    token_ids: list[int]
+
+
+Prompt = str | list[int] | TokenizedPrompt
 
 
 def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -18,7 +18,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
 
     def finished(self) -> bool:
@@ -35,3 +35,4 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     # When asked for (SamplingParams.prompt_logprobs): per prompt token, None for the first
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    error: str | None = None   # why the engine failed this request (its outputs end with "error")

@@ -184,7 +184,7 @@ def test_kv_occupancy_counts_shared_prefix_blocks_once():
     assert bm.match_prefix(second) == 32                       # two full blocks shared
     bm.allocate(second, 5)
     second.num_computed_tokens = 37
-    engine = SimpleNamespace(block_manager=bm, scheduler=SimpleNamespace(running=[first, second], waiting=[]))
+    engine = SimpleNamespace(block_manager=bm, scheduler=SimpleNamespace(running=[first, second], waiting={}))
     used, allocated, holding = kv_occupancy(engine)
     assert (used, allocated) == (4, 64)
     assert holding == 32 + 8 + 5                               # shared blocks once, then each partial block

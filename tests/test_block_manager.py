@@ -100,7 +100,7 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
                 seq.append_token(rng.randrange(50))
                 if seq.num_output_tokens >= seq.params.max_tokens:
                     scheduler.finish(seq)
-        for seq in list(scheduler.running) + list(scheduler.waiting):
+        for seq in list(scheduler.running) + list(scheduler.waiting.values()):
             if rng.random() < w["abort_rate"]:
                 scheduler.finish(seq)
             elif (seq in batch.seqs and seq.num_output_tokens == 1 and len(live) < 2 * w["num_requests"]

@@ -26,12 +26,16 @@ PROMPT = "Paged attention keeps the key value cache"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
 
 
-def server_thread(model_dir, *, api_key=None, max_waiting=None, grace_period=30.0, **engine_kwargs) -> ServerThread:
+SERVER_OPTIONS = ("api_key", "grace_period", "max_request_bytes", "allowed_origins", "enable_docs")
+
+
+def server_thread(model_dir, *, max_waiting=None, max_seqs_per_request=None, **kwargs) -> ServerThread:
+    """A server on the tiny model; ``kwargs`` are ``make_server``'s SERVER_OPTIONS, then EngineConfig fields."""
+    options = {name: kwargs.pop(name) for name in SERVER_OPTIONS if name in kwargs}
     config = EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256,
-                          **({"num_kv_blocks": NUM_KV_BLOCKS} | engine_kwargs))
-    async_engine = AsyncEngine(LLMEngine(config), max_waiting=max_waiting)
-    return ServerThread(make_server(async_engine, MODEL, port=0, api_key=api_key, grace_period=grace_period,
-                                    log_level="warning"))
+                          **({"num_kv_blocks": NUM_KV_BLOCKS} | kwargs))
+    async_engine = AsyncEngine(LLMEngine(config), max_waiting=max_waiting, max_seqs_per_request=max_seqs_per_request)
+    return ServerThread(make_server(async_engine, MODEL, port=0, log_level="warning", **options))
 
 
 def wait_until_idle(server: ServerThread, timeout: float = 20.0) -> dict[str, float]:
@@ -476,7 +480,10 @@ def test_drain_aborts_what_outlives_the_grace_period(tiny_llama):
         server.thread.join(30)
         assert not server.thread.is_alive() and time.monotonic() - started < 20
     assert error is None and lines[-1] == "data: [DONE]"   # ended in-band, not cut off
-    last = json.loads(lines[-2][len("data: "):])
-    assert last["error"]["code"] == "service_unavailable" and "shutting down" in last["error"]["message"]
+    aborted, usage = (json.loads(line[len("data: "):]) for line in lines[-3:-1])
+    assert aborted["error"]["code"] == "service_unavailable" and "shutting down" in aborted["error"]["message"]
+    streamed = sum(len(choice["text"]) > 0 for chunk in map(json.loads, (line[6:] for line in lines[:-3]))
+                   for choice in chunk["choices"])
+    assert usage["choices"] == [] and 0 < streamed <= usage["usage"]["completion_tokens"] < 4 * 200
     stats = server.server.async_engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0

@@ -100,7 +100,7 @@ def kv_occupancy(engine) -> tuple[int, int, int]:
     bs = bm.block_size
     full: set[int] = set()
     partial: dict[int, int] = {}
-    for seq in (*engine.scheduler.running, *engine.scheduler.waiting):
+    for seq in (*engine.scheduler.running, *engine.scheduler.waiting.values()):
         table = seq.block_table
         if not table:
             continue

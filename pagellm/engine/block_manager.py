@@ -103,6 +103,16 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_computed_tokens = 0
 
+    def forget(self, seq: Sequence) -> None:
+        """Drop from the prefix cache the blocks only ``seq`` holds (their K/V may
+        never have been written: its step failed)."""
+        for block_id in seq.block_table:
+            block_hash = self.block_hash[block_id] if block_id != self.null_block else None
+            if block_hash is not None and self.ref_counts[block_id] == 1:
+                if self.cached_blocks.get(block_hash) == block_id:
+                    del self.cached_blocks[block_hash]
+                self.block_hash[block_id] = None
+
     def free_outside_window(self, seq: Sequence) -> None:
         """Give back the leading blocks that no future token of ``seq`` can
         see: its next query sits at ``num_computed_tokens`` and sees keys after

@@ -7,6 +7,15 @@ finished sequences; it returns a RequestOutput for every request that changed.
 The offline ``LLM`` and the HTTP server both drive this one loop. Step
 observers (``add_observer``) see every scheduled batch and every step's
 outputs; the benchmarks record per-step figures through them.
+
+One request never fails another: ``SamplingParams`` only admits values the
+worker can represent, and if a step raises all the same, its sequences are
+run again in halves (``_execute``) until the ones that fail alone are found;
+their requests end with ``finish_reason="error"`` and ``RequestOutput.error``
+and the rest of the step goes on. Re-running is safe: a step only writes the
+K/V of its own new tokens (the same values again) and sampling is a pure
+function of each sequence's seed and progress, so the survivors draw the
+tokens they would have drawn in the whole step.
 """
 from __future__ import annotations
 
@@ -24,6 +33,8 @@ from pagellm.engine.model_runner import ModelRunner
 from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
 from pagellm.engine.step import StepOutput, build_step_input, profile_step_input
+from pagellm.engine.structured import GrammarCompiler
+from pagellm.inputs import Prompt, TokenizedPrompt
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagellm.quant import keeps_blocks, quantization_policy, resolve_quantization
 from pagellm.sampling_params import SamplingParams
@@ -45,6 +56,7 @@ class RequestState:
     finished_time: float | None = None
     stream: bool = True
     unforked: list[Sequence] = field(default_factory=list)  # samples 1..n-1 until the prompt is computed
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -85,7 +97,9 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, RequestState] = {}
+        self._num_unforked = 0   # samples waiting for their request's prompt (not in the scheduler yet)
         self._seq_ids = itertools.count()
         self._seed_source = random.Random(config.seed)
         self.observers: list[StepObserver] = []
@@ -111,42 +125,53 @@ class LLMEngine:
         return checkpoint.config, checkpoint, weights, checkpoint.load_tokenizer()
 
     # ---- requests ------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt; safe to call from any thread."""
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt.text, self._check_ids(prompt.token_ids)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
             if self.tokenizer is None:
                 raise ValueError("prompt must be token ids: this model has no tokenizer")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        ids = list(prompt)
+        return None, self._check_ids(list(prompt))
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
             raise ValueError("prompt_token_ids is empty")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}); got {bad[:5]}")
-        return None, ids
+        return ids
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     stream: bool = True) -> None:
         """Queue a request. ``stream=False``: ``step`` reports it only once finished."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        vocab = self.model_config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs must be at most the vocabulary size {vocab}, got {params.logprobs}")
         text, ids = self.tokenize(prompt)
         max_tokens = self._check_length(len(ids), params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, max_tokens)
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
         now = time.monotonic()
-        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, seed, now) for i in range(params.n)]
+        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, seed, now,
+                         grammar=grammar.matcher() if grammar else None) for i in range(params.n)]
         detokenizers = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop_strings,
                                                params.include_stop_str_in_output) for _ in seqs]
         self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, detokenizers, now,
                                                  stream=stream, unforked=seqs[1:])
+        self._num_unforked += len(seqs) - 1
         self.scheduler.add(seqs[0])
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
@@ -167,12 +192,18 @@ class LLMEngine:
         return max_tokens
 
     def abort_request(self, request_id: str) -> None:
+        """End a request (unknown ids are ignored): O(its number of sequences)."""
         state = self.requests.pop(request_id, None)
-        if state is None:
-            return
+        if state is not None:
+            self._end(state, "abort")
+
+    def _end(self, state: RequestState, reason: str) -> None:
+        """Finish every unfinished sequence of a request that was removed from ``requests``."""
+        self._num_unforked -= len(state.unforked)
+        state.unforked = []
         for seq in state.seqs:
             if not seq.finished:
-                seq.finish_reason = "abort"
+                seq.finish_reason = reason
                 self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
@@ -191,14 +222,14 @@ class LLMEngine:
             observer.on_schedule(batch)
         if not batch:
             return []
-        step = build_step_input(batch, self.config.block_size, self.block_manager.take_pending_copies(),
-                                pin_memory=self._pin_memory)
-        result = self.runner.execute(step)
+        done, failed = self._execute(batch, self.block_manager.take_pending_copies())
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         changed: dict[str, RequestState] = {}
-        for index, seq in enumerate(batch.seqs):
+        for seq, result, index in done:
+            if seq.request_id in failed:
+                continue
             if result.scored is not None and result.scored[index]:
                 seq.prompt_logprobs.extend(self._logprob_entry(target, s.logprob, s.top[:seq.params.prompt_logprobs],
                                                                s.rank)
@@ -206,20 +237,61 @@ class LLMEngine:
                                                                 result.scored[index]))
             if result.token_ids[index]:
                 state = self.requests[seq.request_id]
-                self._append(state, seq, result, index, now)
+                try:
+                    self._append(state, seq, result, index, now)
+                except Exception as exc:   # e.g. a grammar refusing a token: that request's fault alone
+                    failed[seq.request_id] = exc
                 changed[state.request_id] = state
         for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks
             if not seq.finished:
                 self.block_manager.free_outside_window(seq)
-        outputs = [self._finish_or_report(state, now) for state in changed.values() if state.stream or state.finished]
+        outputs = [self._fail(request_id, exc) for request_id, exc in failed.items()]
+        outputs += [self._finish_or_report(state, now) for request_id, state in changed.items()
+                    if request_id not in failed and (state.stream or state.finished)]
         for observer in self.observers:
             observer.on_step(batch, outputs)
         return outputs
+
+    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]]
+                 ) -> tuple[list[tuple[Sequence, StepOutput, int]], dict[str, Exception]]:
+        """Run a batch on the worker: per sequence (sequence, step output, its index
+        there), and the requests whose sequences failed even alone. A batch that
+        raises is run again in halves, each with the block copies into its own
+        blocks (copying again is harmless: the step rewrites what follows)."""
+        try:
+            result = self.runner.execute(build_step_input(batch, self.config.block_size, copies,
+                                                          pin_memory=self._pin_memory))
+            return [(seq, result, index) for index, seq in enumerate(batch.seqs)], {}
+        except Exception as exc:
+            if len(batch.seqs) == 1:
+                logger.error(f"request {batch.seqs[0].request_id} failed its step", exc_info=exc)
+                return [], {batch.seqs[0].request_id: exc}
+        done, failed = [], {}
+        middle = len(batch.seqs) // 2
+        for part in (slice(0, middle), slice(middle, None)):
+            half = ScheduledBatch(batch.seqs[part], batch.num_new_tokens[part])
+            blocks = {block for seq in half.seqs for block in seq.block_table}
+            half_done, half_failed = self._execute(half, [(src, dst) for src, dst in copies if dst in blocks])
+            done += half_done
+            failed |= half_failed
+        return done, failed
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """End a request the engine could not run; its blocks leave the prefix cache (their K/V may be unwritten)."""
+        state = self.requests.pop(request_id)
+        state.error = f"{type(error).__name__}: {error}"
+        for seq in state.seqs:
+            self.block_manager.forget(seq)
+        self._end(state, "error")
+        state.finished_time = time.monotonic()
+        return self.make_output(state)
 
     def _append(self, state: RequestState, seq: Sequence, result: StepOutput, index: int, now: float) -> None:
         """Append the one token ``seq`` sampled this step."""
         token = result.token_ids[index][0]
         seq.append_token(token)
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         if state.unforked:
             self._fork_samples(state, seq)
         if state.params.logprobs is not None:
@@ -245,11 +317,14 @@ class LLMEngine:
         for child in state.unforked:
             self.block_manager.fork(parent, child, child.num_tokens - 1)
             self.scheduler.add(child, front=True)
+        self._num_unforked -= len(state.unforked)
         state.unforked = []
 
     def _stop_reason(self, seq: Sequence, token: int, stop_string: str | None
                      ) -> tuple[str, int | str | None] | None:
         params = seq.params
+        if seq.grammar is not None and seq.grammar.terminated:
+            return "stop", None
         if seq.num_output_tokens >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 return "stop", None
@@ -296,11 +371,12 @@ class LLMEngine:
             metrics["finished_time"] = state.finished_time
         prompt_logprobs = None if state.params.prompt_logprobs is None else [None, *state.seqs[0].prompt_logprobs]
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, state.finished, metrics,
-                             prompt_logprobs)
+                             prompt_logprobs, state.error)
 
     def stats(self) -> dict[str, float]:
+        """Counters only (no iteration), so another thread may read them during a step."""
         bm, sched = self.block_manager, self.scheduler
-        return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+        return {"num_running": len(sched.running), "num_waiting": len(sched.waiting) + self._num_unforked,
                 "kv_blocks_used": bm.num_used_blocks, "kv_blocks_total": bm.num_blocks,
                 "kv_usage": bm.num_used_blocks / bm.num_blocks, "num_preemptions": sched.stats.num_preemptions,
                 "num_prefill_tokens": sched.stats.num_prefill_tokens,

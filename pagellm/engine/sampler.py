@@ -1,4 +1,4 @@
-"""The one sampler: penalties, temperature, min-p/top-k/top-p, then a draw.
+"""The one sampler: grammar mask, penalties, temperature, min-p/top-k/top-p, then a draw.
 
 Draws use the Gumbel-max form of categorical sampling (argmax of p / E with E ~
 Exp(1)) where E comes from a counter-based hash of (seed, sample index, output
@@ -26,6 +26,7 @@ class SamplingMetadata:
     row_keys: list[tuple[int, int]]                   # noise keys (``row_keys``); [] when all rows are greedy
     prompt_token_ids: list[list[int]] | None = None   # only when some row has a penalty
     output_token_ids: list[list[int]] | None = None
+    token_bitmask: torch.Tensor | None = None         # [N, ceil(V/32)] int32 allowed tokens; None: no grammar
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SamplingTensors:
     frequency_penalty: torch.Tensor | None = None   # [N] fp32
     prompt_token_ids: list[list[int]] | None = None   # the rows' histories, when penalties need them
     output_token_ids: list[list[int]] | None = None
+    token_bitmask: torch.Tensor | None = None       # [N, ceil(V/32)] int32, on the device
 
     @classmethod
     def from_metadata(cls, meta: SamplingMetadata, vocab_size: int, device: torch.device) -> "SamplingTensors":
@@ -64,7 +66,7 @@ class SamplingTensors:
             t.temperature = tensor([p.temperature for p in params])
             t.row_keys = tensor(meta.row_keys, torch.int64)
         if not t.all_greedy and t.needs_filtering:
-            t.top_k = tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+            t.top_k = tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], torch.int64)
             t.top_p = tensor([p.top_p for p in params])
             t.min_p = tensor([p.min_p for p in params])
         if t.needs_penalties:
@@ -72,12 +74,20 @@ class SamplingTensors:
             t.presence_penalty = tensor([p.presence_penalty for p in params])
             t.frequency_penalty = tensor([p.frequency_penalty for p in params])
             t.prompt_token_ids, t.output_token_ids = meta.prompt_token_ids, meta.output_token_ids
+        if meta.token_bitmask is not None:
+            t.token_bitmask = meta.token_bitmask.to(device)
         return t
 
     def rows(self, start: int, end: int) -> SamplingTensors:
         """The settings of rows ``start .. end-1``."""
         return replace(self, **{f.name: getattr(self, f.name)[start:end] for f in fields(self)
                                 if isinstance(getattr(self, f.name), (torch.Tensor, list))})
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Unpack allowed-token bit rows (bit ``j`` of word ``i``: token ``32 i + j``) into ``[N, V]`` booleans."""
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    return ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]
 
 
 def token_histograms(prompt_token_ids: list[list[int]], output_token_ids: list[list[int]], vocab_size: int,
@@ -170,7 +180,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     Rows go through in chunks of ``sizing.sampler_chunk_rows(V)``, which
     bounds the working memory of the heavy paths whatever the batch size; a
     row's draw depends only on its own keys, so chunking changes no token."""
-    if t.all_greedy and not t.needs_penalties and not t.wants_logprobs:
+    if t.all_greedy and not t.needs_penalties and not t.wants_logprobs and t.token_bitmask is None:
         return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None)
     step = sizing.sampler_chunk_rows(logits.shape[-1])
     chunks = [_sample_rows(logits[start:start + step], t.rows(start, start + step))
@@ -187,6 +197,8 @@ def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor
     """(tokens, their log-probabilities, top log-probabilities, their ids) of
     some rows; the last three None when not asked for."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if t.wants_logprobs else None
+    if t.token_bitmask is not None:
+        logits = logits.masked_fill(~allowed_tokens(t.token_bitmask, logits.shape[-1]), float("-inf"))
     if t.needs_penalties:
         logits = apply_penalties(logits, t)
     tokens = logits.argmax(dim=-1)

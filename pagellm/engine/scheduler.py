@@ -9,10 +9,13 @@ across steps. When the pool runs out, the most recently admitted running
 sequence is preempted: its blocks are freed and it goes back to the front of
 the queue to be recomputed later (its full blocks usually survive in the prefix
 cache, so recomputation is often cheap).
+
+The waiting queue is keyed by sequence id (an ordered dict), so finishing or
+aborting any sequence costs O(1) wherever it is queued.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pagellm.engine.block_manager import BlockManager
@@ -56,15 +59,14 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: OrderedDict[int, Sequence] = OrderedDict()   # seq_id -> sequence, in queue order
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence, front: bool = False) -> None:
+        self.waiting[seq.seq_id] = seq
         if front:
-            self.waiting.appendleft(seq)
-        else:
-            self.waiting.append(seq)
+            self.waiting.move_to_end(seq.seq_id, last=False)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -94,7 +96,7 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            seq = next(iter(self.waiting.values()))
             if not seq.block_table and seq.params.prompt_logprobs is None:   # cached tokens get no logits
                 self.block_manager.match_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
@@ -103,7 +105,7 @@ class Scheduler:
                 if self.running or batch or not self._drop_waiting_forks():
                     break
                 continue
-            self.waiting.popleft()
+            del self.waiting[seq.seq_id]
             self.block_manager.allocate(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -115,7 +117,7 @@ class Scheduler:
         does not fit: free the blocks that a waiting fork (a sibling sharing its
         parent's blocks) holds, newest first; the fork will recompute. False if
         there is none."""
-        for seq in reversed(self.waiting):
+        for seq in reversed(self.waiting.values()):
             if seq.block_table:
                 self.block_manager.free(seq)
                 return True
@@ -126,7 +128,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.add(seq, front=True)
         batch.preempted.append(seq)
 
     def _count(self, batch: ScheduledBatch) -> None:
@@ -139,10 +141,11 @@ class Scheduler:
                 self.stats.num_prefill_tokens += n
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks."""
-        seq.status = SequenceStatus.FINISHED
-        if seq in self.running:
+        """Remove a finished or aborted sequence and free its blocks: O(1) for a
+        waiting one, O(max_num_seqs) for a running one."""
+        if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        else:
+            self.waiting.pop(seq.seq_id, None)
+        seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)

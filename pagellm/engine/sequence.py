@@ -1,10 +1,12 @@
 """A Sequence is one stream of tokens being generated: prompt + outputs, its
-progress through the KV cache, and the blocks that hold it."""
+progress through the KV cache, and the blocks that hold it. Sequences compare
+by identity (the scheduler finds them by id, never by value)."""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
+from pagellm.engine.structured import GrammarState
 from pagellm.sampling_params import SamplingParams
 
 
@@ -14,7 +16,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     seq_id: int
     request_id: str
@@ -34,6 +36,7 @@ class Sequence:
     prompt_logprobs: list[dict] = field(default_factory=list)   # of prompt tokens 1.. as they are computed
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: GrammarState | None = None   # structured outputs: advanced as tokens are appended
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

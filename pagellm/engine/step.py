@@ -30,6 +30,7 @@ import torch
 from pagellm.engine.sampler import SamplerOutput, SamplingMetadata, row_keys
 from pagellm.engine.scheduler import ScheduledBatch
 from pagellm.engine.sequence import Sequence
+from pagellm.engine.structured import token_bitmask
 from pagellm.kernels.attention import AttentionMetadata
 from pagellm.sampling_params import SamplingParams
 from pagellm.utils.math import cdiv
@@ -177,6 +178,8 @@ def sampling_metadata(seqs: list[Sequence]) -> SamplingMetadata:
     if any(p.has_penalties for p in params):
         meta.prompt_token_ids = [s.prompt_token_ids for s in seqs]
         meta.output_token_ids = [s.output_token_ids for s in seqs]
+    if any(s.grammar is not None for s in seqs):
+        meta.token_bitmask = token_bitmask([s.grammar for s in seqs])
     return meta
 
 

@@ -6,6 +6,12 @@ thread applies them between steps, steps while any request is unfinished, and
 otherwise sleeps on the command queue (no busy wait). Outputs go back through
 ``loop.call_soon_threadsafe`` into each caller's RequestStream, one callback
 per loop per step, so any number of HTTP requests wait without a thread each.
+
+Bounds: a submission may ask for at most ``max_seqs_per_request`` sequences
+(prompts x n) and is refused while the sequences waiting (queued here or in
+the engine) plus its own would exceed ``max_waiting``. ``stats`` reads the
+engine's counters live, so /metrics does not wait for a step to end, and
+``abort_all`` tells every caller at once, even in the middle of a long step.
 """
 from __future__ import annotations
 
@@ -14,18 +20,19 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pagellm.engine.llm_engine import LLMEngine
+from pagellm.inputs import Prompt
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 from pagellm.server.metrics import RequestProgress, ServerMetrics
 
 logger = logging.getLogger("pagellm.server")
 
-Prompt = str | list[int]
 
 
 class EngineOverloaded(RuntimeError):
@@ -38,6 +45,10 @@ class EngineClosed(RuntimeError):
 
 class RequestAborted(RuntimeError):
     """A request was ended by the server (shutdown or an engine failure), not by its caller."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not run this request (and only this one): ``LLMEngine._execute``."""
 
 
 _ACCEPTED = object()   # posted to a stream once all its prompts are queued in the engine
@@ -89,8 +100,7 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         while not self._ready:
-            if self._error is not None:
-                self._unfinished.clear()
+            if self._error is not None:   # unfinished_ids still names what the caller should abort
                 raise self._error
             if not self._unfinished:
                 raise StopAsyncIteration
@@ -109,6 +119,10 @@ class _Add:
     params: SamplingParams
     arrival_time: float
 
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prompts) * self.params.n
+
 
 @dataclass
 class _Abort:
@@ -123,17 +137,21 @@ def _deliver(items: list[tuple[RequestStream, object]]) -> None:
 class AsyncEngine:
     """Owns an LLMEngine and its step thread; ``submit``/``generate`` from any asyncio loop.
 
-    ``max_waiting`` bounds the engine's waiting queue (in sequences): a
-    submission that finds it full is refused with EngineOverloaded.
+    ``max_waiting`` bounds the waiting sequences: a submission that would take
+    them past it is refused with EngineOverloaded; one asking for more than
+    ``max_seqs_per_request`` sequences with ValueError (None: no bound).
     """
 
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
+                 max_seqs_per_request: int | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
-        self._stats = engine.stats()
-        self.metrics = ServerMetrics(lambda: self._stats)
+        self.max_seqs_per_request = max_seqs_per_request
+        self.metrics = ServerMetrics(self.stats)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()   # orders "still accepting? then enqueue" against closing
+        self._pending_seqs = 0          # sequences submitted, not yet added to the engine
+        self._streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()   # accepted, maybe unfinished
         self._accepting = True
         self._progress: dict[str, tuple[RequestStream, RequestProgress]] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = defaultdict(list)
@@ -145,9 +163,16 @@ class AsyncEngine:
     def accepting(self) -> bool:
         return self._accepting and self._thread.is_alive()
 
+    @property
+    def stopped(self) -> bool:
+        """The engine thread has ended."""
+        return not self._thread.is_alive()
+
     def stats(self) -> dict[str, float]:
-        """The engine's stats as of its last step or command (safe from any thread)."""
-        return self._stats
+        """The engine's counters now, submissions not yet applied counted as waiting (safe from any thread)."""
+        stats = self.engine.stats()
+        stats["num_waiting"] += self._pending_seqs
+        return stats
 
     async def submit(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> RequestStream:
         """Queue ``prompts`` as one unit: all are accepted or none is.
@@ -158,15 +183,22 @@ class AsyncEngine:
         """
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         stream = RequestStream(ids, asyncio.get_running_loop())
+        command = _Add(stream, prompts, params, time.monotonic())
+        if self.max_seqs_per_request is not None and command.num_seqs > self.max_seqs_per_request:
+            raise ValueError(f"n x prompts = {params.n} x {len(prompts)} = {command.num_seqs} sequences, more than "
+                             f"the {self.max_seqs_per_request} this server runs for one request")
         with self._lock:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down and takes no new requests")
-            self._commands.put(_Add(stream, prompts, params, time.monotonic()))
+            self._pending_seqs += command.num_seqs
+            self._commands.put(command)
         try:
             await stream.accepted
         except asyncio.CancelledError:
             self.abort(*ids)
             raise
+        with self._lock:
+            self._streams.add(stream)
         return stream
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams
@@ -191,15 +223,23 @@ class AsyncEngine:
         self._accepting = False
 
     def abort_all(self) -> None:
-        """Abort every unfinished request; their callers get RequestAborted (the end of a drain)."""
+        """Abort every unfinished request (the end of a drain): callers get RequestAborted
+        now, the engine frees their blocks after its current step."""
+        error = RequestAborted("the server is shutting down and aborted the request")
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            if not stream.finished:
+                stream.loop.call_soon_threadsafe(stream.receive, error)
         self._commands.put(_ABORT_ALL)
 
-    async def shutdown(self) -> None:
-        """Abort whatever is unfinished (its callers get RequestAborted) and end the thread."""
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Abort whatever is unfinished (its callers get RequestAborted) and end the
+        thread, waiting at most ``timeout`` seconds for a step in progress."""
         with self._lock:
             self._accepting = False
             self._commands.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._thread.join, timeout)
 
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -207,7 +247,6 @@ class AsyncEngine:
             while self._apply_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
                     self._step()
-                self._stats = self.engine.stats()
         except Exception:
             logger.exception("the engine thread failed")
         finally:
@@ -236,10 +275,15 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         stream = command.stream
-        if self.max_waiting is not None and self.engine.stats()["num_waiting"] >= self.max_waiting:
+        num_seqs = command.num_seqs
+        with self._lock:
+            self._pending_seqs -= num_seqs
+        waiting = self.engine.stats()["num_waiting"]
+        if self.max_waiting is not None and waiting + num_seqs > self.max_waiting:
             self.metrics.requests_rejected.labels("overloaded").inc()
             self._post(stream, EngineOverloaded(
-                f"the server is overloaded: {self.max_waiting} or more sequences are waiting; retry later"))
+                f"the server is overloaded: {waiting} sequences wait and this request adds {num_seqs}, "
+                f"more than the {self.max_waiting} allowed to wait; retry later"))
             return
         added: list[str] = []
         try:
@@ -274,7 +318,8 @@ class AsyncEngine:
             self.metrics.observe(progress, output, now)
             if output.finished:
                 del self._progress[output.request_id]
-            self._post(stream, output)
+            self._post(stream, output if output.error is None else RequestFailed(
+                f"the engine could not run this request: {output.error}"))
         self._flush()
 
     def _fail_all(self, error: Exception) -> None:
@@ -296,9 +341,10 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if isinstance(command, _Add):
+                with self._lock:
+                    self._pending_seqs -= command.num_seqs
                 self._post(command.stream, closed)
         self._fail_all(RequestAborted("the server is shutting down and aborted the request"))
-        self._stats = self.engine.stats()
 
     def _post(self, stream: RequestStream, item: object) -> None:
         self._outbox[stream.loop].append((stream, item))

@@ -2,11 +2,13 @@
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Client mistakes are 4xx (400 invalid fields, 401 bad key, 404 unknown route,
-429 overloaded); 503 while shutting down; 500 only for the server's own bugs.
+413 body too large, 429 overloaded); 503 while shutting down; 500 only for the
+server's own bugs (a request the engine could not run says so, and why).
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Collection, Mapping
 
 from fastapi import FastAPI, Request
@@ -15,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from pagellm.server.async_engine import EngineClosed, EngineOverloaded, RequestAborted
+from pagellm.server.async_engine import EngineClosed, EngineOverloaded, RequestAborted, RequestFailed
 from pagellm.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("pagellm.server")
@@ -54,6 +56,8 @@ def to_api_error(exc: BaseException, fields: Collection[str] = (), aliases: Mapp
         return APIError(429, str(exc), "rate_limit_error", code="server_overloaded", headers={"Retry-After": "1"})
     if isinstance(exc, (EngineClosed, RequestAborted)):
         return APIError(503, str(exc), "service_unavailable", code="service_unavailable")
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), "server_error", code="engine_error")
     logger.error("internal error", exc_info=exc)
     return APIError(500, f"internal server error: {type(exc).__name__}", "server_error")
 
@@ -64,14 +68,19 @@ def validation_error(exc: RequestValidationError) -> APIError:
     first = errors[0]
     if first["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-    loc = [str(part) for part in first["loc"][1:]]  # drop "body"
+    loc = [str(part) for part in first["loc"][1:] if isinstance(part, int) or _FIELD_NAME.fullmatch(part)]
     if not loc:
         if first["type"] == "missing":
             return APIError(400, "a JSON request body is required")
         return APIError(400, f"the request body is invalid: {first['msg']}")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     param = loc[0] if isinstance(first["loc"][1], str) else None
-    return APIError(400, f"{'.'.join(loc)}: {first['msg']}{more}", param=param)
+    message = "is not a parameter of this endpoint" if first["type"] == "extra_forbidden" else first["msg"]
+    return APIError(400, f"{'.'.join(loc)}: {message}{more}", param=param)
+
+
+# A field name in an error's location; pydantic also names union members there ("str", "function-after[...]").
+_FIELD_NAME = re.compile(r"(?!(str|int|float|bool|list|dict)$)[A-Za-z_]\w*")
 
 
 def install_error_handlers(app: FastAPI) -> None:

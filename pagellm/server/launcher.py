@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
@@ -16,9 +17,10 @@ from pagellm.server.app import build_app
 from pagellm.server.async_engine import AsyncEngine
 
 
-# After the grace period, aborted requests get this long to send their last event
-# before uvicorn cancels whatever is still open.
-_CLOSE_MARGIN_S = 5.0
+# After the grace period, aborted requests get this long to send their last events
+# (they are told at once, not after the engine's step) before uvicorn cancels
+# whatever is still open; the engine thread then gets 1 s more (app.py).
+_CLOSE_MARGIN_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -27,8 +29,10 @@ class DrainingServer(uvicorn.Server):
     On the first signal the engine refuses new requests (503) and uvicorn
     stops accepting connections and waits for open ones. Requests still
     running ``grace_period`` seconds later are aborted: streams get an error
-    event and ``[DONE]``, others a 503, so connections close cleanly; the
-    app's shutdown then stops the engine. Plain uvicorn re-raises the signal
+    event, their usage chunk (when asked for) and ``[DONE]``, others a 503, so
+    connections close cleanly; the app's shutdown then stops the engine. The
+    process is gone within the grace period plus about 2 s, however long the
+    engine's current step. Plain uvicorn re-raises the signal
     once shut down (exit status 130/143); this server does not. A second
     Ctrl-C quits at once.
     """
@@ -58,9 +62,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def make_server(async_engine: AsyncEngine, served_model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, grace_period: float = 30.0, log_level: str = "info"
-                ) -> DrainingServer:
-    app = build_app(async_engine, served_model_name, api_key)
+                api_key: str | None = None, grace_period: float = 30.0, log_level: str = "info",
+                max_request_bytes: int | None = None, allowed_origins: Sequence[str] = (),
+                enable_docs: bool = True) -> DrainingServer:
+    app = build_app(async_engine, served_model_name, api_key, max_request_bytes=max_request_bytes,
+                    allowed_origins=allowed_origins, enable_docs=enable_docs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=grace_period + _CLOSE_MARGIN_S)
     return DrainingServer(config, async_engine, grace_period)

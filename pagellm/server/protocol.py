@@ -1,39 +1,64 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Field names follow OpenAI's API; a few vLLM extras (``top_k``, ``min_p``,
-``ignore_eos``, ...) are accepted too, as the ``openai`` client sends them via
-``extra_body``. Unknown fields are ignored, as OpenAI's own server does for
-fields it does not know; known features this server does not implement
-(``echo``, ``suffix``, ``logit_bias``, ``tools``) are rejected rather than
-silently ignored. Ranges are checked here so that errors name the field;
-SamplingParams checks them again for direct engine users.
+``ignore_eos``, ``guided_choice``, ...) are accepted too, as the ``openai``
+client sends them via ``extra_body``. Requests are validated strictly, so a
+mistake is a 400 naming the field rather than a guess:
+
+- no coercion: ``true`` is not an integer, ``"yes"`` not a boolean;
+- every integer fits in int64 and every float is finite;
+- text must be valid Unicode (a lone surrogate such as ``"\\ud800"`` is refused);
+- a field this server does not know is refused, as OpenAI's API does, and so
+  is a known one it does not implement (``tools``, ``best_of``, ``echo``, ...)
+  unless set to its neutral value.
+
+Ranges are checked here so that errors name the field; SamplingParams checks
+them again for direct engine users.
 """
 from __future__ import annotations
 
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from pagellm.inputs import Prompt, as_prompt_list
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutputsParams
 
 MAX_N = 128            # samples per prompt
 MAX_LOGPROBS = 20      # top alternatives per token, as OpenAI's chat API allows
+MAX_SEQS_PER_REQUEST = 256   # `pagellm serve`'s default bound on prompts x n: one full batch at max_num_seqs 256
 
 
-def _reject_if_set(value: Any) -> Any:
-    if value:
-        raise ValueError("is not supported by this server")
+def unsupported(*neutral: Any) -> Any:
+    """A field this server does not implement: only absent, null or one of ``neutral`` is accepted."""
+    def reject(value: Any) -> Any:
+        if value is not None and not any(type(value) is type(v) and value == v for v in neutral):
+            raise ValueError("is not supported by this server")
+        return value
+
+    return Annotated[Any, AfterValidator(reject)]
+
+
+def _valid_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid text: a lone surrogate at position {exc.start}") from exc
     return value
 
 
-Unsupported = Annotated[Any, AfterValidator(_reject_if_set)]
-TokenIds = list[int]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Text = Annotated[str, AfterValidator(_valid_text)]
+TokenIds = list[Int64]
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # ---- errors ---------------------------------------------------------------------
@@ -51,34 +76,108 @@ class ErrorResponse(OpenAIModel):
 
 # ---- requests -------------------------------------------------------------------
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
+    continuous_usage_stats: unsupported(False) = None
 
 
-class SamplingRequest(OpenAIModel):
+class JsonSchemaFormat(RequestModel):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema must be given exactly when type is 'json_schema'")
+        return self
+
+
+# The ways to ask for structured outputs: at most one per request.
+_STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
+class SamplingRequest(RequestModel):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Int64 | None = None
+    stop: Text | list[Text] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    logit_bias: Unsupported = None
+    user: Text | None = None
+    response_format: ResponseFormat | None = None
     # vLLM extras
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=INT64_MAX)   # above the vocabulary: all tokens
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1)
+    # known, not implemented
+    logit_bias: unsupported({}) = None
+    best_of: unsupported(1) = None
+    use_beam_search: unsupported(False) = None
+    length_penalty: unsupported(1.0) = None
+    prompt_logprobs: unsupported() = None
+    truncate_prompt_tokens: unsupported() = None
+    allowed_token_ids: unsupported() = None
+    bad_words: unsupported([]) = None
+    guided_grammar: unsupported() = None
+    guided_decoding_backend: unsupported() = None
+    guided_whitespace_pattern: unsupported() = None
+    structural_tag: unsupported() = None
+    logits_processors: unsupported() = None
+    priority: unsupported(0) = None
+    store: unsupported(False) = None
+    metadata: unsupported({}) = None
+    service_tier: unsupported("auto", "default") = None
+
+    @model_validator(mode="after")
+    def _one_structured_output(self) -> SamplingRequest:
+        given = self._structured_fields()
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(_STRUCTURED_FIELDS)}; got {', '.join(given)}")
+        return self
+
+    def _structured_fields(self) -> list[str]:
+        return [name for name in _STRUCTURED_FIELDS if getattr(self, name) is not None
+                and not (name == "response_format" and self.response_format.type == "text")]
+
+    @property
+    def structured_field(self) -> str | None:
+        """The field that asks for structured outputs, if any."""
+        return next(iter(self._structured_fields()), None)
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            return StructuredOutputsParams(json=fmt.json_schema.schema_)
+        if fmt is not None and fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.guided_json is not None:
+            return StructuredOutputsParams(json=self.guided_json)
+        if self.guided_regex is not None:
+            return StructuredOutputsParams(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            return StructuredOutputsParams(choice=self.guided_choice)
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -93,30 +192,38 @@ class SamplingRequest(OpenAIModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, logprobs=logprobs)
+            skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
+            structured_outputs=self.structured_outputs())
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: Unsupported = False
-    suffix: Unsupported = None
+    echo: unsupported(False) = None
+    suffix: unsupported() = None
 
     def prompts(self) -> list[Prompt]:
         """The prompt field as a list of prompts (text or token ids)."""
         return as_prompt_list(self.prompt)
 
 
-class TextPart(OpenAIModel):
+class TextPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(OpenAIModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+    # what the openai client sends back with an assistant turn
+    refusal: unsupported() = None
+    tool_calls: unsupported([]) = None
+    tool_call_id: unsupported() = None
+    function_call: unsupported() = None
+    audio: unsupported() = None
+    annotations: unsupported([]) = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -126,11 +233,26 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Unsupported = None
+    tools: unsupported([]) = None
+    tool_choice: unsupported("none", "auto") = None
+    functions: unsupported([]) = None
+    function_call: unsupported("none", "auto") = None
+    parallel_tool_calls: unsupported(True, False) = None
+    modalities: unsupported(["text"]) = None
+    audio: unsupported() = None
+    prediction: unsupported() = None
+    reasoning_effort: unsupported() = None
+    web_search_options: unsupported() = None
+    echo: unsupported(False) = None
+    add_generation_prompt: unsupported(True) = None
+    continue_final_message: unsupported(False) = None
+    chat_template: unsupported() = None
+    chat_template_kwargs: unsupported({}) = None
+    documents: unsupported() = None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -141,15 +263,15 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(OpenAIModel):
-    model: str | None = None
-    prompt: str | None = None
+class TokenizeRequest(RequestModel):
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(OpenAIModel):
-    model: str | None = None
+class DetokenizeRequest(RequestModel):
+    model: Text | None = None
     tokens: TokenIds
 
 

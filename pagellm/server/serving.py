@@ -4,13 +4,20 @@ A completion request with several prompts becomes one engine request per
 prompt, submitted as a unit; choice ``i * n + j`` is sample ``j`` of prompt
 ``i``. Engine outputs are cumulative, so what each choice has been sent is
 remembered and only the difference goes out in a streamed chunk.
+
+Work that grows with the request (tokenizing, chat templating, compiling a
+structured-output grammar, detokenizing) runs in a small thread pool: off the
+event loop, so every other request (``/health`` included) keeps being served,
+and off the engine thread, so generation never waits for it. A stream that
+the server ends (shutdown) still sends its usage chunk when asked to.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,19 +25,21 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from pagellm.inputs import apply_chat_template
+from pagellm.inputs import Prompt, TokenizedPrompt, apply_chat_template
 from pagellm.outputs import Logprob, RequestOutput
 from pagellm.sampling_params import SamplingParams
-from pagellm.server.async_engine import AsyncEngine, Prompt, RequestStream
+from pagellm.server.async_engine import AsyncEngine, RequestStream
 from pagellm.server.errors import APIError, to_api_error
 from pagellm.server.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, SamplingRequest, TokenLogprob, TopLogprob, UsageInfo,
+    CompletionResponse, DetokenizeRequest, DetokenizeResponse, SamplingRequest, TokenizeRequest, TokenizeResponse,
+    TokenLogprob, TopLogprob, UsageInfo,
 )
 
 T = TypeVar("T")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_POOL_THREADS = 2
 
 
 class ClientDisconnected(Exception):
@@ -170,11 +179,50 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
+        self._pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="pagellm-prepare")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_pool(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(400, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+
+    def tokenizer(self):
+        if self.engine.engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        return self.engine.engine.tokenizer
+
+    async def _render_chat(self, messages: list[ChatMessage]) -> list[int]:
+        try:
+            return await self._in_pool(render_chat, self.tokenizer(), messages)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+
+    # ---- tokenize, detokenize ------------------------------------------------------
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            tokens = await self._render_chat(body.messages)
+        else:
+            tokens = await self._in_pool(lambda: self.tokenizer().encode(
+                body.prompt, add_special_tokens=body.add_special_tokens))
+        return TokenizeResponse(count=len(tokens), max_model_len=self.engine.engine.max_model_len, tokens=tokens)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(body.model)
+        tokenizer = self.tokenizer()
+        vocab = self.engine.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+        return DetokenizeResponse(prompt=await self._in_pool(tokenizer.decode, body.tokens))
 
     # ---- completions -------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -185,21 +233,18 @@ class OpenAIServing:
         generation = await self._start("cmpl", body, prompts, body.max_tokens, body.logprobs,
                                        {"prompt_token_ids": "prompt"})
         if body.stream:
-            return self._event_stream(generation, self._completion_chunks(generation, body.include_usage))
+            return self._event_stream(generation, self._completion_chunks(generation), body.include_usage,
+                                      CompletionResponse)
         deltas = await self._collect(generation, request)
         choices = [self._completion_choice(generation, d) for d in deltas]
         return _json(CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
                                         choices=choices, usage=generation.usage()))
 
-    async def _completion_chunks(self, generation: Generation, include_usage: bool
-                                 ) -> AsyncIterator[CompletionResponse]:
+    async def _completion_chunks(self, generation: Generation) -> AsyncIterator[CompletionResponse]:
         async for output in generation.stream:
             for delta in generation.deltas(output):
                 yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
                                          choices=[self._completion_choice(generation, delta)])
-        if include_usage:
-            yield CompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
-                                     choices=[], usage=generation.usage())
 
     @staticmethod
     def _completion_choice(generation: Generation, delta: Delta) -> CompletionChoice:
@@ -209,15 +254,13 @@ class OpenAIServing:
     # ---- chat completions -----------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        try:
-            prompt = render_chat(self.engine.engine.tokenizer, body.messages)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
+        prompt = await self._render_chat(body.messages)
         generation = await self._start("chatcmpl", body, [prompt], body.max_new_tokens, body.num_logprobs,
                                        {"prompt": "messages", "prompt_token_ids": "messages"})
         top_n = body.top_logprobs or 0
         if body.stream:
-            return self._event_stream(generation, self._chat_chunks(generation, body.include_usage, top_n))
+            return self._event_stream(generation, self._chat_chunks(generation, top_n), body.include_usage,
+                                      ChatCompletionChunk)
         deltas = await self._collect(generation, request)
         choices = [ChatChoice(index=d.index, message=ChatResponseMessage(content=d.text),
                               logprobs=chat_logprobs(d, top_n), finish_reason=d.finish_reason,
@@ -225,11 +268,10 @@ class OpenAIServing:
         return _json(ChatCompletionResponse(id=generation.id, created=generation.created, model=self.model_name,
                                             choices=choices, usage=generation.usage()))
 
-    async def _chat_chunks(self, generation: Generation, include_usage: bool, top_n: int
-                           ) -> AsyncIterator[ChatCompletionChunk]:
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+    async def _chat_chunks(self, generation: Generation, top_n: int) -> AsyncIterator[ChatCompletionChunk]:
+        def chunk(choices: list[ChatStreamChoice]) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=generation.id, created=generation.created, model=self.model_name,
-                                       choices=choices, usage=usage)
+                                       choices=choices)
 
         for index in range(generation.num_choices):
             yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
@@ -238,20 +280,28 @@ class OpenAIServing:
                 yield chunk([ChatStreamChoice(index=d.index, delta=ChatDelta(content=d.text),
                                               logprobs=chat_logprobs(d, top_n), finish_reason=d.finish_reason,
                                               stop_reason=d.stop_reason)])
-        if include_usage:
-            yield chunk([], generation.usage())
 
     # ---- shared -----------------------------------------------------------------------
     async def _start(self, prefix: str, body: SamplingRequest, prompts: list[Prompt], max_tokens: int | None,
                      logprobs: int | None, aliases: Mapping[str, str]) -> Generation:
-        """Validate the sampling fields and submit; every refusal becomes an APIError."""
+        """Validate the sampling fields, tokenize and compile in the pool, and submit;
+        every refusal becomes an APIError."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        aliases = {**aliases, "structured_outputs": body.structured_field}
         try:
             params: SamplingParams = body.sampling_params(max_tokens, logprobs)
+            prompts = await self._in_pool(self._prepare, prompts, params)
             stream = await self.engine.submit(request_id, prompts, params)
         except Exception as exc:
             raise to_api_error(exc, type(body).model_fields, aliases) from exc
         return Generation(request_id, stream, body.n)
+
+    def _prepare(self, prompts: list[Prompt], params: SamplingParams) -> list[Prompt]:
+        """Text prompts tokenized, and the grammar compiled into the engine's cache (runs in the pool)."""
+        engine = self.engine.engine
+        if params.structured_outputs is not None:
+            engine.grammars.compile(params.structured_outputs)
+        return [TokenizedPrompt(*engine.tokenize(p)) if isinstance(p, str) else p for p in prompts]
 
     async def _collect(self, generation: Generation, request: Request) -> list[Delta]:
         """Wait for every choice to finish (aborting if the client leaves) and return them whole."""
@@ -266,7 +316,8 @@ class OpenAIServing:
         deltas = [d for output in outputs for d in generation.deltas(output)]
         return sorted(deltas, key=lambda d: d.index)
 
-    def _event_stream(self, generation: Generation, chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+    def _event_stream(self, generation: Generation, chunks: AsyncIterator[BaseModel], include_usage: bool,
+                      chunk_type: type[CompletionResponse | ChatCompletionChunk]) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
@@ -275,6 +326,10 @@ class OpenAIServing:
                 yield f"data: {to_api_error(exc).body().model_dump_json()}\n\n"
             finally:  # also on disconnect (cancellation) and when the response is dropped
                 self.engine.abort(*generation.stream.unfinished_ids)
+            if include_usage:   # what was generated, also when the server ended the stream
+                usage = chunk_type(id=generation.id, created=generation.created, model=self.model_name,
+                                   choices=[], usage=generation.usage())
+                yield f"data: {usage.model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
