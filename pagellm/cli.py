@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "pagellm.server.commands",     # serve
     "pagellm.bench.commands",      # bench
     "pagellm.bench.perplexity",    # eval perplexity
+    "pagellm.quant.export",        # quantize
 )
 
 

@@ -37,9 +37,11 @@ class EngineConfig:
 
     model: str = field(metadata={"help": "HF folder, .gguf file or built-in model name"})
     dtype: str = _setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
-    quantization: str = _setting("none", "how weight matrices are stored: none (dense, in --dtype), int8 "
-                                         "(per channel), int4 (groups of 128), gguf (a GGUF file's own blocks), "
-                                         "auto (gguf for a GGUF file, else none)")
+    quantization: str | None = _setting(
+        None, "how weight matrices are stored: none (dense, in --dtype), int8 (per channel), int4 (groups of 128), "
+              "int4-awq (int4 with AWQ scales from a calibration pass), w8a8 (SmoothQuant int8 weights and "
+              "activations), gguf (a GGUF file's own blocks), auto (gguf for a GGUF file); default: the stored "
+              "format of a checkpoint written by `pagellm quantize`, else none")
     device: str = _setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     block_size: int = _setting(16, "tokens per KV-cache block, a power of two")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (overrides --kv-cache-memory and "

@@ -97,6 +97,10 @@ CUDA_SORT_COPIES = 5
 DTYPE_BITS = {"fp32": 32, "float32": 32, "fp16": 16, "float16": 16, "half": 16,
               "bf16": 16, "bfloat16": 16}
 _W_BITS = (32, 16, 8, 4)
+# The engine's weight formats (EngineConfig.quantization) in the terms above: (w_bits, group_size, a_bits or
+# None for the model's). The engine's int8 keeps one scale per output channel, its int4 one fp16 scale (and a
+# uint8 zero point, left out as above) per 128 inputs.
+WEIGHT_FORMATS = {"int8": (8, -1, None), "w8a8": (8, -1, 8), "int4": (4, 128, None), "int4-awq": (4, 128, None)}
 _A_BITS = (32, 16, 8)
 _KV_BITS = (32, 16, 8, 4)
 

@@ -169,3 +169,104 @@ def test_gguf_mode_keeps_the_file_s_blocks_and_its_outputs(qwen_gguf):
 def test_gguf_needs_a_gguf_file(tiny_llama):
     with pytest.raises(ValueError, match="must be a .gguf file"):
         LLM(str(tiny_llama), quantization="gguf")
+
+
+# --------------------------------------------------------------------------- W8A8, calibration, saved checkpoints
+
+def test_w8a8_matmul_is_the_exact_integer_product():
+    gen = torch.Generator().manual_seed(3)
+    x, w, bias = torch.randn(5, 256, generator=gen), torch.randn(48, 256, generator=gen), torch.randn(48)
+    q, scale = torch_quant.quantize_int8(w)
+    from pagellm.kernels.quant_ops import w8a8_linear
+    qx, xscale = torch_quant.quantize_per_token(x)
+    exact = (qx.double() @ q.double().t()) * xscale.double()[:, None] * scale.double()[None, :] + bias.double()
+    torch.testing.assert_close(w8a8_linear(x, q, scale, bias).double(), exact, rtol=1e-6, atol=1e-6)
+    assert (qx.abs().amax(dim=1) == 127).all()     # per token: every row uses the whole range
+
+
+def _outlier_inputs(gen, rows=256, k=256):
+    """Activations with a few channels 30x larger than the rest, as LLM activations have."""
+    x = torch.randn(rows, k, generator=gen)
+    x[:, :4] *= 30
+    return x
+
+
+def _stats(x):
+    from pagellm.quant.calibrate import InputStats
+    stats = InputStats()
+    stats.add(x, stride=1)
+    return stats
+
+
+def test_awq_search_beats_round_to_nearest_on_outlier_channels():
+    from pagellm.quant.calibrate import awq_scales, rtn_error
+    gen = torch.Generator().manual_seed(4)
+    x, w = _outlier_inputs(gen), torch.randn(64, 256, generator=gen)
+    stats = _stats(x)
+    s, alpha = awq_scales(w, stats, 128)
+    wq = torch_quant.dequantize_int4(*torch_quant.quantize_int4(w * s, 128), torch.float32) / s
+    awq_error = (x @ (wq - w).t()).pow(2).mean().item()
+    assert alpha > 0 and awq_error < 0.8 * rtn_error(w, stats, 128)
+
+
+def test_smoothquant_lowers_w8a8_error_on_outlier_channels():
+    from pagellm.quant.calibrate import smoothquant_scales, w8a8_error
+    gen = torch.Generator().manual_seed(5)
+    x, w = _outlier_inputs(gen), torch.randn(64, 256, generator=gen)
+    stats = _stats(x)
+    assert w8a8_error(w, stats, smoothquant_scales(w, stats)) < 0.5 * w8a8_error(w, stats, None)
+
+
+def test_smoothed_merged_layer_computes_the_reference():
+    """A merged (two-shard) W8A8 layer with smoothing s, loaded shard by shard, against
+    quantize(x / s) @ quantize(W * s)^T computed from the whole matrix."""
+    from pagellm.model.layers import Linear
+    from pagellm.quant.methods import W8A8LinearMethod
+    gen = torch.Generator().manual_seed(6)
+    w0, w1 = torch.randn(32, 128, generator=gen), torch.randn(16, 128, generator=gen)
+    s = torch.rand(128, generator=gen) + 0.5
+    layer = Linear(128, [32, 16], False, W8A8LinearMethod(smoothing=s), torch.float32)
+    layer.weight_loaders["weight"](w0, 0)
+    layer.weight_loaders["weight"](w1, 1)
+    x = torch.randn(7, 128, generator=gen)
+    q, scale = torch_quant.quantize_int8(torch.cat([w0, w1]) * s)
+    torch.testing.assert_close(layer(x), torch_quant.w8a8_linear(x / s, q, scale, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-awq", "w8a8"])
+def test_saved_checkpoint_loads_without_calibrating(tmp_path, monkeypatch, method):
+    from tiny_models import make_tiny_hf_model
+
+    from pagellm.cli import main
+    folder = make_tiny_hf_model(tmp_path / "model", arch="qwen2", num_kv_heads=2, hidden_size=256,
+                                intermediate_size=512)
+    in_memory = LLM(str(folder), dtype="float32", num_kv_blocks=64, quantization=method)
+    assert main(["quantize", str(folder), str(tmp_path / "q"), "--method", method, "--dtype", "float32"]) == 0
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a saved checkpoint must not calibrate again")
+
+    monkeypatch.setattr("pagellm.quant.calibrate.calibrated_smoothing", no_calibration)
+    saved = LLM(str(tmp_path / "q"), dtype="float32", num_kv_blocks=64)
+    assert saved.engine.quantization == method.removesuffix("-awq")
+    assert torch.equal(prompt_logprobs(saved), prompt_logprobs(in_memory))
+    assert saved.engine.memory.weights_bytes == in_memory.engine.memory.weights_bytes
+    with pytest.raises(ValueError, match="stored quantized"):
+        LLM(str(tmp_path / "q"), dtype="float32", num_kv_blocks=64, quantization="none")
+
+
+def test_unsupported_quantization_fails_before_loading(tmp_path, monkeypatch):
+    from tiny_models import make_tiny_hf_model
+    folder = make_tiny_hf_model(tmp_path / "model", hidden_size=96, intermediate_size=192)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("pagellm.engine.model_runner.build_model", no_loading)
+    with pytest.raises(ValueError, match="quantization 'int4'.*hidden_size 96"):
+        LLM(str(folder), quantization="int4")
+    monkeypatch.setattr("pagellm.kernels.quant_ops.int_mm_supported", lambda device: False)
+    with pytest.raises(ValueError, match="quantization 'w8a8' needs an int8 matmul"):
+        LLM(str(folder), quantization="w8a8")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(str(folder), quantization="int3")

@@ -22,7 +22,7 @@ from pagellm.analysis.roofline import RooflineReport, StageReport, analyze, mode
 from pagellm.model.config import ModelConfig
 from pagellm.model.model_spec import load_model_config
 from pagellm.model.zoo import ZOO
-from pagellm.sizing import Precision, dtype_bits, shard
+from pagellm.sizing import WEIGHT_FORMATS, Precision, dtype_bits, shard
 from pagellm.utils.math import cdiv
 from pagellm.utils.units import format_bytes, parse_quantity
 
@@ -228,11 +228,23 @@ def _measure(args: argparse.Namespace, b: MemoryBreakdown):
     """The engine's own memory report for the same model, batch, context and dtype, from
     ``args.measure_engine`` (EngineConfig fields -> the engine's ``MemoryReport``), which
     ``pagellm.cli`` hands over: the analyzer never imports the engine."""
-    if b.precision.w_bits < 16 or b.precision.kv_bits < 16 or args.tp != 1:
-        raise ValueError("--measure runs the unquantized engine on one device: drop --w-bits/--kv-bits/--tp")
+    if b.precision.kv_bits < 16 or args.tp != 1:
+        raise ValueError("--measure runs the engine with a 16-bit KV cache on one device: drop --kv-bits/--tp")
     if args.measure_engine is None:
         raise ValueError("--measure needs the engine (pagellm.engine), which this installation lacks")
-    return args.measure_engine(**_engine_settings(args, b))
+    return args.measure_engine(**_engine_settings(args, b), quantization=_weight_format(b.precision))
+
+
+def _weight_format(p: Precision) -> str:
+    """The engine's weight format (``--quantization``) that the precision describes."""
+    if p.w_bits >= 16 and p.a_bits >= 16:
+        return "none"
+    for name, (w_bits, group_size, a_bits) in WEIGHT_FORMATS.items():
+        if (p.w_bits, p.group_size, p.a_bits if p.a_bits < 16 else None) == (w_bits, group_size, a_bits):
+            return name
+    formats = ", ".join(f"--w-bits {w} --group-size {g}" + (f" --a-bits {a}" if a else "")
+                        for w, g, a in WEIGHT_FORMATS.values())
+    raise ValueError(f"--measure: the engine has no weight format {p.label()}; it has {formats}")
 
 
 def _engine_settings(args: argparse.Namespace, b: MemoryBreakdown) -> dict[str, Any]:

@@ -52,13 +52,16 @@ def bits_of(engine) -> int:
 
 def roofline(engine, hardware_list, batch: int, prompt_len: int, gen_len: int) -> list[dict]:
     from pagellm.analysis import analyze
+    from pagellm.sizing import WEIGHT_FORMATS
     bits = bits_of(engine)
+    w_bits, group_size, a_bits = WEIGHT_FORMATS.get(engine.quantization, (bits, 128, None))
     out = []
     for hw in hardware_list:
         if hw is None:
             continue
         report = analyze(engine.model_config, hw, batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
-                         w_bits=bits, a_bits=bits, kv_bits=bits, base_bits=bits, flash_attention=True)
+                         w_bits=w_bits, a_bits=a_bits or bits, kv_bits=bits, base_bits=bits, group_size=group_size,
+                         flash_attention=True)
         out.append({"hardware": hw.name, "source": hw.source, "bandwidth": hw.bandwidth, "flops": hw.fp16_flops,
                     "report": report})
     return out

@@ -36,7 +36,7 @@ from pagellm.engine.step import StepOutput, build_step_input, profile_step_input
 from pagellm.engine.structured import GrammarCompiler
 from pagellm.inputs import Prompt, TokenizedPrompt
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagellm.quant import keeps_blocks, quantization_policy, resolve_quantization
+from pagellm.quant import check_quantization_fits, keeps_blocks, quantization_policy, resolve_quantization
 from pagellm.sampling_params import SamplingParams
 from pagellm.utils.math import cdiv
 
@@ -83,8 +83,9 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
         self.max_model_len = config.max_model_len or positions
         self.quantization = resolve_quantization(config.quantization, checkpoint)
+        check_quantization_fits(self.quantization, self.model_config, config.torch_device)
         self.runner = ModelRunner(config, self.model_config, weights, self.max_model_len,
-                                  quantization_policy(self.quantization, checkpoint))
+                                  quantization_policy(self.quantization, checkpoint, config))
         loaded = time.perf_counter()
         profile = profile_step_input(config.batched_tokens, config.max_num_seqs, self.max_model_len,
                                      config.block_size)

@@ -4,6 +4,9 @@ reference matmuls the fused kernels (``triton_quant``) are checked against.
 Formats (rows are output channels, ``K`` the input dimension):
 
 * **int8**: ``q int8 [N, K]``, one scale per row: ``w = q * scale``.
+* **w8a8**: int8 weights as above, and activations quantized at run time to
+  int8 per token (row): ``x = qx * xscale``; the product is an int32 matmul
+  scaled by ``xscale[m] * scale[n]``.
 * **int4**: ``q`` in 0..15, two per byte (``packed uint8 [N, K/2]``: element
   ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high one), groups of
   ``G`` along K with a scale and an integer zero point each:
@@ -34,20 +37,25 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``[M, K]`` -> (``q int8 [M, K]``, ``scale fp32 [M]``), symmetric per row."""
+    return quantize_int8(x)
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest, asymmetric, groups of ``group_size`` along K:
-    (``packed uint8 [N, K/2]``, ``scale fp32 [N, K/G]``, ``zero uint8 [N, K/G]``)."""
+    (``packed uint8 [N, K/2]``, ``scale fp16 [N, K/G]``, ``zero uint8 [N, K/G]``)."""
     n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=-1).clamp_max(0), groups.amax(dim=-1).clamp_min(0)
-    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-7).half().float()     # stored in fp16, as AWQ/GPTQ store it
     zero = torch.round(-lo / scale).clamp_(0, 15)
     q = torch.round(groups / scale[..., None] + zero[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    return pack_int4(q), scale, zero.to(torch.uint8)
+    return pack_int4(q), scale.half(), zero.to(torch.uint8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -71,6 +79,15 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Reference: ``x @ dequant(q)^T + bias``."""
     return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
+
+
+def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference: both operands quantized, multiplied exactly in int32, rescaled."""
+    x2 = x.reshape(-1, x.shape[-1])
+    qx, xscale = quantize_per_token(x2)
+    acc = qx.to(torch.int64) @ q.to(torch.int64).t()
+    out = (acc.double() * xscale.double()[:, None] * scale.double()[None, :]).to(x.dtype).reshape(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -1,34 +1,56 @@
-"""Fused dequant-GEMV in Triton for a few rows of activations (decode): each
-weight byte is read once and dequantized in registers, never written back.
+"""Fused dequant matmuls in Triton: each weight byte is read once and
+dequantized in registers, never written back.
 
 Layouts are those of :mod:`pagellm.kernels.torch_quant` (the reference twins):
 int8 ``q [N, K]`` with a scale per row; int4 two codes a byte along K
-(``packed [N, K/2]``, even element in the low nibble) with a scale and a zero
-point per group of ``G`` (a K tile is exactly one group).
+(``packed [N, K/2]``, even element in the low nibble) with an fp16 scale and a
+uint8 zero point per group of ``GROUP`` along K.
 
-Grid ``(cdiv(N, BLOCK_N), split_k)``: a program owns ``BLOCK_N`` output
-channels and a run of K tiles; ``split_k`` is chosen so the GPU has a few
-programs per SM even when N is small (bs1 decode is bound by memory bandwidth,
-which needs many loads in flight). Each program writes its partial sums to a
-``[split_k, M, N]`` fp32 buffer that one ``sum`` reduces, so results do not
-depend on the order programs finish in. The activations (at most 16 rows,
-padded) go through ``tl.dot`` as bf16/fp16 against the dequantized tile, with
-fp32 accumulation. Launch shapes depend only on (M, N, K), so the kernels are
-safe inside CUDA graphs.
+One kernel per format serves every shape through its tile sizes
+(``MatmulConfig``). Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``: a
+program owns ``BLOCK_M`` rows, ``BLOCK_N`` output channels and a run of K
+tiles. A single row (batch-1 decode) is a GEMV: the tile is multiplied
+elementwise and summed, no tensor cores; more rows go through ``tl.dot``
+(bf16/fp16 in, fp32 accumulate). With ``split_k == 1`` each program writes its
+outputs (bias added) in the activation dtype; a split writes fp32 partial sums
+to ``[split_k, M, N]`` that one ``sum`` reduces, so results never depend on the
+order programs finish in. ``split_k`` is chosen so that the GPU has several
+programs per SM even when N is small (decode is bound by memory bandwidth,
+which needs many loads in flight). Launch shapes depend only on (M, N, K), so
+the kernels are safe inside CUDA graphs.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64
-BLOCK_K = 128           # int4: equals the group size
-PROGRAMS_PER_SM = 4
-NUM_WARPS = 4
-ROWS_PAD = 16           # tl.dot needs at least 16 rows
+GROUP = 128     # int4 group size the kernel takes
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int    # split K until the grid has about this many programs per SM (1: no split)
+
+
+# Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
+# projections, replayed as CUDA graphs); LARGE (prefill tiles) is not used by quant_ops, whose dequantize +
+# cuBLAS was faster there.
+GEMV = {"int8": MatmulConfig(1, 32, 512, 8, 3, 8), "int4": MatmulConfig(1, 32, 512, 8, 3, 8)}
+SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8)}
+LARGE = {"int8": MatmulConfig(64, 128, 128, 8, 3, 1), "int4": MatmulConfig(64, 128, 128, 8, 3, 1)}
+
+
+def config_for(fmt: str, m: int) -> MatmulConfig:
+    return (GEMV if m == 1 else SMALL if m <= 16 else LARGE)[fmt]
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,90 +58,127 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_k_for(n: int, k_tiles: int, device_index: int) -> int:
-    """Largest power of two <= the K tiles that brings the grid to ~PROGRAMS_PER_SM programs per SM."""
-    wanted = max(1, PROGRAMS_PER_SM * _num_sms(device_index) // triton.cdiv(n, BLOCK_N))
-    limit = min(wanted, k_tiles)
+def split_k_for(config: MatmulConfig, m: int, n: int, k_tiles: int, device_index: int) -> int:
+    """Largest power of two <= the K tiles that brings the grid to ~programs_per_sm programs per SM."""
+    programs = triton.cdiv(n, config.block_n) * triton.cdiv(m, config.block_m)
+    limit = min(max(1, config.programs_per_sm * _num_sms(device_index) // programs), k_tiles)
     return 1 << (limit.bit_length() - 1)
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, partial_ptr, M, N, K, k_tiles, tiles_per_split,
-                      stride_xm, stride_qn, stride_pk, stride_pm,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n, split = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
-        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
+def _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[rows, ks] @ w^T for a dequantized tile ``w [BLOCK_N, BLOCK_K]`` (fp32)."""
+    k_ok = ks < K
+    if BLOCK_M == 1:
+        x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)[None, :]
+    else:
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & k_ok[None, :],
                     other=0.0)
-        q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
-        acc += tl.dot(x, tl.trans(q.to(x.dtype)))
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    tl.store(partial_ptr + split * stride_pk + rows[:, None] * stride_pm + cols[None, :], acc * scale[None, :],
-             mask=(rows[:, None] < M) & col_ok[None, :])
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    return acc
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, partial_ptr, M, N, K, k_tiles, tiles_per_split,
-                      stride_xm, stride_qn, stride_sn, stride_pk, stride_pm,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om,
+           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    if SPLIT:
+        tl.store(out_ptr + split * stride_ok + rows[:, None] * stride_om + cols[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
+                 stride_xm, stride_qn, stride_ok, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, ROWS)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                    other=0)
+        acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, q.to(tl.float32), BLOCK_M)
+    acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
+                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     half = tl.arange(0, BLOCK_K // 2)
-    row_ok = rows[:, None] < M
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
-        k0 = tile * BLOCK_K
-        x_even = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + 2 * half[None, :], mask=row_ok, other=0.0)
-        x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + 2 * half[None, :] + 1, mask=row_ok, other=0.0)
-        packed = tl.load(q_ptr + cols[:, None] * stride_qn + k0 // 2 + half[None, :], mask=col_ok[:, None], other=0)
-        zero = tl.load(zero_ptr + cols * stride_sn + tile, mask=col_ok, other=0).to(tl.float32)
-        scale = tl.load(scale_ptr + cols * stride_sn + tile, mask=col_ok, other=0.0)
-        low = ((packed & 0xF).to(tl.float32) - zero[:, None]).to(x_even.dtype)
-        high = ((packed >> 4).to(tl.float32) - zero[:, None]).to(x_even.dtype)
-        acc += (tl.dot(x_even, tl.trans(low)) + tl.dot(x_odd, tl.trans(high))) * scale[None, :]
-    tl.store(partial_ptr + split * stride_pk + rows[:, None] * stride_pm + cols[None, :], acc,
-             mask=row_ok & col_ok[None, :])
+        packed = tl.load(q_ptr + cols[:, None] * stride_qn + tile * (BLOCK_K // 2) + half[None, :],
+                         mask=col_ok[:, None], other=0)
+        codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)           # [BLOCK_N, BLOCK_K], in K order
+        g = tile * (BLOCK_K // GROUP) + groups
+        meta = cols[:, None] * stride_sn + g[None, :]
+        zero = tl.load(zero_ptr + meta, mask=col_ok[:, None], other=0).to(tl.float32)
+        scale = tl.load(scale_ptr + meta, mask=col_ok[:, None], other=0.0).to(tl.float32)
+        w = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP))
+        w = tl.reshape((w - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+        acc = _accumulate(acc, x_ptr, rows, tile * BLOCK_K + tl.arange(0, BLOCK_K), M, K, stride_xm, w, BLOCK_M)
+    _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
-def _launch(kernel, x: torch.Tensor, n: int, extra_args: tuple, extra_strides: tuple, bias: torch.Tensor | None
-            ) -> torch.Tensor:
+def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weight_strides: tuple,
+            bias: torch.Tensor | None, config: MatmulConfig | None, **constants) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    assert m <= ROWS_PAD, f"the GEMV kernels take at most {ROWS_PAD} rows, got {m}"
-    k_tiles = triton.cdiv(k, BLOCK_K)
-    split_k = split_k_for(n, k_tiles, x.device.index or 0)
+    config = config or config_for(fmt, m)
+    block_k = config.block_k
+    if fmt == "int4":   # whole groups per tile, and whole tiles per row
+        block_k = max(GROUP, block_k)
+        while k % block_k:    # tile sizes are powers of two (tl.arange); GROUP always divides K
+            block_k //= 2
+    k_tiles = triton.cdiv(k, block_k)
+    split_k = split_k_for(config, m, n, k_tiles, x.device.index or 0)
     tiles_per_split = triton.cdiv(k_tiles, split_k)
-    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)   # every element is written
-    kernel[(triton.cdiv(n, BLOCK_N), split_k)](
-        x2, *extra_args, partial, m, n, k, k_tiles, tiles_per_split, x2.stride(0), *extra_strides,
-        partial.stride(0), partial.stride(1), ROWS=ROWS_PAD, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS)
-    out = partial.sum(0) if split_k > 1 else partial[0]
-    if bias is not None:
-        out = out + bias
-    return out.to(x.dtype).reshape(*lead, n)
+    if split_k > 1:
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)   # every element is written
+        strides = (out.stride(0), out.stride(1))
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        strides = (0, out.stride(0))
+    grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, config.block_m))
+    kernel[grid](x2, *weight_args, bias if bias is not None else x2, out, m, n, k, k_tiles, tiles_per_split,
+                 x2.stride(0), *weight_strides, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 BLOCK_K=block_k, HAS_BIAS=bias is not None, SPLIT=split_k > 1, num_warps=config.num_warps,
+                 num_stages=config.num_stages, **constants)
+    if split_k > 1:
+        out = out.sum(0)
+        out = (out if bias is None else out + bias).to(x.dtype)
+    return out.reshape(*lead, n)
 
 
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [..., K]`` (at most 16 rows) @ dequant(q)^T + bias."""
-    return _launch(_int8_gemv_kernel, x, q.shape[0], (q, scale), (q.stride(0),), bias)
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                config: MatmulConfig | None = None) -> torch.Tensor:
+    """``x [..., K]`` @ dequant(q)^T + bias."""
+    return _launch(_int8_kernel, "int8", x, q.shape[0], (q, scale), (q.stride(0),), bias, config)
 
 
-def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [..., K]`` (at most 16 rows) @ dequant(packed)^T + bias; groups of BLOCK_K along K."""
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                bias: torch.Tensor | None, config: MatmulConfig | None = None) -> torch.Tensor:
+    """``x [..., K]`` @ dequant(packed)^T + bias; groups of GROUP along K."""
     group = x.shape[-1] // scale.shape[1]
-    assert group == BLOCK_K, f"the int4 kernel takes groups of {BLOCK_K}, got {group}"
-    return _launch(_int4_gemv_kernel, x, packed.shape[0], (packed, scale, zero), (packed.stride(0), scale.stride(0)),
-                   bias)
+    assert group == GROUP, f"the int4 kernel takes groups of {GROUP}, got {group}"
+    return _launch(_int4_kernel, "int4", x, packed.shape[0], (packed, scale, zero),
+                   (packed.stride(0), scale.stride(0)), bias, config, GROUP=GROUP)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from pagellm.model.config import ModelConfig, expected_shapes
+from pagellm.model.config import ModelConfig, expected_shapes, weight_name
 from pagellm.model.layers import LayerFactory, LinearMethod, default_weight_loader, dense_everywhere
 from pagellm.model.llama import LlamaForCausalLM
 
@@ -30,7 +30,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     num_tensors = len(expected_shapes(config))
     loaded = load_weights(model, tqdm(weights, total=num_tensors, desc="loading weights", unit="tensor",
                                       leave=False))
-    missing = set(expected_shapes(config)) - loaded
+    missing = set(expected_shapes(config)) - {weight_name(name) for name in loaded}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     return model.eval()

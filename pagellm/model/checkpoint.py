@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pagellm.model.config import ModelConfig, expected_shapes
+from pagellm.model.config import ModelConfig, expected_shapes, weight_name
 from pagellm.model.gguf_loader import GGUFWeights, RawTensor
 from pagellm.model.hf_loader import HFWeights, is_hf_folder
 from pagellm.model.zoo import ZOO, cache_dir, model_path
@@ -129,8 +129,12 @@ def _tokenizer_cache_for(path: Path) -> Path | None:
 
 
 def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> None:
-    """ValueError naming missing, unexpected or misshapen tensors."""
+    """ValueError naming missing, unexpected or misshapen tensors (a quantized
+    matrix's parts count as its weight, whose shape only its method knows)."""
     expected = expected_shapes(config, bias_names={n for n in shapes if n.endswith("o_proj.bias")})
+    quantized = {weight_name(n) for n in shapes if weight_name(n) != n}
+    shapes = {n: shape for n, shape in shapes.items() if weight_name(n) == n}
+    shapes |= {n: expected.get(n, ()) for n in quantized}
     problems = []
     if missing := sorted(set(expected) - set(shapes)):
         problems.append(f"missing tensors: {_few(missing)}")

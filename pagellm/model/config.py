@@ -113,6 +113,19 @@ class ModelConfig:
         return cls.from_hf_dict(json.loads(path.read_text()), name=path.parent.name)
 
 
+# Tensors a quantized checkpoint (``pagellm quantize``) stores for a weight matrix ``x.weight``:
+# its codes ``x.qweight`` and, beside them, the scales, zero points and input smoothing.
+QUANTIZED_WEIGHT_PARTS = (".qweight", ".scales", ".zeros", ".input_scale")
+
+
+def weight_name(name: str) -> str:
+    """The model tensor a checkpoint tensor holds (all or part of): ``x.qweight`` -> ``x.weight``."""
+    for suffix in QUANTIZED_WEIGHT_PARTS:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix) + ".weight"
+    return name
+
+
 def expected_shapes(config: ModelConfig, bias_names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of `config` must have, with its HF shape."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size

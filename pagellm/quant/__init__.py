@@ -10,37 +10,81 @@ loaders, the attention and KV code and the sampler never change for a format.
 * ``int8``: block linears weight-only int8, per output channel; ``int4``: groups
   of 128, asymmetric. Embeddings and the LM head stay dense (as the analyzer
   assumes). A float checkpoint is quantized at load by round-to-nearest.
+* ``int4-awq``: ``int4`` with AWQ scales searched on a calibration pass at load.
+* ``w8a8``: int8 weights and per-token int8 activations, SmoothQuant-smoothed by
+  a calibration pass at load (random weights: no smoothing).
 * ``gguf``: every matrix kept in the GGUF file's own blocks.
-* ``auto``: ``gguf`` for a GGUF file, ``none`` otherwise.
+* ``auto``: ``gguf`` for a GGUF file, ``none`` for other float checkpoints.
+* None (the default): ``none``, except that a checkpoint written by ``pagellm
+  quantize`` always runs in its stored format (its ``quantization_config``).
+
+A checkpoint written by ``pagellm quantize`` holds codes, scales and smoothing
+vectors under the checkpoint's tensor names (``...q_proj.qweight``), so it loads
+without calibrating or quantizing anything.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+import torch
 from gguf import GGMLQuantizationType
 
-from pagellm.model.layers import LinearMethod, dense_everywhere
+from pagellm.model.layers import DENSE, LinearMethod, dense_everywhere
 
+logger = logging.getLogger("pagellm")
+GROUP_SIZE = 128
+SAVED_METHOD = "pagellm"     # quantization_config.quant_method of checkpoints written by `pagellm quantize`
 MethodPolicy = Callable[[str], LinearMethod]
 
 
-def _blocks_only(method: LinearMethod) -> MethodPolicy:
-    """``method`` for the transformer blocks' linears, dense for the embedding and LM head."""
-    from pagellm.model.layers import DENSE
-    return lambda prefix: method if prefix.startswith("layers.") else DENSE
+def _blocks_only(method: Callable[[str], LinearMethod]) -> MethodPolicy:
+    """``method(prefix)`` for the transformer blocks' linears, dense for the embedding and LM head."""
+    return lambda prefix: method(prefix) if prefix.startswith("layers.") else DENSE
 
 
-def _int8(checkpoint) -> MethodPolicy:
+def saved_format(checkpoint) -> dict | None:
+    """The ``quantization_config`` of a checkpoint written by ``pagellm quantize``, else None."""
+    if checkpoint is None or checkpoint.format != "hf":
+        return None
+    saved = checkpoint.source.config_dict.get("quantization_config")
+    return saved if saved and saved.get("quant_method") == SAVED_METHOD else None
+
+
+def _smoothing(name: str, checkpoint, config) -> Callable[[str], dict]:
+    """Per layer, how its input smoothing arrives: loaded (a saved checkpoint),
+    calibrated now (a float checkpoint), or none (random weights)."""
+    if saved_format(checkpoint) is not None:
+        smoothed = bool(saved_format(checkpoint).get("smoothed"))
+        return lambda prefix: {"smoothed": smoothed}
+    if checkpoint is None or name not in CALIBRATED_FORMATS:
+        if name in CALIBRATED_FORMATS:
+            logger.warning(f"quantization {name!r} without a calibration pass (random weights)")
+        return lambda prefix: {}
+    from pagellm.quant.calibrate import calibrated_smoothing
+    scales = calibrated_smoothing(config, "int4" if name == "int4-awq" else name, GROUP_SIZE)
+    return lambda prefix: {"smoothing": scales[prefix]}
+
+
+def _int8(checkpoint, config) -> MethodPolicy:
     from pagellm.quant.methods import Int8LinearMethod
-    return _blocks_only(Int8LinearMethod())
+    smoothing = _smoothing("int8", checkpoint, config)
+    return _blocks_only(lambda prefix: Int8LinearMethod(**smoothing(prefix)))
 
 
-def _int4(checkpoint) -> MethodPolicy:
+def _w8a8(checkpoint, config) -> MethodPolicy:
+    from pagellm.quant.methods import W8A8LinearMethod
+    smoothing = _smoothing("w8a8", checkpoint, config)
+    return _blocks_only(lambda prefix: W8A8LinearMethod(**smoothing(prefix)))
+
+
+def _int4(checkpoint, config, name: str = "int4") -> MethodPolicy:
     from pagellm.quant.methods import Int4LinearMethod
-    return _blocks_only(Int4LinearMethod(group_size=128))
+    smoothing = _smoothing(name, checkpoint, config)
+    return _blocks_only(lambda prefix: Int4LinearMethod(GROUP_SIZE, **smoothing(prefix)))
 
 
-def _gguf(checkpoint) -> MethodPolicy:
+def _gguf(checkpoint, config) -> MethodPolicy:
     """Each layer keeps the types its shards have in the file; a type no kernel serves is refused now,
     before any weight is read."""
     from pagellm.kernels.torch_quant import GGUF_DEQUANTIZERS
@@ -57,29 +101,58 @@ def _gguf(checkpoint) -> MethodPolicy:
     return lambda prefix: GGUFLinearMethod([types[name] for name in LlamaForCausalLM.checkpoint_names(prefix)])
 
 
-QUANTIZATION_FORMATS: dict[str, Callable[[object], MethodPolicy]] = {
-    "none": lambda checkpoint: dense_everywhere,
+QUANTIZATION_FORMATS: dict[str, Callable[[object, object], MethodPolicy]] = {
+    "none": lambda checkpoint, config: dense_everywhere,
     "int8": _int8,
     "int4": _int4,
+    "int4-awq": lambda checkpoint, config: _int4(checkpoint, config, "int4-awq"),
+    "w8a8": _w8a8,
     "gguf": _gguf,
 }
+CALIBRATED_FORMATS = ("int4-awq", "w8a8")
+SAVABLE_FORMATS = ("int8", "int4", "int4-awq", "w8a8")
 
 
-def check_quantization(name: str) -> None:
-    if name != "auto" and name not in QUANTIZATION_FORMATS:
+def check_quantization(name: str | None) -> None:
+    if name not in (None, "auto") and name not in QUANTIZATION_FORMATS:
         raise ValueError(f"quantization must be one of auto, {', '.join(QUANTIZATION_FORMATS)}, got {name!r}")
 
 
-def resolve_quantization(name: str, checkpoint) -> str:
-    """``auto`` -> the format the checkpoint is stored in."""
+def resolve_quantization(name: str | None, checkpoint) -> str:
+    """The format to run: a saved quantized checkpoint's own (for None, ``auto``
+    or that name); ``auto``: ``gguf`` for a GGUF file; None: ``none``."""
     check_quantization(name)
+    if saved := saved_format(checkpoint):
+        stored = saved["format"]
+        if name not in (None, "auto", stored):
+            raise ValueError(f"quantization {name!r}: this checkpoint is stored quantized as {stored!r}; "
+                             f"use quantization 'auto' or {stored!r}")
+        return stored
     if name != "auto":
-        return name
+        return name or "none"
     return "gguf" if checkpoint is not None and checkpoint.format == "gguf" else "none"
 
 
-def quantization_policy(name: str, checkpoint=None) -> MethodPolicy:
-    return QUANTIZATION_FORMATS[resolve_quantization(name, checkpoint)](checkpoint)
+def check_quantization_fits(name: str, model_config, device: torch.device) -> None:
+    """ValueError naming the option when the model or the device cannot run format
+    ``name`` (checked before any weight is read)."""
+    if name in ("int4", "int4-awq"):
+        sizes = {"hidden_size": model_config.hidden_size, "intermediate_size": model_config.intermediate_size,
+                 "attention heads x head_dim": model_config.q_size}
+        if bad := [f"{k} {v}" for k, v in sizes.items() if v % GROUP_SIZE]:
+            raise ValueError(f"quantization {name!r} quantizes groups of {GROUP_SIZE} input channels, which do "
+                             f"not divide this model's {', '.join(bad)}; use quantization 'int8'")
+    if name == "w8a8":
+        from pagellm.kernels.quant_ops import int_mm_supported
+        if not int_mm_supported(device):
+            raise ValueError(f"quantization 'w8a8' needs an int8 matmul (torch._int_mm), which {device} lacks; "
+                             f"use quantization 'int8' (weight-only)")
+
+
+def quantization_policy(name: str, checkpoint=None, config=None) -> MethodPolicy:
+    """The policy of format ``name`` (already resolved) for ``checkpoint``;
+    ``config`` (the ``EngineConfig``) drives a calibration pass where one is needed."""
+    return QUANTIZATION_FORMATS[name](checkpoint, config)
 
 
 def keeps_blocks(name: str, checkpoint) -> bool:

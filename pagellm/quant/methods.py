@@ -31,33 +31,76 @@ def _parameter(layer: Linear, name: str, shape: tuple[int, ...], dtype: torch.dt
     return param
 
 
-class Int8LinearMethod:
+class _InputSmoothing:
+    """Activation-aware scaling shared by the calibrated formats (SmoothQuant's
+    smoothing, AWQ's scales): the layer computes ``(x / s) @ (W * s)^T``, which
+    is ``x @ W^T`` exactly before quantization but moves quantization error from
+    the input channels that carry large activations to the weights (or back).
+    ``s`` is per input channel; the layer keeps ``input_scale = 1 / s``
+    (``fp32 [K]``, one vector for every shard of a merged layer, as they share
+    their input). ``smoothing``: the ``s`` found by a calibration pass, applied to
+    float weights as they load; ``smoothed``: a saved checkpoint's layer, whose
+    ``input_scale`` is loaded like any tensor."""
+
+    def __init__(self, smoothing: torch.Tensor | None = None, smoothed: bool = False) -> None:
+        self.smoothing = smoothing
+        self.smoothed = smoothed or smoothing is not None
+
+    def _create_input_scale(self, layer: Linear) -> None:
+        if not self.smoothed:
+            return
+        param = nn.Parameter(torch.ones(layer.input_size, dtype=torch.float32), requires_grad=False)
+        layer.register_parameter("input_scale", param)
+        if self.smoothing is not None:
+            param.data.copy_(1.0 / self.smoothing.float())
+        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(tensor)
+
+    def _smooth_weight(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.smoothing is None else tensor.float() * self.smoothing.to(tensor.device).float()
+
+    def _smooth_input(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return x * layer.input_scale.to(x.dtype) if self.smoothed else x
+
+
+class Int8LinearMethod(_InputSmoothing):
     """Weight-only int8, one fp32 scale per output channel: ``qweight int8 [N, K]``, ``scales [N]``."""
 
     def create_weights(self, layer: Linear) -> None:
         qweight = _parameter(layer, "qweight", (layer.output_size, layer.input_size), torch.int8)
         scales = _parameter(layer, "scales", (layer.output_size,), torch.float32)
+        self._create_input_scale(layer)
 
         def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
-            q, scale = quantize_int8(tensor)
+            q, scale = quantize_int8(self._smooth_weight(tensor))
             layer.load_rows(qweight, q, shard_id)
             layer.load_rows(scales, scale, shard_id)
 
         layer.weight_loaders["weight"] = load_float
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return quant_ops.int8_linear(x, layer.qweight, layer.scales, layer.bias)
+        return quant_ops.int8_linear(self._smooth_input(layer, x), layer.qweight, layer.scales, layer.bias)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return (layer.qweight[ids].float() * layer.scales[ids, None]).to(layer.params_dtype)
 
 
-class Int4LinearMethod:
-    """Weight-only int4, asymmetric, groups of ``group_size`` along the input:
-    ``qweight uint8 [N, K/2]`` (two codes a byte), ``scales fp32 [N, K/G]``,
-    ``zeros uint8 [N, K/G]``."""
+class W8A8LinearMethod(Int8LinearMethod):
+    """SmoothQuant: int8 weights as ``Int8LinearMethod`` (smoothed by a
+    calibration pass), activations quantized to int8 per token at run time, an
+    int8 x int8 -> int32 matmul."""
 
-    def __init__(self, group_size: int = 128) -> None:
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return quant_ops.w8a8_linear(self._smooth_input(layer, x), layer.qweight, layer.scales, layer.bias)
+
+
+class Int4LinearMethod(_InputSmoothing):
+    """Weight-only int4, asymmetric, groups of ``group_size`` along the input:
+    ``qweight uint8 [N, K/2]`` (two codes a byte), ``scales fp16 [N, K/G]``,
+    ``zeros uint8 [N, K/G]``; with AWQ scales when calibrated."""
+
+    def __init__(self, group_size: int = 128, smoothing: torch.Tensor | None = None, smoothed: bool = False
+                 ) -> None:
+        super().__init__(smoothing, smoothed)
         self.group_size = group_size
 
     def create_weights(self, layer: Linear) -> None:
@@ -65,17 +108,20 @@ class Int4LinearMethod:
             raise ValueError(f"int4 groups of {self.group_size} do not divide the input size {layer.input_size}")
         groups = layer.input_size // self.group_size
         qweight = _parameter(layer, "qweight", (layer.output_size, layer.input_size // 2), torch.uint8)
-        scales = _parameter(layer, "scales", (layer.output_size, groups), torch.float32)
+        scales = _parameter(layer, "scales", (layer.output_size, groups), torch.float16)
         zeros = _parameter(layer, "zeros", (layer.output_size, groups), torch.uint8)
+        self._create_input_scale(layer)
 
         def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
-            for param, value in zip((qweight, scales, zeros), quantize_int4(tensor, self.group_size)):
+            for param, value in zip((qweight, scales, zeros), quantize_int4(self._smooth_weight(tensor),
+                                                                            self.group_size)):
                 layer.load_rows(param, value, shard_id)
 
         layer.weight_loaders["weight"] = load_float
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return quant_ops.int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.bias)
+        return quant_ops.int4_linear(self._smooth_input(layer, x), layer.qweight, layer.scales, layer.zeros,
+                                     layer.bias)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return dequantize_int4(layer.qweight[ids], layer.scales[ids], layer.zeros[ids], layer.params_dtype)

@@ -6,7 +6,10 @@ import logging
 import os
 
 from pagellm.config import EngineConfig, add_engine_arguments
-from pagellm.server.protocol import MAX_SEQS_PER_REQUEST
+
+# The default bound on prompts x n per request: one full batch at max_num_seqs 256. (The CLI registers
+# `serve` without importing the server's dependencies, so the other commands run where those are absent.)
+MAX_SEQS_PER_REQUEST = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

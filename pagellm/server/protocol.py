@@ -27,7 +27,6 @@ from pagellm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, Struct
 
 MAX_N = 128            # samples per prompt
 MAX_LOGPROBS = 20      # top alternatives per token, as OpenAI's chat API allows
-MAX_SEQS_PER_REQUEST = 256   # `pagellm serve`'s default bound on prompts x n: one full batch at max_num_seqs 256
 
 
 def unsupported(*neutral: Any) -> Any:
