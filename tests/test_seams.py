@@ -83,7 +83,7 @@ class TransposedMethod:
                          ids=["qwen2-bias", "llama-mqa-tied"])
 def test_a_second_linear_method_leaves_greedy_output_unchanged(tmp_path, monkeypatch, arch):
     folder = make_tiny_hf_model(tmp_path, **arch)
-    monkeypatch.setitem(QUANTIZATION_FORMATS, "transposed", lambda checkpoint: lambda prefix: TransposedMethod())
+    monkeypatch.setitem(QUANTIZATION_FORMATS, "transposed", lambda checkpoint, config: lambda prefix: TransposedMethod())
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     dense = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=64).generate(PROMPTS, params,
                                                                                         use_tqdm=False)
