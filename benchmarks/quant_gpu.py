@@ -45,6 +45,15 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
+def tinygemm_pack(p4: torch.Tensor, s4: torch.Tensor, z4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's int4 layout repacked for torch's tinygemm (``torch._weight_int4pack_mm``): the even
+    element in the high nibble, and ``w = (q - 8) * scale + zero`` with ``zero = (8 - z) * scale``."""
+    swapped = ((p4 & 0xF) << 4) | (p4 >> 4)
+    scale = s4.float()
+    scales_and_zeros = torch.stack([scale, (8 - z4.float()) * scale], -1).transpose(0, 1).contiguous()
+    return torch._convert_weight_to_int4pack(swapped, 8), scales_and_zeros.bfloat16()
+
+
 def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor) -> list[dict]:
     """All kernels for one weight ``w [N, K]`` and activations ``x [M, K]`` (bf16, CUDA)."""
     from pagellm.kernels import triton_quant
@@ -58,6 +67,13 @@ def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor) -> list[dict]:
         ref4 = x.float() @ torch_quant.dequantize_int4(p4, s4, z4, torch.float32).t()
         rows.append({"case": name, "kernel": "int4", "m": x.shape[0],
                      "error": rel_error(triton_quant.int4_matmul(x, p4, s4, z4, None), ref4)})
+        try:
+            packed, sz = tinygemm_pack(p4, s4, z4)
+            rows.append({"case": name, "kernel": "int4 tinygemm", "m": x.shape[0],
+                         "error": rel_error(torch._weight_int4pack_mm(x, packed, 128, sz), ref4)})
+        except (RuntimeError, NotImplementedError) as exc:
+            rows.append({"case": name, "kernel": "int4 tinygemm", "m": x.shape[0], "error": float("nan"),
+                         "unavailable": str(exc)[:200]})
     refw = torch_quant.w8a8_linear(x.double().cpu(), q8.cpu(), s8.cpu(), None).to(x.device)
     rows.append({"case": name, "kernel": "w8a8", "m": x.shape[0],
                  "error": rel_error(quant_ops.w8a8_linear(x, q8, s8, None), refw)})
@@ -94,7 +110,7 @@ def section_kernels(args) -> list[dict]:
         w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         q8, s8 = torch_quant.quantize_int8(w)
         p4, s4, z4 = torch_quant.quantize_int4(w, 128)
-        for m in (1, 2048):
+        for m in (1, 16, 64, 256, 2048):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             variants = {
                 "bf16 cuBLAS": (lambda: F.linear(x, w), n * k * 2),
@@ -105,6 +121,12 @@ def section_kernels(args) -> list[dict]:
                                         n * k // 2 + n * k // 128 * 3),
                 "w8a8 _int_mm": (lambda: quant_ops.w8a8_linear(x, q8, s8, None), n * k + n * 4),
             }
+            try:
+                packed, sz = tinygemm_pack(p4, s4, z4)
+                variants["int4 tinygemm"] = (lambda: torch._weight_int4pack_mm(x, packed, 128, sz),
+                                             n * k // 2 + n * k // 128 * 4)
+            except (RuntimeError, NotImplementedError):
+                pass
             for variant, (fn, weight_bytes) in variants.items():
                 ms = _graph_ms(fn)
                 rows.append({"layer": name, "m": m, "variant": variant, "ms": ms,
@@ -194,7 +216,7 @@ def section_latency(args) -> dict:
 def section_throughput(args) -> dict:
     extra = ["--num-prompts", "256", "--input-len", "32-512", "--output-len", "256", "--ignore-eos",
              "--kv-cache-memory", "40GiB"]
-    return {q: bench("throughput", q, args, extra) for q in ("none", "int8")}
+    return {q: bench("throughput", q, args, extra) for q in args.throughput_formats.split(",")}
 
 
 def main() -> None:
@@ -203,6 +225,7 @@ def main() -> None:
     parser.add_argument("--real")
     parser.add_argument("--sections", default="check,kernels,latency,throughput")
     parser.add_argument("--latency-formats", default="none,int8,int4,w8a8")
+    parser.add_argument("--throughput-formats", default="none,int8,int4")
     parser.add_argument("--bench-timeout", type=int, default=240)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -2,8 +2,10 @@
 kernel for the device and shape, with the torch reference
 (``kernels.torch_quant``) wherever no fused kernel fits.
 
-* CUDA, up to ``FUSED_MAX_ROWS`` rows (decode; ``kernels.triton_quant``):
+* CUDA, up to ``FUSED_MAX_ROWS`` rows (decode batches; ``kernels.triton_quant``):
   Triton dequant-GEMV (split K) or dequant-GEMM, reading each weight byte once.
+  Decode batches of up to a few hundred sequences are still bound by the
+  weight reads, and a dequantized copy would triple them.
 * CUDA, more rows (long prefill chunks): dequantize to the activation dtype,
   then cuBLAS; the matmul is compute-bound there, so the one extra pass over
   the weights costs little, and cuBLAS beats the Triton GEMM
@@ -23,7 +25,7 @@ from gguf import GGMLQuantizationType
 
 from pagellm.kernels import torch_quant
 
-FUSED_MAX_ROWS = 16         # up to this many rows go to the fused Triton kernels
+FUSED_MAX_ROWS = 256        # up to this many rows go to the fused Triton kernels
 ROWS_ELEMENTS = 1 << 22     # weight values dequantized at once by the GGUF path
 
 
