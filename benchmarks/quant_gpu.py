@@ -110,7 +110,7 @@ def section_kernels(args) -> list[dict]:
         w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         q8, s8 = torch_quant.quantize_int8(w)
         p4, s4, z4 = torch_quant.quantize_int4(w, 128)
-        for m in (1, 16, 64, 256, 2048):
+        for m in (int(m) for m in args.kernel_rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             variants = {
                 "bf16 cuBLAS": (lambda: F.linear(x, w), n * k * 2),
@@ -144,26 +144,35 @@ def _graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20)
 
 
-def section_sweep(args) -> list[dict]:
-    """Tile configurations of the fused kernels at 1 and 16 rows, each checked against the reference
-    and timed on every Llama-3-8B projection (a decode step runs them all, so the sum decides)."""
+def sweep_configs(m: int):
+    """The tile grid tried at ``m`` rows: GEMV/SMALL shapes up to 16 rows, GEMM tiles above."""
     import itertools
 
-    import triton.testing
-
-    from pagellm.kernels import triton_quant
     from pagellm.kernels.triton_quant import MatmulConfig
+    if m <= 16:
+        for block_n, block_k, warps, ppsm in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1, 2, 8)):
+            yield MatmulConfig(1 if m == 1 else 16, block_n, block_k, warps, 3, ppsm)
+    else:
+        for block_m, block_n, block_k, warps, stages in itertools.product((64, 128), (64, 128), (64, 128), (4, 8),
+                                                                          (3, 4)):
+            yield MatmulConfig(block_m, block_n, block_k, warps, stages, 1)
+
+
+def section_sweep(args) -> list[dict]:
+    """Tile configurations of the fused kernels at ``--sweep-rows`` rows, each checked against the reference
+    and timed on every Llama-3-8B projection (a decode step runs them all, so the sum decides). The best
+    GEMM tiles at the largest row count become ``triton_quant.LARGE`` for the throughput runs that follow."""
+    from pagellm.kernels import triton_quant
     gen = torch.Generator(device="cuda").manual_seed(1)
     mats = {}
     for name, (n, k) in LLAMA3_8B.items():
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         mats[name] = (w, torch_quant.quantize_int8(w), torch_quant.quantize_int4(w, 128))
     rows = []
-    for m in (1, 16):
-        for fmt in ("int8", "int4"):
-            for block_n, block_k, warps, stages, ppsm in itertools.product(
-                    (32, 64, 128), (128, 256, 512), (4, 8), (3,), (1, 2, 8)):
-                config = MatmulConfig(1 if m == 1 else 16, block_n, block_k, warps, stages, ppsm)
+    sweep_rows = [int(m) for m in args.sweep_rows.split(",")]
+    for m in sweep_rows:
+        for fmt in args.sweep_formats.split(","):
+            for config in sweep_configs(m):
                 row = {"fmt": fmt, "m": m, "config": config.__dict__, "ms": {}, "error": 0.0}
                 try:
                     for name, (w, (q8, s8), (p4, s4, z4)) in mats.items():
@@ -181,7 +190,7 @@ def section_sweep(args) -> list[dict]:
                     row["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
     bf16 = {}
-    for m in (1, 16):
+    for m in sweep_rows:
         total = 0.0
         for name, (w, _, _) in mats.items():
             wb, x = w.bfloat16(), torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
@@ -189,6 +198,11 @@ def section_sweep(args) -> list[dict]:
         bf16[m] = total
     for row in rows:
         row["bf16_total_ms"] = bf16[row["m"]]
+    largest = max(sweep_rows)
+    for fmt in args.sweep_formats.split(","):
+        ok = [r for r in rows if r["fmt"] == fmt and r["m"] == largest and "total_ms" in r and r["error"] <= TOLERANCE]
+        if largest > 16 and ok:
+            args.large_override[fmt] = min(ok, key=lambda r: r["total_ms"])["config"]
     return rows
 
 
@@ -196,6 +210,11 @@ def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
     path = os.path.join(args.out, f"{kind}-{quantization}.json")
     cmd = [sys.executable, "-m", "pagellm.cli", "bench", kind, "llama-3-8b", "--random-weights",
            "--quantization", quantization, "--json", path, *extra]
+    if args.large_override:     # the sweep's best GEMM tiles, set in the benchmark's own process
+        configs = {fmt: f"t.MatmulConfig(**{config})" for fmt, config in args.large_override.items()}
+        setup = "import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " \
+                + "".join(f"t.LARGE[{fmt!r}] = {c}; " for fmt, c in configs.items()) + "sys.exit(main(sys.argv[1:]))"
+        cmd[1:3] = ["-c", setup]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bench_timeout)
     if proc.returncode != 0:
@@ -226,8 +245,12 @@ def main() -> None:
     parser.add_argument("--sections", default="check,kernels,latency,throughput")
     parser.add_argument("--latency-formats", default="none,int8,int4,w8a8")
     parser.add_argument("--throughput-formats", default="none,int8,int4")
+    parser.add_argument("--sweep-rows", default="1,16")
+    parser.add_argument("--kernel-rows", default="1,16,64,256,2048")
+    parser.add_argument("--sweep-formats", default="int8,int4")
     parser.add_argument("--bench-timeout", type=int, default=240)
     args = parser.parse_args()
+    args.large_override = {}
     os.makedirs(args.out, exist_ok=True)
     import triton
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -236,6 +259,8 @@ def main() -> None:
     sections = {"check": section_check, "sweep": section_sweep, "kernels": section_kernels,
                 "latency": section_latency, "throughput": section_throughput}
     for name in args.sections.split(","):
+        if args.large_override:
+            result["large_override"] = args.large_override
         start = time.perf_counter()
         try:
             result[name] = sections[name](args)
@@ -260,8 +285,8 @@ def summarize(result: dict) -> None:
     sweep = result.get("sweep")
     if isinstance(sweep, list):
         print("\nsweep: best configurations by the sum over the four projections")
-        for m in (1, 16):
-            for fmt in ("int8", "int4"):
+        for m in sorted({r["m"] for r in sweep}):
+            for fmt in sorted({r["fmt"] for r in sweep}):
                 ok = sorted((r for r in sweep if r["m"] == m and r["fmt"] == fmt and "total_ms" in r
                              and r["error"] <= TOLERANCE), key=lambda r: r["total_ms"])
                 failed = sum(1 for r in sweep if r["m"] == m and r["fmt"] == fmt and "failed" in r)
@@ -270,6 +295,8 @@ def summarize(result: dict) -> None:
                           f"x{r['bf16_total_ms'] / r['total_ms']:.2f}) {r['config']} "
                           + " ".join(f"{k}={v:.4f}" for k, v in r["ms"].items()))
                 print(f"  m={m:2} {fmt}: {failed} configs failed")
+    if result.get("large_override"):
+        print(f"GEMM tiles used by the throughput runs: {result['large_override']}")
     kernels = result.get("kernels")
     if isinstance(kernels, list):
         print(f"\n{'layer':13} {'m':>5} {'variant':22} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'TFLOP/s':>8}")

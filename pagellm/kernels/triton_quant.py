@@ -42,11 +42,11 @@ class MatmulConfig:
 
 
 # Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
-# projections, replayed as CUDA graphs); LARGE (prefill tiles) is not used by quant_ops, whose dequantize +
-# cuBLAS was faster there.
+# projections, replayed as CUDA graphs). LARGE serves decode batches of 17..FUSED_MAX_ROWS rows
+# (`quant_ops`); longer prefill chunks go to dequantize + cuBLAS.
 GEMV = {"int8": MatmulConfig(1, 32, 512, 8, 3, 8), "int4": MatmulConfig(1, 32, 512, 8, 3, 8)}
 SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8)}
-LARGE = {"int8": MatmulConfig(64, 128, 128, 8, 3, 1), "int4": MatmulConfig(64, 128, 128, 8, 3, 1)}
+LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 
 
 def config_for(fmt: str, m: int) -> MatmulConfig:
@@ -130,9 +130,16 @@ def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
         meta = cols[:, None] * stride_sn + g[None, :]
         zero = tl.load(zero_ptr + meta, mask=col_ok[:, None], other=0).to(tl.float32)
         scale = tl.load(scale_ptr + meta, mask=col_ok[:, None], other=0.0).to(tl.float32)
-        w = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP))
-        w = tl.reshape((w - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-        acc = _accumulate(acc, x_ptr, rows, tile * BLOCK_K + tl.arange(0, BLOCK_K), M, K, stride_xm, w, BLOCK_M)
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        if BLOCK_M == 1:    # sum_k (q - z) s x = s (sum_k q x - z sum_k x): the zero and scale once per group
+            x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks).to(tl.float32)
+            dots = tl.sum(tl.reshape(codes * x[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
+            x_sums = tl.sum(tl.reshape(x, (BLOCK_K // GROUP, GROUP)), axis=1)
+            acc += tl.sum(scale * (dots - zero * x_sums[None, :]), axis=1)[None, :]
+        else:
+            w = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP))
+            w = tl.reshape((w - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+            acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M)
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
