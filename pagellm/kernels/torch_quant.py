@@ -58,14 +58,6 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return pack_int4(q), scale.half(), zero.to(torch.uint8)
 
 
-def clip_int4(w: torch.Tensor, ratios: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Each group of ``w [N, K]`` clipped to ``ratio`` times its own range (``ratios [N, K/G]``)."""
-    groups = w.float().reshape(w.shape[0], -1, group_size)
-    lo, hi = groups.amin(-1, keepdim=True).clamp_max(0), groups.amax(-1, keepdim=True).clamp_min(0)
-    r = ratios.to(w.device)[..., None]
-    return torch.minimum(torch.maximum(groups, lo * r), hi * r).reshape(w.shape)
-
-
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """``uint8 [N, K]`` values in 0..15 -> ``uint8 [N, K/2]``, even elements in the low nibbles."""
     return q[:, 0::2] | (q[:, 1::2] << 4)

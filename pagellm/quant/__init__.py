@@ -62,8 +62,8 @@ def _smoothing(name: str, checkpoint, config) -> Callable[[str], dict]:
             logger.warning(f"quantization {name!r} without a calibration pass (random weights)")
         return lambda prefix: {}
     from pagellm.quant.calibrate import calibrated_smoothing
-    found = calibrated_smoothing(config, "int4" if name == "int4-awq" else name, GROUP_SIZE)
-    return lambda prefix: found[prefix]
+    scales = calibrated_smoothing(config, "int4" if name == "int4-awq" else name, GROUP_SIZE)
+    return lambda prefix: {"smoothing": scales[prefix]}
 
 
 def _int8(checkpoint, config) -> MethodPolicy:

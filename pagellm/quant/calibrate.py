@@ -11,9 +11,7 @@ they differ in how ``s`` is chosen:
   layer to minimise the error of the layer's output on calibration inputs
   ``||X W^T - X (Q(W diag(s)) diag(s)^-1)^T||``. ``a = 0`` is plain
   round-to-nearest and is on the grid, so the search never does worse than RTN
-  on the calibration inputs. Then, as AWQ does, each group's range is clipped
-  to the fraction (1 down to 0.5) that best preserves the group's part of the
-  output: rounding the few largest weights harder buys finer steps for all.
+  on the calibration inputs.
 
 The statistics come from one pass of the float model over a fixed text kept in
 the package (``data/calibration.txt``) through the engine itself
@@ -27,7 +25,7 @@ from importlib import resources
 
 import torch
 
-from pagellm.kernels.torch_quant import clip_int4, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from pagellm.kernels.torch_quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from pagellm.model.layers import Linear
 
 logger = logging.getLogger("pagellm")
@@ -35,8 +33,7 @@ logger = logging.getLogger("pagellm")
 CALIBRATION_TOKENS = 2048     # tokens of the calibration text run through the float model
 SAMPLE_ROWS = 512             # input rows kept per layer for AWQ's search
 SMOOTHQUANT_ALPHA = 0.5
-AWQ_GRID = 10                 # a = 0, 1/10, ..., 1
-CLIP_RATIOS = tuple(1 - i / 20 for i in range(11))   # 1, 0.95, ..., 0.5
+AWQ_GRID = 20                 # a = 0, 1/20, ..., 1
 
 
 def calibration_text() -> str:
@@ -113,26 +110,6 @@ def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: i
     return best[1], best[2]
 
 
-def awq_clip_ratios(weight: torch.Tensor, stats: InputStats, s: torch.Tensor, group_size: int) -> torch.Tensor:
-    """AWQ's clipping search: per output row and group, the fraction of the group's range
-    (1, 0.95, ..., 0.5) whose int4 round trip best preserves that group's share of the
-    output on the sampled inputs (of the smoothed layer: ``x / s``, ``W * s``)."""
-    w = weight.float() * s
-    n, k = w.shape
-    x = (torch.cat(stats.samples).to(w.device) / s).reshape(-1, k // group_size, group_size)
-    best_error = torch.full((n, k // group_size), float("inf"), device=w.device)
-    best_ratio = torch.ones_like(best_error)
-    for ratio in CLIP_RATIOS:
-        ratios = torch.full_like(best_error, ratio)
-        delta = (w - dequantize_int4(*quantize_int4(clip_int4(w, ratios, group_size), group_size),
-                                     torch.float32)).reshape(n, -1, group_size)
-        error = torch.einsum("sgk,ngk->sng", x, delta).pow(2).mean(0)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_ratio = torch.where(better, ratios, best_ratio)
-    return best_ratio
-
-
 def rtn_error(weight: torch.Tensor, stats: InputStats, group_size: int) -> float:
     """The output error of plain round-to-nearest int4 on the sampled inputs (for reports and tests)."""
     w = weight.float()
@@ -174,18 +151,16 @@ def record_inputs(config) -> tuple[torch.nn.Module, dict[str, InputStats]]:
     return model, recorder.stats
 
 
-def calibrated_smoothing(config, method: str, group_size: int = 128) -> dict[str, dict[str, torch.Tensor]]:
-    """Per block linear (``layers.3.mlp.down_proj``), the keyword arguments of its
-    quantized method: ``w8a8``: SmoothQuant's ``smoothing``; ``int4``: AWQ's
-    ``smoothing`` and ``clip`` ratios."""
+def calibrated_smoothing(config, method: str, group_size: int = 128) -> dict[str, torch.Tensor]:
+    """Per block linear (``layers.3.mlp.down_proj``), the smoothing ``s`` of
+    ``method`` (``w8a8``: SmoothQuant; ``int4``: AWQ search)."""
     model, stats = record_inputs(config)
     layers = dict(model.named_modules())
-    found = {}
+    scales = {}
     for name, layer_stats in stats.items():
         weight = layers[name].weight
         if method == "w8a8":
-            found[name] = {"smoothing": smoothquant_scales(weight, layer_stats).cpu()}
+            scales[name] = smoothquant_scales(weight, layer_stats).cpu()
         else:
-            s = awq_scales(weight, layer_stats, group_size)[0]
-            found[name] = {"smoothing": s.cpu(), "clip": awq_clip_ratios(weight, layer_stats, s, group_size).cpu()}
-    return found
+            scales[name] = awq_scales(weight, layer_stats, group_size)[0].cpu()
+    return scales

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from pagellm.kernels import quant_ops
-from pagellm.kernels.torch_quant import (clip_int4, dequantize_gguf, dequantize_int4, gguf_row_bytes, quantize_int4,
+from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, gguf_row_bytes, quantize_int4,
                                          quantize_int8)
 from pagellm.model.layers import Linear
 
@@ -98,11 +98,10 @@ class Int4LinearMethod(_InputSmoothing):
     ``qweight uint8 [N, K/2]`` (two codes a byte), ``scales fp16 [N, K/G]``,
     ``zeros uint8 [N, K/G]``; with AWQ scales when calibrated."""
 
-    def __init__(self, group_size: int = 128, smoothing: torch.Tensor | None = None, smoothed: bool = False,
-                 clip: torch.Tensor | None = None) -> None:
+    def __init__(self, group_size: int = 128, smoothing: torch.Tensor | None = None, smoothed: bool = False
+                 ) -> None:
         super().__init__(smoothing, smoothed)
         self.group_size = group_size
-        self.clip = clip    # AWQ: per output row and group, the fraction of its range kept (applied at load)
 
     def create_weights(self, layer: Linear) -> None:
         if layer.input_size % self.group_size:
@@ -114,12 +113,8 @@ class Int4LinearMethod(_InputSmoothing):
         self._create_input_scale(layer)
 
         def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
-            w = self._smooth_weight(tensor)
-            if self.clip is not None:
-                rows = slice(None) if shard_id is None else \
-                    slice(layer.output_offsets[shard_id], layer.output_offsets[shard_id + 1])
-                w = clip_int4(w, self.clip[rows], self.group_size)
-            for param, value in zip((qweight, scales, zeros), quantize_int4(w, self.group_size)):
+            for param, value in zip((qweight, scales, zeros), quantize_int4(self._smooth_weight(tensor),
+                                                                            self.group_size)):
                 layer.load_rows(param, value, shard_id)
 
         layer.weight_loaders["weight"] = load_float
