@@ -56,6 +56,10 @@ class EngineConfig:
     enforce_eager: bool = _setting(False, "no CUDA graphs")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
     seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
+    tensor_parallel_size: int = _setting(1, "processes (GPUs) that split each layer (Megatron-style)")
+    pipeline_parallel_size: int = _setting(1, "processes (GPUs) that each run a contiguous range of layers")
+    distributed_timeout: float = _setting(120.0, "seconds a collective between parallel ranks may wait "
+                                                 "before the engine fails (a dead or stuck rank)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -68,6 +72,14 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check_quantization(self.quantization)   # a clear error now rather than after loading
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the engine runs on: tensor x pipeline parallel ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def torch_device(self) -> torch.device:

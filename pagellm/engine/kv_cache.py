@@ -22,6 +22,7 @@ import torch
 
 from pagellm.kernels.attention import LayerKVCache
 from pagellm.model.config import ModelConfig
+from pagellm.sizing import shard
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,11 @@ class KVCacheSpec:
     has_null_block: bool
 
     @classmethod
-    def for_model(cls, config: ModelConfig, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
-        return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype, block_size,
-                   has_null_block=config.sliding_window is not None)
+    def for_model(cls, config: ModelConfig, dtype: torch.dtype, block_size: int, tensor_parallel_size: int = 1,
+                  num_layers: int | None = None) -> KVCacheSpec:
+        """One rank's share: its KV heads (``sizing.shard``) of its ``num_layers`` (default: all)."""
+        return cls(num_layers or config.num_hidden_layers, shard(config, tensor_parallel_size).kv_heads,
+                   config.head_dim, dtype, block_size, has_null_block=config.sliding_window is not None)
 
     @property
     def bytes_per_token(self) -> int:

@@ -29,14 +29,13 @@ from typing import Protocol
 from pagellm.config import EngineConfig
 from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.detokenizer import IncrementalDetokenizer
-from pagellm.engine.model_runner import ModelRunner
+from pagellm.engine.parallel import Workers, open_model, start_runner
 from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
-from pagellm.engine.step import StepOutput, build_step_input, profile_step_input
+from pagellm.engine.step import StepOutput, build_step_input
 from pagellm.engine.structured import GrammarCompiler
 from pagellm.inputs import Prompt, TokenizedPrompt
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagellm.quant import check_quantization_fits, keeps_blocks, quantization_policy, resolve_quantization
 from pagellm.sampling_params import SamplingParams
 from pagellm.utils.math import cdiv
 
@@ -77,21 +76,22 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.model_config, checkpoint, weights, self.tokenizer = self._open(config)
+        self.model_config, checkpoint, weights, self.tokenizer = open_model(config)
         positions = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > positions:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length {positions}")
         self.max_model_len = config.max_model_len or positions
-        self.quantization = resolve_quantization(config.quantization, checkpoint)
-        check_quantization_fits(self.quantization, self.model_config, config.torch_device)
-        self.runner = ModelRunner(config, self.model_config, weights, self.max_model_len,
-                                  quantization_policy(self.quantization, checkpoint, config))
+        self.workers = Workers.connect(config, self.max_model_len)   # None on one process
+        try:
+            self.runner, self.quantization = start_runner(config, self.model_config, checkpoint, weights,
+                                                          self.max_model_len, self.workers and self.workers.groups)
+        except Exception:
+            self.close()
+            raise
         loaded = time.perf_counter()
-        profile = profile_step_input(config.batched_tokens, config.max_num_seqs, self.max_model_len,
-                                     config.block_size)
-        num_blocks = self.runner.allocate_kv_cache(*self.runner.profile_activations(profile))
         self.memory = self.runner.memory
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+        self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, config.block_size,
+                                          config.enable_prefix_caching,
                                           self.model_config.sliding_window, self.runner.kv_cache.null_block)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
                                    self.block_manager)
@@ -111,19 +111,11 @@ class LLMEngine:
         logger.info(f"ready {self.startup_seconds['ready_after_load']:.1f} s after loading weights "
                     f"({self.startup_seconds['load_weights']:.1f} s)")
 
-    @staticmethod
-    def _open(config: EngineConfig):
-        """(model config, checkpoint or None, weight stream, tokenizer or None) of ``config.model``."""
-        if config.random_weights:   # a preset name, config.json, HF folder or GGUF file gives the shapes
-            from pagellm.model.builder import random_weights
-            from pagellm.model.model_spec import load_model_config
-            model_config = load_model_config(config.model)
-            return model_config, None, random_weights(model_config, config.torch_dtype, config.torch_device,
-                                                      config.seed), None
-        from pagellm.model.checkpoint import open_checkpoint
-        checkpoint = open_checkpoint(config.model)
-        weights = checkpoint.block_tensors() if keeps_blocks(config.quantization, checkpoint) else checkpoint.tensors()
-        return checkpoint.config, checkpoint, weights, checkpoint.load_tokenizer()
+    def close(self) -> None:
+        """Let the other parallel ranks go (spawned workers exit); nothing to do on one process."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     # ---- requests ------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -264,6 +256,8 @@ class LLMEngine:
                                                           pin_memory=self._pin_memory))
             return [(seq, result, index) for index, seq in enumerate(batch.seqs)], {}
         except Exception as exc:
+            if self.workers is not None and (failure := self.workers.failure(exc)) is not None:
+                raise failure from exc
             if len(batch.seqs) == 1:
                 logger.error(f"request {batch.seqs[0].request_id} failed its step", exc_info=exc)
                 return [], {batch.seqs[0].request_id: exc}

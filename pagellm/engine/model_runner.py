@@ -13,6 +13,14 @@ three calls, as each needs the last one's answer:
 2. ``allocate_kv_cache(activation_bytes)``: size the pool from the budget,
    allocate it (``KVCache``) and capture the decode CUDA graphs;
 3. ``execute(step)`` for every step.
+
+Under tensor/pipeline parallelism (``groups``) every rank runs one, on its
+slice of the model and its own KV pool, in lockstep: rank 0's runner (the
+engine's) first broadcasts each call's input to the others
+(``engine.parallel``), the pool takes the block count every rank can hold, a
+stage other than the first takes its hidden states from the one before, and
+rank 0 receives the last stage's ``StepOutput``; other ranks' calls return
+None.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from pagellm.engine.kv_cache import KVCache, KVCacheSpec
 from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan_num_blocks
 from pagellm.engine.sampler import SamplingTensors, sample, score_tokens
 from pagellm.engine.step import PromptScoring, ScoredToken, StepInput, StepOutput
+from pagellm.distributed.groups import SINGLE, ParallelGroups, layer_range
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
@@ -42,15 +51,20 @@ logger = logging.getLogger("pagellm")
 class ModelRunner:
     def __init__(self, engine: EngineConfig, model_config: ModelConfig,
                  weights: Iterable[tuple[str, torch.Tensor]], max_model_len: int,
-                 linear_method: Callable[[str], LinearMethod] = dense_everywhere) -> None:
+                 linear_method: Callable[[str], LinearMethod] = dense_everywhere,
+                 groups: ParallelGroups | None = None) -> None:
         self.engine = engine
         self.config = model_config
+        self.groups = groups
         self.device = engine.torch_device
         self.dtype = engine.torch_dtype
         self.max_model_len = max_model_len
-        self.model = build_model(model_config, self.dtype, self.device, weights, linear_method)
+        tp = groups.tensor if groups else SINGLE
+        layers = layer_range(model_config.num_hidden_layers, groups.num_stages, groups.stage) if groups else None
+        self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers)
         self.backend = get_attention_backend(engine.attention_backend, self.device)
-        self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size)
+        start, end = self.model.layer_range
+        self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size, tp.size, end - start)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -79,6 +93,8 @@ class ModelRunner:
         """Size the pool from the budget, allocate it, capture the graphs; returns the block count."""
         num_blocks = plan_num_blocks(self.engine, self.kv_spec.bytes_per_block, self.weights_bytes,
                                      activation_bytes)
+        if self.groups:
+            num_blocks = self.groups.agree_min(num_blocks)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
         self.memory = MemoryReport(self.weights_bytes, activation_bytes, self.kv_cache.nbytes,
                                    self.kv_spec.bytes_per_token, num_blocks, self.kv_spec.block_size,
@@ -88,7 +104,8 @@ class ModelRunner:
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """Decode CUDA graphs need a GPU and graph-safe kernels (the Triton backend)."""
-        if self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton":
+        if (self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton"
+                or (self.groups and self.groups.num_stages > 1)):
             return None
         graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
                               cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len)
@@ -97,7 +114,9 @@ class ModelRunner:
         return graphs
 
     # ---- one step ------------------------------------------------------------
-    def execute(self, step: StepInput) -> StepOutput:
+    def execute(self, step: StepInput) -> StepOutput | None:
+        if self.groups and self.groups.rank == 0:
+            self.groups.broadcast(("step", step))
         return self._execute(step, self.kv_cache)
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -107,7 +126,7 @@ class ModelRunner:
                 step.attention.to(self.device))
 
     @torch.inference_mode()
-    def _execute(self, step: StepInput, kv_cache: KVCache) -> StepOutput:
+    def _execute(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
         kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)
@@ -116,13 +135,31 @@ class ModelRunner:
                 and self.graphs.can_run(meta)):
             logits = self.graphs.run(input_ids, positions, meta)[rows]
         else:
-            hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend))
+            hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend),
+                                self._carried(len(step.input_ids)))
+            if not self.model.is_last_stage:
+                self.groups.send_activations(*hidden)
+                return self.groups.recv_output() if self.groups.rank == 0 else None
             logits = self.model.compute_logits(hidden[rows])
             scored = self._score(hidden, step.scoring) if step.scoring is not None else None
         if not step.sampling.params:
-            return StepOutput([[] for _ in step.num_logits], scored=scored)
+            return self._deliver(StepOutput([[] for _ in step.num_logits], scored=scored))
         draws = sample(logits, SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device))
-        return replace(StepOutput.from_rows(draws, step.num_logits), scored=scored)
+        return self._deliver(replace(StepOutput.from_rows(draws, step.num_logits), scored=scored))
+
+    def _carried(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A later pipeline stage's input: the previous stage's hidden states and residual."""
+        if self.model.is_first_stage:
+            return None
+        return self.groups.recv_activations(num_tokens, self.config.hidden_size, self.dtype)
+
+    def _deliver(self, output: StepOutput) -> StepOutput | None:
+        """The last stage's output, for rank 0: its own, or sent there by the stage's tensor rank 0."""
+        if self.groups is None or self.groups.rank == 0:
+            return output
+        if self.groups.num_stages > 1 and self.groups.tensor.rank == 0:
+            self.groups.send_output(output)
+        return None
 
     def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[list[ScoredToken]]:
         """Score each row against its target token, a chunk of rows at a time

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from pagellm.distributed.groups import SINGLE, TensorGroup
 from pagellm.model.config import ModelConfig, expected_shapes, weight_name
 from pagellm.model.layers import LayerFactory, LinearMethod, default_weight_loader, dense_everywhere
 from pagellm.model.llama import LlamaForCausalLM
@@ -22,15 +23,19 @@ from pagellm.model.llama import LlamaForCausalLM
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                 weights: Iterable[tuple[str, torch.Tensor]],
-                linear_method: Callable[[str], LinearMethod] = dense_everywhere) -> LlamaForCausalLM:
-    """The model on ``device`` with every parameter filled from ``weights``;
-    ValueError when the stream lacks a tensor or holds one with no place."""
+                linear_method: Callable[[str], LinearMethod] = dense_everywhere, tp: TensorGroup = SINGLE,
+                layer_range: tuple[int, int] | None = None) -> LlamaForCausalLM:
+    """The model on ``device`` with every parameter filled from ``weights``
+    (this tensor rank's slices of pipeline stage ``layer_range``'s tensors;
+    the stream's other tensors are skipped); ValueError when the stream lacks a
+    tensor or holds one with no place."""
     with torch.device(device):
-        model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method))
+        model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method, tp), layer_range)
     num_tensors = len(expected_shapes(config))
-    loaded = load_weights(model, tqdm(weights, total=num_tensors, desc="loading weights", unit="tensor",
-                                      leave=False))
-    missing = set(expected_shapes(config)) - {weight_name(name) for name in loaded}
+    loaded = load_weights(model, tqdm(((name, tensor) for name, tensor in weights if model.holds(name)),
+                                      total=num_tensors, desc="loading weights", unit="tensor", leave=False))
+    missing = {name for name in expected_shapes(config) if model.holds(name)} - {weight_name(name)
+                                                                                 for name in loaded}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     return model.eval()

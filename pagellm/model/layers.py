@@ -15,6 +15,21 @@ the layer (``weight``, ``bias``; a quantized checkpoint's ``qweight``,
 shard ``shard_id`` of a merged layer) where it belongs, quantizing a float
 weight on the way if the method stores codes. The model loader only maps
 checkpoint names to layers and never knows how a weight is stored.
+
+Tensor parallelism (Megatron-style) is the layer's part of the seam, not the
+method's: every matrix is a ``ColumnParallelLinear`` (q|k|v, gate|up: each
+rank holds a slice of every shard's output rows, no communication),
+a ``RowParallelLinear`` (o, down: a slice of the input columns, one
+all-reduce of the partial sums) or a ``VocabParallelEmbedding`` (the token
+embedding and LM head: a slice of the vocabulary rows). Each checkpoint
+tensor reaches ``load_rows`` whole and ``shard_of`` cuts the rank's part, so
+any method (dense, int8 codes and per-row scales, int4 groups, GGUF blocks)
+shards the same way: output rows for column-parallel layers, input columns
+(proportionally: int4 codes and group scales, GGUF block bytes) for
+row-parallel ones, whose 1-D tensors (per-row scales, bias) stay whole. A
+method quantizes the whole tensor before it is cut, so every rank holds
+exactly the codes and scales of one process. With one rank these layers are
+plain linears.
 """
 from __future__ import annotations
 
@@ -29,6 +44,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagellm.distributed.groups import SINGLE, TensorGroup
 
 
 class RMSNorm(nn.Module):
@@ -108,10 +125,17 @@ class Linear(nn.Module):
     def output_size(self) -> int:
         return self.output_offsets[-1]
 
+    def shard_of(self, loaded: torch.Tensor, shard_id: int | None, output_dim: int = 0) -> torch.Tensor:
+        """The part of checkpoint tensor ``loaded`` (of output shard ``shard_id``;
+        output rows along ``output_dim``) this rank holds: all of it."""
+        return loaded
+
     def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
                   output_dim: int = 0) -> None:
-        """Copy ``loaded`` into the rows of output shard ``shard_id`` (all rows
-        when None) of ``param``, whose output dimension is ``output_dim``."""
+        """Copy this rank's part of ``loaded`` into the rows of output shard
+        ``shard_id`` (all rows when None) of ``param``, whose output dimension
+        is ``output_dim``."""
+        loaded = self.shard_of(loaded, shard_id, output_dim)
         target = param.data
         if shard_id is not None:
             target = target.narrow(output_dim, self.output_offsets[shard_id], self.output_sizes[shard_id])
@@ -131,18 +155,123 @@ class Linear(nn.Module):
         return f"input_size={self.input_size}, output_sizes={self.output_sizes}, method={type(self.method).__name__}"
 
 
+class ColumnParallelLinear(Linear):
+    """Each output shard ``i`` keeps rows ``row_ranges[i] = (start, count)`` of its checkpoint tensor."""
+
+    def __init__(self, input_size: int, row_ranges: list[tuple[int, int]], bias: bool, method: LinearMethod,
+                 params_dtype: torch.dtype, tp: TensorGroup) -> None:
+        self.row_ranges = row_ranges
+        self.tp = tp
+        super().__init__(input_size, [count for _, count in row_ranges], bias, method, params_dtype)
+
+    def shard_of(self, loaded: torch.Tensor, shard_id: int | None, output_dim: int = 0) -> torch.Tensor:
+        start, count = self.row_ranges[shard_id or 0]
+        return loaded.narrow(output_dim, start, count)
+
+
+class RowParallelLinear(Linear):
+    """Keeps 1/tp of the input columns; the ranks' partial products are summed by one all-reduce."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, method: LinearMethod,
+                 params_dtype: torch.dtype, tp: TensorGroup) -> None:
+        self.tp = tp
+        local = _split(input_size, tp.size, "input columns")
+        try:
+            super().__init__(local, [output_size], bias, method, params_dtype)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (tensor parallelism: each of {tp.size} ranks holds {local} of the "
+                             f"{input_size} input columns)") from None
+
+    def shard_of(self, loaded: torch.Tensor, shard_id: int | None, output_dim: int = 0) -> torch.Tensor:
+        if loaded.dim() < 2:
+            return loaded
+        input_dim = 1 - output_dim
+        width = _split(loaded.shape[input_dim], self.tp.size, "stored columns")
+        return loaded.narrow(input_dim, self.tp.rank * width, width)
+
+    def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
+                  output_dim: int = 0) -> None:
+        if param is self.bias and self.tp.rank:   # added once, by rank 0, before the sum over ranks
+            loaded = torch.zeros_like(loaded)
+        super().load_rows(param, loaded, shard_id, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.method.apply(self, x))
+
+
+class VocabParallelEmbedding(ColumnParallelLinear):
+    """The token embedding and the LM head (one module when tied): each rank
+    keeps 1/tp of the vocabulary rows. Looking up ids other ranks hold gives
+    zeros, so an all-reduce assembles the embedding; the LM head's partial
+    logits are gathered side by side."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, method: LinearMethod, params_dtype: torch.dtype,
+                 tp: TensorGroup) -> None:
+        count = _split(vocab_size, tp.size, "vocabulary rows")
+        super().__init__(hidden_size, [(tp.rank * count, count)], False, method, params_dtype, tp)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().embed(ids)
+        start, count = self.row_ranges[0]
+        local = ids - start
+        outside = (local < 0) | (local >= count)
+        rows = super().embed(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
+        return self.tp.all_reduce(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather(super().forward(x))
+
+
+def _split(size: int, parts: int, what: str) -> int:
+    if size % parts:
+        raise ValueError(f"tensor parallelism: {size} {what} do not split over {parts} ranks")
+    return size // parts
+
+
 @dataclass(frozen=True)
 class LayerFactory:
     """Makes every weight matrix of a model, so how weights are stored (dense,
     quantized, sharded) is decided in one place: ``linear_method`` picks the
     method for each layer by its name in the model (``layers.0.mlp.down_proj``,
-    ``embed_tokens``, ``lm_head``)."""
+    ``embed_tokens``, ``lm_head``), ``tp`` the slice this rank keeps."""
 
     params_dtype: torch.dtype
     linear_method: Callable[[str], LinearMethod] = dense_everywhere
+    tp: TensorGroup = SINGLE
 
-    def linear(self, prefix: str, input_size: int, output_sizes: list[int], bias: bool = False) -> Linear:
-        return Linear(input_size, output_sizes, bias, self.linear_method(prefix), self.params_dtype)
+    def column(self, prefix: str, input_size: int, output_sizes: list[int], bias: bool = False
+               ) -> ColumnParallelLinear:
+        """Merged projections of one input (gate|up): 1/tp of each shard's rows."""
+        counts = [_split(size, self.tp.size, "output rows") for size in output_sizes]
+        return self._column(prefix, input_size, [(self.tp.rank * c, c) for c in counts], bias)
+
+    def qkv(self, prefix: str, input_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+            bias: bool) -> ColumnParallelLinear:
+        """q|k|v by whole heads: 1/tp of the query heads, and of the KV heads,
+        or the one KV head this rank's query heads read when tp exceeds them
+        (it is then replicated on tp / num_kv_heads ranks)."""
+        q_heads = _split(num_heads, self.tp.size, "query heads")
+        if num_kv_heads % self.tp.size and self.tp.size % num_kv_heads:
+            raise ValueError(f"tensor parallelism: {self.tp.size} ranks neither divide nor are a multiple of "
+                             f"the {num_kv_heads} KV heads")
+        kv_heads = max(1, num_kv_heads // self.tp.size)
+        kv = (self.tp.rank * num_kv_heads // self.tp.size * head_dim, kv_heads * head_dim)
+        return self._column(prefix, input_size, [(self.tp.rank * q_heads * head_dim, q_heads * head_dim), kv, kv],
+                            bias)
+
+    def _column(self, prefix: str, input_size: int, row_ranges: list[tuple[int, int]], bias: bool
+                ) -> ColumnParallelLinear:
+        return ColumnParallelLinear(input_size, row_ranges, bias, self.linear_method(prefix), self.params_dtype,
+                                    self.tp)
+
+    def row(self, prefix: str, input_size: int, output_size: int, bias: bool = False) -> RowParallelLinear:
+        return RowParallelLinear(input_size, output_size, bias, self.linear_method(prefix), self.params_dtype,
+                                 self.tp)
+
+    def vocab(self, prefix: str, hidden_size: int, vocab_size: int) -> VocabParallelEmbedding:
+        return VocabParallelEmbedding(hidden_size, vocab_size, self.linear_method(prefix), self.params_dtype,
+                                      self.tp)
 
     def norm(self, hidden_size: int, eps: float) -> RMSNorm:
         return RMSNorm(hidden_size, eps, self.params_dtype)

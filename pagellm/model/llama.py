@@ -6,6 +6,11 @@ Weight matrices come from a ``LayerFactory`` (see ``layers``), so the model
 does not know how they are stored; the KV cache and the attention backend
 come in the per-step ``ForwardContext``, so it does not know the pool's
 layout either.
+
+Under pipeline parallelism a model holds only its stage's layers
+(``layer_range``): the first stage the embedding, the last the final norm and
+the LM head (and, tied, the embedding it reads); the others pass on
+``(hidden, residual)``. A layer's KV sits at its index within the stage.
 """
 from __future__ import annotations
 
@@ -18,19 +23,20 @@ from pagellm.model.layers import LayerFactory, RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding, make: LayerFactory,
+    """This rank's heads (all of them with one rank), and its slot ``kv_index`` in the stage's KV pool."""
+
+    def __init__(self, config: ModelConfig, kv_index: int, rotary: RotaryEmbedding, make: LayerFactory,
                  prefix: str) -> None:
         super().__init__()
-        self.layer_index = layer_index
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.kv_index = kv_index
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         self.sliding_window = config.sliding_window
-        self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
-        self.qkv_proj = make.linear(f"{prefix}.qkv_proj", config.hidden_size, self.split_sizes,
-                                    bias=config.attention_bias)
-        self.o_proj = make.linear(f"{prefix}.o_proj", config.q_size, [config.hidden_size])
+        self.qkv_proj = make.qkv(f"{prefix}.qkv_proj", config.hidden_size, config.head_dim,
+                                 config.num_attention_heads, config.num_key_value_heads, bias=config.attention_bias)
+        self.split_sizes = self.qkv_proj.output_sizes
+        self.num_heads, self.num_kv_heads = (size // self.head_dim for size in self.split_sizes[:2])
+        self.o_proj = make.row(f"{prefix}.o_proj", config.q_size, config.hidden_size)
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -39,7 +45,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         self.rotary(positions, q, k, ctx.ops)
-        cache = ctx.kv(self.layer_index)
+        cache = ctx.kv(self.kv_index)
         ctx.backend.write_kv(k, v, cache, ctx.meta.slot_mapping)
         out = ctx.backend.attend(q, cache, ctx.meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
@@ -50,20 +56,20 @@ class MLP(nn.Module):
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (silu)")
-        self.gate_up_proj = make.linear(f"{prefix}.gate_up_proj", config.hidden_size,
+        self.gate_up_proj = make.column(f"{prefix}.gate_up_proj", config.hidden_size,
                                         [config.intermediate_size] * 2)
-        self.down_proj = make.linear(f"{prefix}.down_proj", config.intermediate_size, [config.hidden_size])
+        self.down_proj = make.row(f"{prefix}.down_proj", config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding, make: LayerFactory
-                 ) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, kv_index: int, rotary: RotaryEmbedding,
+                 make: LayerFactory) -> None:
         super().__init__()
         prefix = f"layers.{layer_index}"
-        self.self_attn = Attention(config, layer_index, rotary, make, f"{prefix}.self_attn")
+        self.self_attn = Attention(config, kv_index, rotary, make, f"{prefix}.self_attn")
         self.mlp = MLP(config, make, f"{prefix}.mlp")
         self.input_layernorm = make.norm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = make.norm(config.hidden_size, config.rms_norm_eps)
@@ -90,24 +96,45 @@ class LlamaForCausalLM(nn.Module):
         hf_prefix = "" if prefix == "lm_head" else "model."
         return [f"{hf_prefix}{module + '.' if module else ''}{part}.weight" for part in parts]
 
-    def __init__(self, config: ModelConfig, make: LayerFactory) -> None:
+    def __init__(self, config: ModelConfig, make: LayerFactory, layer_range: tuple[int, int] | None = None
+                 ) -> None:
         super().__init__()
         self.config = config
+        self.layer_range = start, end = layer_range or (0, config.num_hidden_layers)
+        self.is_first_stage, self.is_last_stage = start == 0, end == config.num_hidden_layers
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
-        self.embed_tokens = make.linear("embed_tokens", config.hidden_size, [config.vocab_size])
-        self.layers = nn.ModuleList(DecoderLayer(config, i, self.rotary, make)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = make.norm(config.hidden_size, config.rms_norm_eps)
-        # Tied: the LM head is the embedding matrix itself (one module, one copy of the weights).
-        self.lm_head = self.embed_tokens if config.tie_word_embeddings else \
-            make.linear("lm_head", config.hidden_size, [config.vocab_size])
+        if self.is_first_stage or (self.is_last_stage and config.tie_word_embeddings):
+            self.embed_tokens = make.vocab("embed_tokens", config.hidden_size, config.vocab_size)
+        # Model-wide indices (``layers.5``) match the checkpoint; other stages' layers are empty modules.
+        self.layers = nn.ModuleList(DecoderLayer(config, i, i - start, self.rotary, make) if start <= i < end
+                                    else nn.Module() for i in range(config.num_hidden_layers))
+        if self.is_last_stage:
+            self.norm = make.norm(config.hidden_size, config.rms_norm_eps)
+            # Tied: the LM head is the embedding matrix itself (one module, one copy of the weights).
+            self.lm_head = self.embed_tokens if config.tie_word_embeddings else \
+                make.vocab("lm_head", config.hidden_size, config.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after the final norm, for a flat batch of tokens."""
-        x, residual = self.embed_tokens.embed(input_ids), None
-        for layer in self.layers:
+    def holds(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` (HF name) belongs to this stage."""
+        name = name.removeprefix("model.")
+        if name.startswith("layers."):
+            return self.layer_range[0] <= int(name.split(".")[1]) < self.layer_range[1]
+        if name.startswith("embed_tokens."):
+            return hasattr(self, "embed_tokens")
+        return self.is_last_stage
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                carried: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Hidden states ``[T, hidden]`` after the final norm, for a flat batch
+        of tokens; a stage other than the first starts from the ``(hidden,
+        residual)`` its predecessor ``carried``, and one other than the last
+        returns its own."""
+        x, residual = carried if carried is not None else (self.embed_tokens.embed(input_ids), None)
+        for layer in self.layers[self.layer_range[0]:self.layer_range[1]]:
             x, residual = layer(positions, x, residual, ctx)
+        if not self.is_last_stage:
+            return x, residual
         x, _ = self.norm(x, residual, ctx.ops)
         return x
 

@@ -156,6 +156,7 @@ class GGUFLinearMethod:
             if getattr(tensor, "tensor_type", None) != qtype:
                 raise ValueError(f"expected the file's {qtype.name} blocks")
             target, value = getattr(layer, f"qweight_{index}"), torch.from_numpy(tensor.data.copy())
+        value = layer.shard_of(value, shard_id)
         if target.shape != value.shape:
             raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
         target.data.copy_(value)
