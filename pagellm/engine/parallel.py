@@ -26,9 +26,11 @@ an error in its wait and exits.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -167,9 +169,32 @@ def join_launched(config: EngineConfig) -> ParallelGroups | None:
     return _launched_groups(config)
 
 
+@contextlib.contextmanager
+def launched_ranks(config: EngineConfig) -> Iterator[bool]:
+    """Wrap a command that builds engines: under a launcher, every rank but 0
+    serves inside (and yields False) until rank 0 has left the block (and
+    yielded True); without one, just True."""
+    groups = join_launched(config)
+    if groups is None:
+        yield True
+        return
+    if groups.rank != 0:
+        try:
+            serve_worker(groups)
+        finally:
+            close_parallel()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        groups.broadcast(("exit",))
+        close_parallel()
+
+
 def _launched_groups(config: EngineConfig) -> ParallelGroups:
     global _LAUNCHED
-    if _LAUNCHED is None:
+    if _LAUNCHED is None or not dist.is_initialized():
         world = int(os.environ.get("WORLD_SIZE", 1))
         if world != config.world_size:
             raise ValueError(f"the launcher started {world} processes, but tensor_parallel_size x "

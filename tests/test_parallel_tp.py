@@ -1,0 +1,57 @@
+"""Tensor parallelism over 2 gloo processes gives the greedy tokens of one
+process, token for token, for every tiny architecture (MQA: fewer KV heads
+than ranks, so each is replicated), int8 weights, a tiny GGUF's Q8_0 blocks
+and the real Qwen2.5-Coder-0.5B GGUF; under a small KV pool and token budget,
+so chunked prefill and preemption happen on every rank alike."""
+from __future__ import annotations
+
+import pytest
+from gguf import GGMLQuantizationType
+
+from pagellm import LLM, SamplingParams
+from parallel_harness import Job, run_jobs
+from test_engine_parity import ARCHS, MAX_TOKENS, prompts
+from tiny_models import TINY, make_tiny_hf_model, write_tiny_gguf
+
+SMALL_POOL = dict(dtype="float32", block_size=4, num_kv_blocks=12, max_num_batched_tokens=8)
+
+
+def _jobs(tmp_path_factory, qwen_path) -> list[Job]:
+    batch = prompts(TINY["vocab_size"])
+    jobs = [Job(name, str(make_tiny_hf_model(tmp_path_factory.mktemp(name), **arch)), batch, MAX_TOKENS,
+                dict(SMALL_POOL)) for name, arch in ARCHS.items()]
+    qwen2 = jobs[list(ARCHS).index("qwen2-bias")].model
+    jobs.append(Job("qwen2-bias-int8", qwen2, batch, MAX_TOKENS, dict(SMALL_POOL, quantization="int8")))
+    gguf = write_tiny_gguf(make_tiny_hf_model(tmp_path_factory.mktemp("gguf"), arch="llama", num_kv_heads=2),
+                           tmp_path_factory.mktemp("gguf-file") / "tiny-q8.gguf", GGMLQuantizationType.Q8_0)
+    jobs.append(Job("llama-gguf-q8_0", str(gguf), batch, MAX_TOKENS, dict(SMALL_POOL, quantization="gguf")))
+    if qwen_path is not None:
+        jobs.append(Job("qwen2.5-coder-0.5b", str(qwen_path), [[14582, 75698, 1445, 982, 262]], 6,
+                        dict(dtype="float32", num_kv_blocks=8, max_model_len=64)))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, request):
+    try:
+        qwen_path = request.getfixturevalue("qwen_gguf")
+    except pytest.skip.Exception:
+        qwen_path = None
+    jobs = _jobs(tmp_path_factory, qwen_path)
+    parallel = run_jobs(2, [Job(j.name, j.model, j.prompts, j.max_tokens, dict(j.settings, tensor_parallel_size=2))
+                            for j in jobs])
+    single = {}
+    for job in jobs:
+        done = LLM(job.model, **job.settings).generate(
+            job.prompts, SamplingParams(temperature=0, max_tokens=job.max_tokens, ignore_eos=True), use_tqdm=False)
+        single[job.name] = [o.outputs[0].token_ids for o in done]
+    return parallel, single
+
+
+@pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "llama-gguf-q8_0", "qwen2.5-coder-0.5b"])
+def test_tp2_greedy_matches_one_process(outputs, name):
+    parallel, single = outputs
+    if name not in single:
+        pytest.skip("real model packages not installed")
+    assert parallel[name] == single[name]
+    assert all(len(tokens) > 0 for tokens in single[name])
