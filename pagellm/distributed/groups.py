@@ -11,12 +11,18 @@ scheduler. Three kinds of traffic, each on its own group:
 * the pipeline: a stage's hidden states and residual go to the same tensor
   rank of the next stage; the last stage's ``StepOutput`` goes back to rank 0;
 * control: rank 0 broadcasts every command (``StepInput``s among them) to all
-  ranks over a gloo group with a long timeout, since workers wait there while
-  the engine is idle; a dead rank 0 closes the sockets, which ends that wait.
+  ranks over a gloo group. A gloo timeout is each process's own: rank 0's is
+  the collective timeout (a stuck worker fails the send), the workers' is long,
+  since they wait there while the engine is idle; a dead rank 0 closes the
+  sockets, which ends that wait. Start-up (joining, loading weights, agreeing
+  on the KV pool) runs at each rank's own pace, so it has a group of its own
+  with a long timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,7 +30,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_IDLE_TIMEOUT = timedelta(days=7)   # workers wait on the control group for the next command
+_IDLE_TIMEOUT = timedelta(days=7)     # workers wait on the control group for the next command
+_STARTUP_TIMEOUT = timedelta(hours=1)  # ranks join and load their weights at their own pace
+
+
+class CollectiveError(RuntimeError):
+    """Traffic between ranks failed (a peer died or timed out): the ranks are out of step for good."""
+
+
+@contextlib.contextmanager
+def _traffic(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as exc:   # gloo and NCCL report a dead or stuck peer as a plain RuntimeError
+        raise CollectiveError(f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -37,7 +56,8 @@ class TensorGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            with _traffic("all-reduce"):
+                dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +65,8 @@ class TensorGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        with _traffic("all-gather"):
+            dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
 
@@ -70,6 +91,8 @@ class ParallelGroups:
     num_stages: int
     tensor: TensorGroup
     control: Any
+    pipeline: Any
+    startup: Any
     device: torch.device
 
     @property
@@ -87,32 +110,43 @@ class ParallelGroups:
     def broadcast(self, message: object = None) -> object:
         """Rank 0's ``message``, on every rank."""
         box = [message]
-        dist.broadcast_object_list(box, src=0, group=self.control)
+        with _traffic("broadcast"):
+            dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def agree_min(self, value: int) -> int:
-        """The smallest ``value`` over all ranks (the KV pool every rank can hold)."""
+        """The smallest ``value`` over all ranks (the KV pool every rank can hold), once all got there."""
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        with _traffic("all-reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.startup)
         return int(t.item())
+
+    def wait_all(self) -> None:
+        """Until every rank got here (loaded its weights, say)."""
+        with _traffic("barrier"):
+            dist.barrier(group=self.startup)
 
     def send_activations(self, x: torch.Tensor, residual: torch.Tensor) -> None:
         """Hidden states and residual ``[T, hidden]`` to the next stage."""
-        dist.send(torch.stack([x, residual]), dst=self.rank + self.tensor.size)
+        with _traffic("pipeline send"):
+            dist.send(torch.stack([x, residual]), dst=self.rank + self.tensor.size, group=self.pipeline)
 
     def recv_activations(self, num_tokens: int, hidden_size: int, dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         buffer = torch.empty(2, num_tokens, hidden_size, dtype=dtype, device=self.device)
-        dist.recv(buffer, src=self.rank - self.tensor.size)
+        with _traffic("pipeline receive"):
+            dist.recv(buffer, src=self.rank - self.tensor.size, group=self.pipeline)
         return buffer[0], buffer[1]
 
     def send_output(self, output: object) -> None:
         """The last stage's step result to rank 0 (its tensor rank 0 sends)."""
-        dist.send_object_list([output], dst=0, group=self.control)
+        with _traffic("pipeline send"):
+            dist.send_object_list([output], dst=0, group=self.control)
 
     def recv_output(self) -> object:
         box = [None]
-        dist.recv_object_list(box, src=(self.num_stages - 1) * self.tensor.size, group=self.control)
+        with _traffic("pipeline receive"):
+            dist.recv_object_list(box, src=(self.num_stages - 1) * self.tensor.size, group=self.control)
         return box[0]
 
 
@@ -122,17 +156,20 @@ def init_parallel(tensor_parallel_size: int, pipeline_parallel_size: int, rank: 
     torchrun) and make the groups; every rank calls this with the same sizes."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=tp * pp,
-                            timeout=timedelta(seconds=timeout_s))
-    stage_groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
-    control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+                            timeout=_STARTUP_TIMEOUT)
+    stage_groups = [dist.new_group(list(range(s * tp, (s + 1) * tp)), timeout=timeout) for s in range(pp)]
+    pipeline = dist.new_group(timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout if rank == 0 else _IDLE_TIMEOUT)
+    startup = dist.new_group(backend="gloo", timeout=_STARTUP_TIMEOUT)
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     return ParallelGroups(rank, rank // tp, pp, TensorGroup(rank % tp, tp, stage_groups[rank // tp]), control,
-                          device)
+                          pipeline, startup, device)
 
 
 def close_parallel() -> None:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pagellm.config import EngineConfig
-from pagellm.distributed.groups import ParallelGroups, close_parallel, init_parallel
+from pagellm.distributed.groups import CollectiveError, ParallelGroups, close_parallel, init_parallel
 from pagellm.engine.model_runner import ModelRunner
 from pagellm.engine.step import profile_step_input
 from pagellm.quant import (CALIBRATED_FORMATS, check_quantization_fits, keeps_blocks, quantization_policy,
@@ -75,6 +75,8 @@ def start_runner(config: EngineConfig, model_config, checkpoint, weights, max_mo
                          f"(use int8, int4 or gguf with tensor_parallel_size > 1)")
     runner = ModelRunner(config, model_config, weights, max_model_len,
                          quantization_policy(quantization, checkpoint, config), groups)
+    if groups:
+        groups.wait_all()   # profiling runs the model's collectives, under their timeout
     profile = profile_step_input(config.batched_tokens, config.max_num_seqs, max_model_len, config.block_size)
     runner.allocate_kv_cache(*runner.profile_activations(profile))
     return runner, quantization
@@ -99,7 +101,7 @@ def serve_worker(groups: ParallelGroups) -> None:
         else:
             try:
                 runner.execute(*args)
-            except dist.DistError:
+            except (CollectiveError, dist.DistError):
                 raise
             except Exception as exc:
                 logger.debug(f"rank {groups.rank}: step failed on every rank alike: {exc}")
@@ -142,7 +144,7 @@ class Workers:
         """What ``exc`` (raised by a step) means for the world: a ``ParallelFailure``
         when a rank is gone or a collective broke, None for a request's own fault."""
         dead = [f"{p.name} (exit code {p.exitcode})" for p in self.processes if not p.is_alive()]
-        if not dead and not isinstance(exc, dist.DistError):
+        if not dead and not isinstance(exc, (CollectiveError, dist.DistError)):
             return None
         what = f"worker process(es) died: {', '.join(dead)}" if dead else f"a collective failed: {exc}"
         return ParallelFailure(f"the parallel engine ({self.groups.world_size} ranks) cannot go on: {what}")
