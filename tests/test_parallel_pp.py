@@ -1,0 +1,36 @@
+"""Tensor x pipeline parallelism, TP=2 x PP=2 over 4 gloo processes: each
+stage runs its contiguous layers with its own KV pool and passes hidden
+states on; greedy tokens match one process under chunked prefill and
+preemption. Tiny models of 4 layers (so each stage holds 2), untied and tied
+(the last stage keeps its own copy of the embedding as LM head)."""
+from __future__ import annotations
+
+import pytest
+
+from pagellm import LLM, SamplingParams
+from parallel_harness import Job, run_jobs
+from test_engine_parity import MAX_TOKENS, prompts
+from test_parallel_tp import SMALL_POOL
+from tiny_models import TINY, make_tiny_hf_model
+
+MODELS = {"qwen2-bias": dict(arch="qwen2", num_kv_heads=2),
+          "llama-mqa-tied": dict(arch="llama", num_kv_heads=1, tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    batch = prompts(TINY["vocab_size"])
+    jobs = [Job(name, str(make_tiny_hf_model(tmp_path_factory.mktemp(name), num_hidden_layers=4, **arch)),
+                batch, MAX_TOKENS, dict(SMALL_POOL)) for name, arch in MODELS.items()]
+    parallel = run_jobs(4, [Job(j.name, j.model, j.prompts, j.max_tokens,
+                                dict(j.settings, tensor_parallel_size=2, pipeline_parallel_size=2)) for j in jobs])
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    single = {j.name: [o.outputs[0].token_ids for o in LLM(j.model, **j.settings).generate(j.prompts, greedy)]
+              for j in jobs}
+    return parallel, single
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tp2_pp2_greedy_matches_one_process(outputs, name):
+    parallel, single = outputs
+    assert parallel[name] == single[name]
