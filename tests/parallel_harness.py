@@ -22,8 +22,9 @@ class Job:
     settings: dict = field(default_factory=dict)
 
 
-def run_jobs(world_size: int, jobs: list[Job], timeout: float = 300) -> dict[str, list[list[int]]]:
-    """Greedy output token ids of each job, by name, from ``world_size`` processes."""
+def run_jobs(world_size: int, jobs: list[Job], timeout: float = 300) -> dict[str, dict]:
+    """Per job, by name, from ``world_size`` processes: ``tokens``, the greedy
+    output token ids of each prompt, and ``memory``, each rank's memory report."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -62,7 +63,8 @@ def _rank_main(rank: int, world_size: int, port: int, jobs: list[Job], results) 
                     done = llm.generate(job.prompts, SamplingParams(temperature=0, max_tokens=job.max_tokens,
                                                                     ignore_eos=True), use_tqdm=False)
                     llm.engine.close()
-                    outputs[job.name] = [o.outputs[0].token_ids for o in done]
+                    outputs[job.name] = {"tokens": [o.outputs[0].token_ids for o in done],
+                                         "memory": [m.to_dict() for m in llm.engine.runner.rank_memory]}
     except BaseException:
         import traceback
         if rank == 0:

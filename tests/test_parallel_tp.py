@@ -2,13 +2,18 @@
 process, token for token, for every tiny architecture (MQA: fewer KV heads
 than ranks, so each is replicated), int8 weights, a tiny GGUF's Q8_0 blocks
 and the real Qwen2.5-Coder-0.5B GGUF; under a small KV pool and token budget,
-so chunked prefill and preemption happen on every rank alike."""
+so chunked prefill and preemption happen on every rank alike. Each rank's
+measured weights and KV pool match the analyzer's per-GPU ``--tp 2`` figures."""
 from __future__ import annotations
 
 import pytest
+import torch
 from gguf import GGMLQuantizationType
 
 from pagellm import LLM, SamplingParams
+from pagellm.analysis.memory import memory_breakdown
+from pagellm.engine.memory import precision_of
+from pagellm.model.checkpoint import open_checkpoint
 from parallel_harness import Job, run_jobs
 from test_engine_parity import ARCHS, MAX_TOKENS, prompts
 from tiny_models import TINY, make_tiny_hf_model, write_tiny_gguf
@@ -45,13 +50,29 @@ def outputs(tmp_path_factory, request):
         done = LLM(job.model, **job.settings).generate(
             job.prompts, SamplingParams(temperature=0, max_tokens=job.max_tokens, ignore_eos=True), use_tqdm=False)
         single[job.name] = [o.outputs[0].token_ids for o in done]
-    return parallel, single
+    return parallel, single, {job.name: job.model for job in jobs}
 
 
 @pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "llama-gguf-q8_0", "qwen2.5-coder-0.5b"])
 def test_tp2_greedy_matches_one_process(outputs, name):
-    parallel, single = outputs
+    parallel, single, _ = outputs
     if name not in single:
         pytest.skip("real model packages not installed")
-    assert parallel[name] == single[name]
+    assert parallel[name]["tokens"] == single[name]
     assert all(len(tokens) > 0 for tokens in single[name])
+
+
+@pytest.mark.parametrize("name", [name for name, arch in ARCHS.items() if "sliding_window" not in arch])
+def test_each_rank_holds_the_analyzers_tp2_weights_and_kv(outputs, name):
+    """The analyzer's per-GPU figures (``pagellm memory --tp 2``) for a KV pool of the
+    engine's size, against each rank's measured parameters and pool, within 5%."""
+    parallel, _, models = outputs
+    memory = parallel[name]["memory"]
+    assert len(memory) == 2
+    config = open_checkpoint(models[name]).config
+    for rank in memory:
+        predicted = memory_breakdown(config, batch_size=1, context_len=rank["kv_tokens"],
+                                     precision=precision_of(torch.float32), tp=2, block_size=rank["block_size"])
+        assert rank["weights_bytes"] == pytest.approx(predicted.weights_bytes, rel=0.05)
+        assert rank["kv_cache_bytes"] == pytest.approx(predicted.kv_bytes, rel=0.05)
+        assert rank["kv_bytes_per_token"] == predicted.kv_bytes_per_token

@@ -121,6 +121,13 @@ class ParallelGroups:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.startup)
         return int(t.item())
 
+    def gather(self, value: object) -> list | None:
+        """Every rank's ``value`` in rank order, on rank 0 (None elsewhere)."""
+        box = [None] * self.world_size if self.rank == 0 else None
+        with _traffic("gather"):
+            dist.gather_object(value, box, dst=0, group=self.startup)
+        return box
+
     def wait_all(self) -> None:
         """Until every rank got here (loaded its weights, say)."""
         with _traffic("barrier"):

@@ -69,6 +69,7 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.memory: MemoryReport | None = None
+        self.rank_memory: list[MemoryReport] = []   # on rank 0: every rank's report, in rank order
 
     # ---- start-up ------------------------------------------------------------
     def profile_activations(self, step: StepInput) -> tuple[int, bool]:
@@ -99,6 +100,7 @@ class ModelRunner:
         self.memory = MemoryReport(self.weights_bytes, activation_bytes, self.kv_cache.nbytes,
                                    self.kv_spec.bytes_per_token, num_blocks, self.kv_spec.block_size,
                                    self.max_model_len, activation_measured, self.backend.fused)
+        self.rank_memory = (self.groups.gather(self.memory) or []) if self.groups else [self.memory]
         self.graphs = self._capture_graphs()
         return num_blocks
 
