@@ -4,11 +4,18 @@ Subsystems do not import each other for the CLI's sake: where one command
 needs another subsystem's function (``pagellm memory --measure`` builds an
 engine, but the analyzer must not import the engine), this module, which
 knows them all, hands it over as a parser default once all have registered.
+
+Under a launcher that starts every rank of a parallel engine (``torchrun
+--nproc-per-node N -m pagellm serve ... --tensor-parallel-size N``: ``RANK`` in
+the environment), every process parses the same command; rank 0 runs it and
+the others serve rank 0's engines until it is done (``engine.parallel``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 # module path -> it defines ``register(subparsers)``; each parser sets ``func``.
@@ -52,10 +59,21 @@ def _connect(commands: dict[str, argparse.ArgumentParser]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _launched_ranks(args) as runs_command:
+            return int(args.func(args) or 0) if runs_command else 0
     except (ValueError, FileNotFoundError) as exc:
         print(f"pagellm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _launched_ranks(args: argparse.Namespace):
+    """Whether this process runs the command (``engine.parallel.launched_ranks``): always, unless a
+    launcher started it as a rank other than 0 of an engine command."""
+    if "RANK" not in os.environ or not hasattr(args, "tensor_parallel_size"):
+        return contextlib.nullcontext(True)
+    from pagellm.config import EngineConfig
+    from pagellm.engine.parallel import launched_ranks
+    return launched_ranks(EngineConfig.from_args(args))
 
 
 if __name__ == "__main__":
