@@ -55,3 +55,30 @@ def test_an_int4_group_straddling_two_ranks_is_refused():
     with pytest.raises(ValueError, match="int4 groups of 64 do not divide the input size 32 .tensor parallelism: "
                                          "each of 2 ranks holds 32 of the 64 input columns"):
         factory.row("layers.0.self_attn.o_proj", 64, 64)
+
+
+def test_a_rank_loads_the_same_slices_from_unread_safetensors(tmp_path):
+    """``LazySlice``: narrowed to the rank's rows or columns before anything is read."""
+    from safetensors.torch import save_file
+
+    from pagellm.model.hf_loader import HFWeights
+    g = torch.Generator().manual_seed(1)
+    tensors = {"qkv": torch.randn(96, IN, generator=g), "o": torch.randn(IN, 64, generator=g)}
+    (tmp_path / "config.json").write_text("{}")
+    save_file(tensors, tmp_path / "model.safetensors")
+    unread = dict(HFWeights.open(tmp_path).slices())
+    factory = LayerFactory(torch.float32, lambda prefix: DENSE, TensorGroup(1, 2))
+    for source in (tensors, unread):
+        qkv = factory.qkv("layers.0.self_attn.qkv_proj", IN, 16, 4, 1, bias=False)   # 4 heads of 16, 1 KV head
+        for shard, (lo, hi) in enumerate(((0, 64), (64, 80), (80, 96))):
+            qkv.weight_loaders["weight"](source["qkv"].narrow(0, lo, hi - lo), shard)
+        o = factory.row("layers.0.self_attn.o_proj", 64, IN)
+        o.weight_loaders["weight"](source["o"], None)
+        if source is tensors:
+            expected = qkv.weight.clone(), o.weight.clone()
+    torch.testing.assert_close(qkv.weight, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(o.weight, expected[1], rtol=0, atol=0)
+    # rank 1 of 2: query heads 2..3, the one KV head replicated, input columns 32..63 of o
+    torch.testing.assert_close(qkv.weight[:32], tensors["qkv"][32:64], rtol=0, atol=0)
+    torch.testing.assert_close(qkv.weight[32:48], tensors["qkv"][64:80], rtol=0, atol=0)
+    torch.testing.assert_close(o.weight, tensors["o"][:, 32:], rtol=0, atol=0)

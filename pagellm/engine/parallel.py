@@ -61,7 +61,10 @@ def open_model(config: EngineConfig, with_tokenizer: bool = True):
                                                   config.seed), None
     from pagellm.model.checkpoint import open_checkpoint
     checkpoint = open_checkpoint(config.model)
-    weights = checkpoint.block_tensors() if keeps_blocks(config.quantization, checkpoint) else checkpoint.tensors()
+    if keeps_blocks(config.quantization, checkpoint):
+        weights = checkpoint.block_tensors()
+    else:   # several ranks: each reads only its slices
+        weights = checkpoint.tensor_parts() if config.world_size > 1 else checkpoint.tensors()
     return checkpoint.config, checkpoint, weights, checkpoint.load_tokenizer() if with_tokenizer else None
 
 

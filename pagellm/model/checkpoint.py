@@ -21,7 +21,7 @@ import torch
 
 from pagellm.model.config import ModelConfig, expected_shapes, weight_name
 from pagellm.model.gguf_loader import GGUFWeights, RawTensor
-from pagellm.model.hf_loader import HFWeights, is_hf_folder
+from pagellm.model.hf_loader import HFWeights, LazySlice, is_hf_folder
 from pagellm.model.zoo import ZOO, cache_dir, model_path
 
 
@@ -46,6 +46,11 @@ class Checkpoint:
         """(HF name, tensor) pairs, read one at a time. GGUF weights come dequantized to
         float32 and HF weights as stored, unless `dtype` casts each on the way out."""
         return self.source.tensors(dtype)
+
+    def tensor_parts(self) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
+        """As ``tensors``, but an HF checkpoint's tensors come unread (``LazySlice``), so a
+        tensor-parallel rank reads only the slices it keeps."""
+        return self.source.slices() if isinstance(self.source, HFWeights) else self.tensors()
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by HF name (float32 for GGUF, as stored for HF); KeyError if absent."""

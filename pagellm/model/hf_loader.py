@@ -2,7 +2,8 @@
 
 Only safetensors are read (never pickled `.bin` files); each shard is opened lazily with
 `safetensors.safe_open`, so tensors stream one at a time instead of the whole state dict
-being held in memory.
+being held in memory. ``HFWeights.slices`` streams them unread (``LazySlice``): a
+tensor-parallel rank narrows each to its part and reads only that.
 """
 from __future__ import annotations
 
@@ -57,6 +58,29 @@ def find_weight_map(folder: Path) -> dict[str, str]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
 
 
+@dataclass(frozen=True)
+class LazySlice:
+    """A checkpoint tensor not read yet: ``narrow`` reads nothing, ``read`` only
+    the part kept (``safe_open(...).get_slice``)."""
+    source: Any = field(repr=False)   # safetensors' slice handle
+    shape: tuple[int, ...]
+    index: tuple[slice, ...] = ()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazySlice:
+        index = [*self.index, *[slice(0, n) for n in self.shape[len(self.index):]]]
+        base = index[dim].start
+        index[dim] = slice(base + start, base + start + length)
+        shape = list(self.shape)
+        shape[dim] = length
+        return LazySlice(self.source, tuple(shape), tuple(index))
+
+    def read(self) -> torch.Tensor:
+        return self.source[self.index] if self.index else self.source[:]
+
+
 @dataclass
 class HFWeights:
     """The weights and tokenizer of one HF folder; `names` is the filtered, ordered tensor list."""
@@ -103,6 +127,16 @@ class HFWeights:
                 handle = safe_open(self.folder / current_file, framework="pt")
             tensor = handle.get_tensor(name)
             yield name, tensor if dtype is None else tensor.to(dtype)
+
+    def slices(self) -> Iterator[tuple[str, LazySlice]]:
+        """(name, unread tensor) pairs, in the order of ``tensors``."""
+        current_file, handle = None, None
+        for name in self.names:
+            if self.weight_map[name] != current_file:
+                current_file = self.weight_map[name]
+                handle = safe_open(self.folder / current_file, framework="pt")
+            part = handle.get_slice(name)
+            yield name, LazySlice(part, tuple(part.get_shape()))
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -28,8 +28,10 @@ shards the same way: output rows for column-parallel layers, input columns
 (proportionally: int4 codes and group scales, GGUF block bytes) for
 row-parallel ones, whose 1-D tensors (per-row scales, bias) stay whole. A
 method quantizes the whole tensor before it is cut, so every rank holds
-exactly the codes and scales of one process. With one rank these layers are
-plain linears.
+exactly the codes and scales of one process. A checkpoint tensor may arrive
+unread (``hf_loader.LazySlice``): cutting it reads nothing, and ``read``
+reads only the part kept (the whole, where a method quantizes). With one
+rank these layers are plain linears.
 """
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ class Linear(nn.Module):
         """Copy this rank's part of ``loaded`` into the rows of output shard
         ``shard_id`` (all rows when None) of ``param``, whose output dimension
         is ``output_dim``."""
-        loaded = self.shard_of(loaded, shard_id, output_dim)
+        loaded = read(self.shard_of(loaded, shard_id, output_dim))
         target = param.data
         if shard_id is not None:
             target = target.narrow(output_dim, self.output_offsets[shard_id], self.output_sizes[shard_id])
@@ -192,7 +194,7 @@ class RowParallelLinear(Linear):
     def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
                   output_dim: int = 0) -> None:
         if param is self.bias and self.tp.rank:   # added once, by rank 0, before the sum over ranks
-            loaded = torch.zeros_like(loaded)
+            loaded = torch.zeros(tuple(loaded.shape))
         super().load_rows(param, loaded, shard_id, output_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,11 +279,16 @@ class LayerFactory:
         return RMSNorm(hidden_size, eps, self.params_dtype)
 
 
+def read(loaded) -> torch.Tensor:
+    """A checkpoint tensor's values: the tensor, or the kept part of an unread one, read now."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.read()
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     """Parameters that are neither merged nor stored specially (norm weights)."""
-    if param.shape != loaded.shape:
+    if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(read(loaded))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

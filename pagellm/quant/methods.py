@@ -19,7 +19,7 @@ from torch import nn
 from pagellm.kernels import quant_ops
 from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, gguf_row_bytes, quantize_int4,
                                          quantize_int8)
-from pagellm.model.layers import Linear
+from pagellm.model.layers import Linear, read
 
 FLOAT_GGUF_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
@@ -53,7 +53,7 @@ class _InputSmoothing:
         layer.register_parameter("input_scale", param)
         if self.smoothing is not None:
             param.data.copy_(1.0 / self.smoothing.float())
-        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(tensor)
+        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(read(tensor))
 
     def _smooth_weight(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.smoothing is None else tensor.float() * self.smoothing.to(tensor.device).float()
@@ -71,7 +71,7 @@ class Int8LinearMethod(_InputSmoothing):
         self._create_input_scale(layer)
 
         def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
-            q, scale = quantize_int8(self._smooth_weight(tensor))
+            q, scale = quantize_int8(self._smooth_weight(read(tensor)))
             layer.load_rows(qweight, q, shard_id)
             layer.load_rows(scales, scale, shard_id)
 
@@ -113,7 +113,7 @@ class Int4LinearMethod(_InputSmoothing):
         self._create_input_scale(layer)
 
         def load_float(tensor: torch.Tensor, shard_id: int | None) -> None:
-            for param, value in zip((qweight, scales, zeros), quantize_int4(self._smooth_weight(tensor),
+            for param, value in zip((qweight, scales, zeros), quantize_int4(self._smooth_weight(read(tensor)),
                                                                             self.group_size)):
                 layer.load_rows(param, value, shard_id)
 
