@@ -251,9 +251,11 @@ class LLMEngine:
         there), and the requests whose sequences failed even alone. A batch that
         raises is run again in halves, each with the block copies into its own
         blocks (copying again is harmless: the step rewrites what follows)."""
-        try:
-            result = self.runner.execute(build_step_input(batch, self.config.block_size, copies,
-                                                          pin_memory=self._pin_memory))
+        try:   # under pipeline parallelism, a micro-batch per stage keeps every stage busy
+            parts = _split(batch, copies, self.config.pipeline_parallel_size)
+            result = self.runner.execute(*[build_step_input(part, self.config.block_size, part_copies,
+                                                            pin_memory=self._pin_memory)
+                                           for part, part_copies in parts])
             return [(seq, result, index) for index, seq in enumerate(batch.seqs)], {}
         except Exception as exc:
             if self.workers is not None and (failure := self.workers.failure(exc)) is not None:
@@ -262,11 +264,8 @@ class LLMEngine:
                 logger.error(f"request {batch.seqs[0].request_id} failed its step", exc_info=exc)
                 return [], {batch.seqs[0].request_id: exc}
         done, failed = [], {}
-        middle = len(batch.seqs) // 2
-        for part in (slice(0, middle), slice(middle, None)):
-            half = ScheduledBatch(batch.seqs[part], batch.num_new_tokens[part])
-            blocks = {block for seq in half.seqs for block in seq.block_table}
-            half_done, half_failed = self._execute(half, [(src, dst) for src, dst in copies if dst in blocks])
+        for half, half_copies in _split(batch, copies, 2):
+            half_done, half_failed = self._execute(half, half_copies)
             done += half_done
             failed |= half_failed
         return done, failed
@@ -377,6 +376,18 @@ class LLMEngine:
                 "num_prefill_tokens": sched.stats.num_prefill_tokens,
                 "num_decode_tokens": sched.stats.num_decode_tokens,
                 "prefix_cache_hit_rate": bm.stats.hit_rate}
+
+
+def _split(batch: ScheduledBatch, copies: list[tuple[int, int]], parts: int
+           ) -> list[tuple[ScheduledBatch, list[tuple[int, int]]]]:
+    """Up to ``parts`` runs of consecutive sequences, each with the block copies into its own blocks."""
+    size = cdiv(len(batch.seqs), min(parts, len(batch.seqs)))
+    out = []
+    for start in range(0, len(batch.seqs), size):
+        part = ScheduledBatch(batch.seqs[start:start + size], batch.num_new_tokens[start:start + size])
+        blocks = {block for seq in part.seqs for block in seq.block_table}
+        out.append((part, [(src, dst) for src, dst in copies if dst in blocks]))
+    return out
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:

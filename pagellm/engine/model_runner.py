@@ -20,7 +20,10 @@ engine's) first broadcasts each call's input to the others
 (``engine.parallel``), the pool takes the block count every rank can hold, a
 stage other than the first takes its hidden states from the one before, and
 rank 0 receives the last stage's ``StepOutput``; other ranks' calls return
-None.
+None. A step may come as several micro-batches (``execute(*steps)``): each
+stage runs them in order and passes each on as soon as it is done, so while
+stage 1 runs micro-batch 0, stage 0 already runs micro-batch 1; the last
+stage sends the outputs back together.
 """
 from __future__ import annotations
 
@@ -116,10 +119,14 @@ class ModelRunner:
         return graphs
 
     # ---- one step ------------------------------------------------------------
-    def execute(self, step: StepInput) -> StepOutput | None:
+    def execute(self, *steps: StepInput) -> StepOutput | None:
+        """One step, given as one or more micro-batches (consecutive sequences):
+        the output of all their sequences, in order."""
         if self.groups and self.groups.rank == 0:
-            self.groups.broadcast(("step", step))
-        return self._execute(step, self.kv_cache)
+            self.groups.broadcast(("step", *steps))
+        with torch.inference_mode():
+            outputs = [self._run(step, self.kv_cache) for step in steps]
+        return self._deliver(StepOutput.concat(outputs) if self.model.is_last_stage else None)
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step's token ids, positions and attention metadata on the device
@@ -129,6 +136,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
+        return self._deliver(self._run(step, kv_cache))
+
+    def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
+        """This rank's part of a step: the output on the last stage; elsewhere the
+        hidden states go on to the next stage and this returns None."""
         kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)
@@ -141,13 +153,13 @@ class ModelRunner:
                                 self._carried(len(step.input_ids)))
             if not self.model.is_last_stage:
                 self.groups.send_activations(*hidden)
-                return self.groups.recv_output() if self.groups.rank == 0 else None
+                return None
             logits = self.model.compute_logits(hidden[rows])
             scored = self._score(hidden, step.scoring) if step.scoring is not None else None
         if not step.sampling.params:
-            return self._deliver(StepOutput([[] for _ in step.num_logits], scored=scored))
+            return StepOutput([[] for _ in step.num_logits], scored=scored)
         draws = sample(logits, SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device))
-        return self._deliver(replace(StepOutput.from_rows(draws, step.num_logits), scored=scored))
+        return replace(StepOutput.from_rows(draws, step.num_logits), scored=scored)
 
     def _carried(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A later pipeline stage's input: the previous stage's hidden states and residual."""
@@ -155,13 +167,15 @@ class ModelRunner:
             return None
         return self.groups.recv_activations(num_tokens, self.config.hidden_size, self.dtype)
 
-    def _deliver(self, output: StepOutput) -> StepOutput | None:
-        """The last stage's output, for rank 0: its own, or sent there by the stage's tensor rank 0."""
-        if self.groups is None or self.groups.rank == 0:
-            return output
-        if self.groups.num_stages > 1 and self.groups.tensor.rank == 0:
-            self.groups.send_output(output)
-        return None
+    def _deliver(self, output: StepOutput | None) -> StepOutput | None:
+        """The last stage's output (None elsewhere), for rank 0: its own, or sent there
+        by the last stage's tensor rank 0."""
+        groups = self.groups
+        if groups is None or groups.num_stages == 1:
+            return output if groups is None or groups.rank == 0 else None
+        if groups.is_last_stage and groups.tensor.rank == 0:
+            groups.send_output(output)
+        return groups.recv_output() if groups.rank == 0 else None
 
     def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[list[ScoredToken]]:
         """Score each row against its target token, a chunk of rows at a time

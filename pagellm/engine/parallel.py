@@ -154,10 +154,8 @@ class Workers:
 
     def close(self) -> None:
         """Stop the other ranks' runners; spawned workers exit and the world is left."""
-        try:
+        with contextlib.suppress(CollectiveError):   # a rank that died already has nothing to hear
             self.groups.broadcast(("exit",) if self.processes else ("stop",))
-        except Exception as exc:   # a dead rank: nothing left to tell
-            logger.debug(f"closing the parallel engine: {exc}")
         for process in self.processes:
             process.join(timeout=10)
             if process.is_alive():
@@ -193,7 +191,8 @@ def launched_ranks(config: EngineConfig) -> Iterator[bool]:
     try:
         yield True
     finally:
-        groups.broadcast(("exit",))
+        with contextlib.suppress(CollectiveError):   # a rank that died already has nothing to hear
+            groups.broadcast(("exit",))
         close_parallel()
 
 

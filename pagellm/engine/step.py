@@ -89,6 +89,20 @@ class StepOutput:
 
         return cls(split(draws.token_ids), split(draws.logprobs), split(draws.top_logprobs))
 
+    @classmethod
+    def concat(cls, parts: list[StepOutput]) -> StepOutput:
+        """The outputs of consecutive micro-batches of one step, as one; a part
+        that reports no log-probabilities reports empty ones."""
+        def join(field_name: str, empty) -> list | None:
+            values = [getattr(part, field_name) for part in parts]
+            if all(v is None for v in values):
+                return None
+            return [entry for part, v in zip(parts, values)
+                    for entry in (v if v is not None else [empty(tokens) for tokens in part.token_ids])]
+
+        return cls([ids for part in parts for ids in part.token_ids], join("logprobs", lambda tokens: []),
+                   join("top_logprobs", lambda tokens: [[] for _ in tokens]), join("scored", lambda tokens: []))
+
 
 def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[tuple[int, int]],
                      pin_memory: bool = False) -> StepInput:
