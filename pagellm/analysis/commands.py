@@ -228,11 +228,12 @@ def _measure(args: argparse.Namespace, b: MemoryBreakdown):
     """The engine's own memory report for the same model, batch, context and dtype, from
     ``args.measure_engine`` (EngineConfig fields -> the engine's ``MemoryReport``), which
     ``pagellm.cli`` hands over: the analyzer never imports the engine."""
-    if b.precision.kv_bits < 16 or args.tp != 1:
-        raise ValueError("--measure runs the engine with a 16-bit KV cache on one device: drop --kv-bits/--tp")
+    if b.precision.kv_bits < 16:
+        raise ValueError("--measure runs the engine with a 16-bit KV cache: drop --kv-bits")
     if args.measure_engine is None:
         raise ValueError("--measure needs the engine (pagellm.engine), which this installation lacks")
-    return args.measure_engine(**_engine_settings(args, b), quantization=_weight_format(b.precision))
+    return args.measure_engine(**_engine_settings(args, b), quantization=_weight_format(b.precision),
+                               tensor_parallel_size=args.tp)
 
 
 def _weight_format(p: Precision) -> str:
@@ -261,7 +262,7 @@ def _engine_settings(args: argparse.Namespace, b: MemoryBreakdown) -> dict[str, 
 def _render_measured(b: MemoryBreakdown, m) -> None:
     from rich.table import Table
 
-    t = Table(title="Predicted vs measured by the engine")
+    t = Table(title="Predicted vs measured by the engine" + (f" (rank 0 of {b.tp})" if b.tp > 1 else ""))
     for column in ("component", "predicted", "engine", "how the engine got it"):
         t.add_column(column, justify="left" if column in ("component", "how the engine got it") else "right")
     how = "torch.cuda.max_memory_allocated over a full prefill chunk" if m.activation_measured else \

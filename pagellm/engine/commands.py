@@ -31,9 +31,11 @@ def sampling_params_from_args(args: argparse.Namespace):
 
 
 def measure_memory(**settings) -> MemoryReport:
-    """The memory report of an engine built with these EngineConfig fields."""
+    """The memory report of an engine built with these EngineConfig fields (rank 0's, with several ranks)."""
     from pagellm.engine.llm_engine import LLMEngine
-    return LLMEngine(EngineConfig(**settings)).memory
+    engine = LLMEngine(EngineConfig(**settings))
+    engine.close()
+    return engine.memory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -22,12 +22,12 @@ def precision_of(dtype: torch.dtype) -> Precision:
 
 
 def estimated_activation_bytes(config: ModelConfig, num_tokens: int, num_sampled: int, max_model_len: int,
-                               dtype: torch.dtype, fused_attention: bool) -> int:
+                               dtype: torch.dtype, fused_attention: bool, tensor_parallel_size: int = 1) -> int:
     """The closed-form activation peak (``pagellm.sizing``) of a step of
-    ``num_tokens`` tokens sampling ``num_sampled`` rows, used where it can't be
-    measured (CPU)."""
+    ``num_tokens`` tokens sampling ``num_sampled`` rows on one tensor-parallel
+    rank, used where it can't be measured (CPU)."""
     return int(sizing.activation_bytes(config, precision_of(dtype), num_tokens, num_sampled, max_model_len,
-                                       flash_attention=fused_attention))
+                                       tp=tensor_parallel_size, flash_attention=fused_attention))
 
 
 @dataclass

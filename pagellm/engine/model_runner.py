@@ -63,6 +63,7 @@ class ModelRunner:
         self.dtype = engine.torch_dtype
         self.max_model_len = max_model_len
         tp = groups.tensor if groups else SINGLE
+        self.tensor_parallel_size = tp.size
         layers = layer_range(model_config.num_hidden_layers, groups.num_stages, groups.stage) if groups else None
         self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers)
         self.backend = get_attention_backend(engine.attention_backend, self.device)
@@ -79,8 +80,8 @@ class ModelRunner:
         """(peak bytes of ``step`` beyond weights and KV, whether measured)."""
         if self.device.type != "cuda":
             return estimated_activation_bytes(self.config, len(step.input_ids), len(step.logits_indices),
-                                              self.max_model_len, self.dtype,
-                                              fused_attention=self.backend.fused), False
+                                              self.max_model_len, self.dtype, fused_attention=self.backend.fused,
+                                              tensor_parallel_size=self.tensor_parallel_size), False
         scratch = KVCache(self.kv_spec, int(step.attention.block_tables.max()) + 1, self.device)
         self._execute(step, scratch)   # once first: kernel builds and library workspaces stay, they are no activations
         torch.cuda.synchronize(self.device)
