@@ -2,7 +2,9 @@
 process, token for token, for every tiny architecture (MQA: fewer KV heads
 than ranks, so each is replicated), int8 weights, a tiny GGUF's Q8_0 blocks
 and the real Qwen2.5-Coder-0.5B GGUF; under a small KV pool and token budget,
-so chunked prefill and preemption happen on every rank alike. Each rank's
+so chunked prefill and preemption happen on every rank alike. (The real
+model's one-process reference is HF transformers, whose greedy tokens
+pagellm's equal in test_real_model: that model is loaded once per session.) Each rank's
 measured weights and KV pool match the analyzer's per-GPU ``--tp 2`` figures."""
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from parallel_harness import Job, run_jobs
 from test_engine_parity import ARCHS, MAX_TOKENS, prompts
 from tiny_models import TINY, make_tiny_hf_model, write_tiny_gguf
 
+REAL = "qwen2.5-coder-0.5b"
 SMALL_POOL = dict(dtype="float32", block_size=4, num_kv_blocks=12, max_num_batched_tokens=8)
 
 
@@ -31,9 +34,17 @@ def _jobs(tmp_path_factory, qwen_path) -> list[Job]:
                            tmp_path_factory.mktemp("gguf-file") / "tiny-q8.gguf", GGMLQuantizationType.Q8_0)
     jobs.append(Job("llama-gguf-q8_0", str(gguf), batch, MAX_TOKENS, dict(SMALL_POOL, quantization="gguf")))
     if qwen_path is not None:
-        jobs.append(Job("qwen2.5-coder-0.5b", str(qwen_path), [[14582, 75698, 1445, 982, 262]], 6,
+        jobs.append(Job(REAL, str(qwen_path), [[750, 75698, 1445, 982, 262]], 6,
                         dict(dtype="float32", num_kv_blocks=8, max_model_len=64)))
     return jobs
+
+
+def _hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +58,16 @@ def outputs(tmp_path_factory, request):
                             for j in jobs])
     single = {}
     for job in jobs:
+        if job.name == REAL:
+            single[job.name] = [_hf_greedy(request.getfixturevalue("qwen_hf"), p, job.max_tokens) for p in job.prompts]
+            continue
         done = LLM(job.model, **job.settings).generate(
             job.prompts, SamplingParams(temperature=0, max_tokens=job.max_tokens, ignore_eos=True), use_tqdm=False)
         single[job.name] = [o.outputs[0].token_ids for o in done]
     return parallel, single, {job.name: job.model for job in jobs}
 
 
-@pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "llama-gguf-q8_0", "qwen2.5-coder-0.5b"])
+@pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "llama-gguf-q8_0", REAL])
 def test_tp2_greedy_matches_one_process(outputs, name):
     parallel, single, _ = outputs
     if name not in single:
