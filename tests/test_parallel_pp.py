@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pagellm import LLM, SamplingParams
+from pagellm.engine.step import ScoredToken, StepOutput
 from parallel_harness import Job, run_jobs
 from test_engine_parity import MAX_TOKENS, prompts
 from test_parallel_tp import SMALL_POOL
@@ -34,3 +35,15 @@ def outputs(tmp_path_factory):
 def test_tp2_pp2_greedy_matches_one_process(outputs, name):
     parallel, single = outputs
     assert parallel[name]["tokens"] == single[name]
+
+
+def test_micro_batch_outputs_join_into_the_steps_output():
+    """Sequences keep their order; a micro-batch without log-probabilities reports empty ones,
+    as a whole step reports them for a sequence that did not ask."""
+    with_logprobs = StepOutput([[4], []], logprobs=[[-0.5], []], top_logprobs=[[[(4, -0.5)]], []],
+                               scored=[[], [ScoredToken(-1.0, 2, [])]])
+    plain = StepOutput([[7]])
+    assert StepOutput.concat([plain, with_logprobs]) == StepOutput(
+        [[7], [4], []], logprobs=[[], [-0.5], []], top_logprobs=[[[]], [[(4, -0.5)]], []],
+        scored=[[], [], [ScoredToken(-1.0, 2, [])]])
+    assert StepOutput.concat([plain, plain]) == StepOutput([[7], [7]])
