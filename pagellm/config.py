@@ -52,6 +52,11 @@ class EngineConfig:
     max_num_seqs: int = _setting(256, "sequences scheduled at once")
     max_num_batched_tokens: int | None = _setting(None, "tokens per step (default: 8192 on CUDA, 2048 on CPU)")
     enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of prompt prefixes already computed")
+    swap_space: str | int | None = _setting(
+        None, "host-memory KV pool, e.g. 16GiB: preempted sequences swap out to it and full blocks evicted "
+              "from the prefix cache spill to it (restored on a later hit)")
+    swap_min_tokens: int = _setting(512, "a preempted sequence with at least this many computed tokens swaps "
+                                         "to the host pool (when it has room), a shorter one is recomputed")
     attention_backend: str = _setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
     enforce_eager: bool = _setting(False, "no CUDA graphs")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")

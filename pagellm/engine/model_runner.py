@@ -35,6 +35,7 @@ from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
 from pagellm.model.layers import LinearMethod, dense_everywhere
 from pagellm.utils.math import cdiv
+from pagellm.utils.units import parse_bytes
 
 logger = logging.getLogger("pagellm")
 
@@ -79,10 +80,12 @@ class ModelRunner:
         """Size the pool from the budget, allocate it, capture the graphs; returns the block count."""
         num_blocks = plan_num_blocks(self.engine, self.kv_spec.bytes_per_block, self.weights_bytes,
                                      activation_bytes)
-        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
+        num_host_blocks = parse_bytes(self.engine.swap_space or 0) // self.kv_spec.bytes_per_block
+        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device, num_host_blocks)
         self.memory = MemoryReport(self.weights_bytes, activation_bytes, self.kv_cache.nbytes,
                                    self.kv_spec.bytes_per_token, num_blocks, self.kv_spec.block_size,
-                                   self.max_model_len, activation_measured, self.backend.fused)
+                                   self.max_model_len, activation_measured, self.backend.fused,
+                                   host_kv_cache_bytes=self.kv_cache.host_nbytes, num_host_blocks=num_host_blocks)
         self.graphs = self._capture_graphs()
         return num_blocks
 
@@ -108,6 +111,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, step: StepInput, kv_cache: KVCache) -> StepOutput:
+        kv_cache.swap(step.swap_out, step.swap_in)
         kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)

@@ -56,6 +56,15 @@ class _EngineStatsCollector(Collector):
                                 value=s["prefix_cache_hit_rate"])
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (their KV blocks freed).",
                                   value=s["num_preemptions"])
+        yield CounterMetricFamily(PREFIX + "num_swapped_out", "Preempted sequences swapped to the host KV pool.",
+                                  value=s["num_swapped_out"])
+        yield CounterMetricFamily(PREFIX + "host_prefix_cache_hit_tokens",
+                                  "Prompt tokens restored from the host prefix-cache tier instead of recomputed.",
+                                  value=s["host_prefix_hit_tokens"])
+        yield CounterMetricFamily(PREFIX + "kv_bytes_to_host", "KV bytes copied from the device to the host pool.",
+                                  value=s["kv_bytes_to_host"])
+        yield CounterMetricFamily(PREFIX + "kv_bytes_to_device", "KV bytes copied from the host pool to the device.",
+                                  value=s["kv_bytes_to_device"])
 
 
 class ServerMetrics:
