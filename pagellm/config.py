@@ -52,6 +52,11 @@ class EngineConfig:
     max_num_seqs: int = _setting(256, "sequences scheduled at once")
     max_num_batched_tokens: int | None = _setting(None, "tokens per step (default: 8192 on CUDA, 2048 on CPU)")
     enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of prompt prefixes already computed")
+    cpu_offload_memory: str | int | None = _setting(
+        None, "keep this much of the decoder layers' weights in host memory, streamed to the device one layer "
+              "ahead of use, e.g. 30GiB; auto: the least that lets --gpu-memory hold the rest")
+    disk_offload: str | None = _setting(None, "folder for the offloaded layers' weights: read from a "
+                                              "safetensors file there through mmap instead of held in memory")
     swap_space: str | int | None = _setting(
         None, "host-memory KV pool, e.g. 16GiB: preempted sequences swap out to it and full blocks evicted "
               "from the prefix cache spill to it (restored on a later hit)")

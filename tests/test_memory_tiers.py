@@ -24,6 +24,7 @@ from pagellm.engine.scheduler import Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
 from pagellm.server.metrics import ServerMetrics
 from test_block_manager import check_invariants
+from tiny_models import make_tiny_hf_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -194,3 +195,47 @@ def test_prefix_evicted_to_host_is_restored_not_recomputed(tiny_llama, reference
         scraped = generate_latest(ServerMetrics(llm.engine.stats).registry).decode()
         assert "pagellm:host_prefix_cache_hit_tokens_total 64.0" in scraped
         assert f"pagellm:kv_bytes_to_device_total {16 * 2048:.1f}" in scraped
+
+
+# ---- weight offload ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("five-layers"), num_hidden_layers=5)
+
+
+def layer_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize("quantization,disk", [(None, False), ("int8", True)])
+def test_streamed_layers_give_the_resident_models_greedy_tokens(five_layers, quantization, disk, tmp_path):
+    resident = LLM(str(five_layers), dtype="float32", block_size=4, num_kv_blocks=64, quantization=quantization)
+    short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = tokens(resident, prompts(2, 9), short)
+    layer = layer_bytes(resident)
+    # layers 1..4 in host memory (or a file), taking turns in 2 device buffers
+    llm = LLM(str(five_layers), dtype="float32", block_size=4, num_kv_blocks=64, quantization=quantization,
+              cpu_offload_memory=4 * layer - 1, disk_offload=str(tmp_path) if disk else None)
+    offload = llm.engine.runner.offload
+    assert offload.layers == list(llm.engine.runner.model.layers)[1:]
+    assert tokens(llm, prompts(2, 9), short) == expected
+    for params, host in zip(offload.params, offload.host):   # the forward read buffers, never the host copy
+        assert all(p.data_ptr() != host[name].data_ptr() for name, p in params.items())
+    memory = llm.engine.memory
+    assert (memory.host_weights_bytes, memory.offloaded_layers) == (4 * layer, 4)
+    assert memory.weights_bytes == resident.engine.memory.weights_bytes - 2 * layer
+    assert memory.offload_tier == ("disk" if disk else "host") and "4 layers streamed" in memory.summary()
+
+
+def test_auto_offload_takes_the_fewest_layers_that_fit(five_layers):
+    resident = LLM(str(five_layers), dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=128)
+    weights, layer = resident.engine.memory.weights_bytes, layer_bytes(resident)
+    settings = dict(dtype="float32", block_size=4, max_model_len=128, max_num_batched_tokens=64, max_num_seqs=4)
+    probe = LLM(str(five_layers), gpu_memory=1 << 30, **settings).engine.memory
+    reserve = probe.activation_bytes + 128 * probe.kv_bytes_per_token   # activations + one full-length sequence
+    for wanted in (3, 4):   # a budget that 3 (then 4) offloaded layers just meet: k layers save k - 2
+        budget = reserve + weights - (wanted - 2) * layer
+        memory = LLM(str(five_layers), gpu_memory=budget, cpu_offload_memory="auto", **settings).engine.memory
+        assert memory.offloaded_layers == wanted
+        assert memory.weights_bytes + reserve <= budget < memory.weights_bytes + reserve + layer

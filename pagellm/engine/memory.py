@@ -43,6 +43,9 @@ class MemoryReport:
     fused_attention: bool       # the attention backend never materialises the score matrix
     host_kv_cache_bytes: int = 0
     num_host_blocks: int = 0
+    host_weights_bytes: int = 0     # offloaded decoder layers, in host memory (or on disk)
+    offloaded_layers: int = 0
+    offload_tier: str = "host"
 
     @property
     def kv_tokens(self) -> int:
@@ -54,7 +57,10 @@ class MemoryReport:
 
     def summary(self) -> str:
         how = "measured" if self.activation_measured else "estimated"
-        return (f"memory: weights {format_bytes(self.weights_bytes)}, activations {format_bytes(self.activation_bytes)}"
+        offload = (f" + {format_bytes(self.host_weights_bytes)} on the {self.offload_tier} ({self.offloaded_layers} "
+                   f"layers streamed)" if self.offloaded_layers else "")
+        return (f"memory: weights {format_bytes(self.weights_bytes)}{offload}, activations "
+                f"{format_bytes(self.activation_bytes)}"
                 f" ({how}), KV pool {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
                 f" = {self.kv_tokens} tokens), max concurrency at {self.max_model_len} tokens: "
                 f"{self.max_concurrency:.2f}"
