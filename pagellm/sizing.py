@@ -251,6 +251,14 @@ def sampler_chunk_rows(vocab_size: int) -> int:
 
 # ---------------------------------------------------------------- weight offload
 
+def offload_split(weights: float, layer: float, num_offloaded: int) -> tuple[float, float]:
+    """(device, host) weight bytes with ``num_offloaded`` decoder layers of ``layer``
+    bytes off the device: it keeps the others and two layer buffers."""
+    if not num_offloaded:
+        return weights, 0.0
+    return weights - (num_offloaded - 2) * layer, num_offloaded * layer
+
+
 def offloaded_layers(weights: float, layer: float, num_layers: int, device_budget: float) -> int | None:
     """Fewest decoder layers of ``layer`` bytes to keep off the device
     (``pagellm.model.offload``) so the weights left there fit ``device_budget``:

@@ -10,6 +10,7 @@ manager's invariants and that no device or host block leaks.
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -18,11 +19,15 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from pagellm import LLM, SamplingParams
+from pagellm.analysis.memory import advise_offload, memory_breakdown
+from pagellm.cli import main
 from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.host_blocks import HostBlockPool
 from pagellm.engine.scheduler import Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
+from pagellm.model.model_spec import load_model_config
 from pagellm.server.metrics import ServerMetrics
+from pagellm.sizing import Precision
 from test_block_manager import check_invariants
 from tiny_models import make_tiny_hf_model
 
@@ -239,3 +244,38 @@ def test_auto_offload_takes_the_fewest_layers_that_fit(five_layers):
         memory = LLM(str(five_layers), gpu_memory=budget, cpu_offload_memory="auto", **settings).engine.memory
         assert memory.offloaded_layers == wanted
         assert memory.weights_bytes + reserve <= budget < memory.weights_bytes + reserve + layer
+
+
+# ---- the analyzer: every tier, and the offload advice ---------------------------------------------------
+
+def test_memory_measure_shows_every_tier_as_predicted(five_layers, capsys):
+    c = load_model_config(str(five_layers))
+    layer = 4 * (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+                 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)   # fp32 block: linears + 2 norms
+    per_block = 16 * 2 * 5 * c.num_key_value_heads * c.head_dim * 4
+    assert main(["memory", str(five_layers), "--dtype", "fp32", "--batch-size", "2", "--context-len", "64",
+                 "--cpu-offload-memory", str(3 * layer), "--swap-space", str(10 * per_block + 1),
+                 "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    predicted, measured = out["memory"], out["measured"]
+    assert predicted["offloaded_layers"] == measured["offloaded_layers"] == 3
+    assert predicted["host_weights_bytes"] == measured["host_weights_bytes"] == 3 * layer
+    assert predicted["weights_bytes"] == measured["weights_bytes"] == c.num_parameters * 4 - layer
+    assert predicted["host_kv_bytes"] == measured["host_kv_cache_bytes"] == 10 * per_block
+
+
+def test_offload_advice_streams_the_fewest_layers_that_fit():
+    c = load_model_config("llama-3-70b")
+    memory, context = 24 * 2**30, 4096
+    advice = advise_offload(c, memory, 1, context, Precision())
+    assert [o.w_bits for o in advice.options] == [16, 8, 4]
+    assert advice.recommended.w_bits == 4   # the fewest bytes cross the host link every step
+    for option in advice.options:
+        p = Precision(w_bits=option.w_bits)
+        layer = option.host_weights_bytes / option.offloaded_layers
+
+        def device_total(k: int) -> float:   # one prefill chunk of 2048 tokens in flight, as the advisor assumes
+            return memory_breakdown(c, 1, context, p, offload_bytes=k * layer).total_bytes
+        assert device_total(option.offloaded_layers) <= memory < device_total(option.offloaded_layers - 1)
+    small = advise_offload(load_model_config("llama-3-8b"), memory, 1, context, Precision())
+    assert small.recommended.w_bits == 16 and small.recommended.offloaded_layers == 0
