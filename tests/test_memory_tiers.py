@@ -28,7 +28,7 @@ from pagellm.engine.sequence import Sequence
 from pagellm.model.model_spec import load_model_config
 from pagellm.server.metrics import ServerMetrics
 from pagellm.sizing import Precision
-from test_block_manager import check_invariants
+from test_block_manager import advance, check_invariants
 from tiny_models import make_tiny_hf_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -149,12 +149,7 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
             first = max(0, seq.num_computed_tokens - window + 1) if window else 0
             for pos in range(first, seq.num_computed_tokens + n):
                 assert device[seq.block_table[pos // size]][pos % size] == tuple(seq.token_ids[:pos + 1])
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
-                seq.append_token(rng.randrange(20))
-                if seq.num_output_tokens >= seq.params.max_tokens:
-                    scheduler.finish(seq)
+        advance(scheduler, batch, rng)
         for seq in list(scheduler.running) + list(scheduler.waiting.values()):
             if rng.random() < w["abort_rate"]:
                 scheduler.finish(seq)
