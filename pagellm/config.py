@@ -78,6 +78,8 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check_quantization(self.quantization)   # a clear error now rather than after loading
+        if self.disk_offload is not None and self.cpu_offload_memory is None:
+            raise ValueError("disk_offload holds the layers cpu_offload_memory offloads: set cpu_offload_memory too")
 
     @property
     def torch_device(self) -> torch.device:

@@ -21,6 +21,8 @@ from prometheus_client import generate_latest
 from pagellm import LLM, SamplingParams
 from pagellm.analysis.memory import advise_offload, memory_breakdown
 from pagellm.cli import main
+from pagellm.config import EngineConfig
+from pagellm.engine import kv_cache
 from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.host_blocks import HostBlockPool
 from pagellm.engine.scheduler import Scheduler, SchedulerConfig
@@ -51,8 +53,9 @@ def reference(tiny_llama):
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
-def test_forced_swaps_give_unpressured_greedy_tokens(tiny_llama, reference, prefix_caching):
+def test_forced_swaps_give_unpressured_greedy_tokens(tiny_llama, reference, prefix_caching, monkeypatch):
     # 6 sequences of 20..35 + 24 tokens (11..15 blocks each) in 40 blocks: preemption in most steps.
+    monkeypatch.setattr(kv_cache, "STAGE_BYTES", 3 * 2048)   # copies staged 3 blocks at a time
     llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
               swap_space=1 << 20, swap_min_tokens=1, enable_prefix_caching=prefix_caching)
     assert tokens(llm, prompts(6, 20)) == reference["swap"]
@@ -274,3 +277,8 @@ def test_offload_advice_streams_the_fewest_layers_that_fit():
         assert device_total(option.offloaded_layers) <= memory < device_total(option.offloaded_layers - 1)
     small = advise_offload(load_model_config("llama-3-8b"), memory, 1, context, Precision())
     assert small.recommended.w_bits == 16 and small.recommended.offloaded_layers == 0
+
+
+def test_disk_offload_needs_cpu_offload_memory():
+    with pytest.raises(ValueError, match="cpu_offload_memory"):
+        EngineConfig(model="tiny", disk_offload="/tmp")

@@ -23,7 +23,10 @@ relies on that order: a device block spilled to the host and handed to
 another block in the same step is read before it is written). On CUDA the
 copies run on a side stream, and the compute stream waits on an event
 recorded after them, so the step's forward (and its copy-on-write copies)
-see the moved blocks; on the CPU they run in place.
+see the moved blocks; on the CPU they run in place. Blocks are gathered into
+(or scattered from) a contiguous staging tensor at most ``STAGE_BYTES`` at a
+time: the pool fills the device, and a transient of a long sequence's whole KV
+would not fit beside it.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import torch
 
 from pagellm.kernels.attention import LayerKVCache
 from pagellm.model.config import ModelConfig
+
+STAGE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,17 @@ class KVCache:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if stream is not None:   # the blocks' last writes (an earlier step) come first
                 stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-            if out:
-                staged = self.pool[:, :, self._ids([d for d, _ in out])].movedim(2, 0).contiguous()
-                for row, (_, host) in enumerate(out):
+            step = max(1, STAGE_BYTES // self.spec.bytes_per_block)
+            for part in (out[i:i + step] for i in range(0, len(out), step)):
+                staged = self.pool[:, :, self._ids([d for d, _ in part])].movedim(2, 0).contiguous()
+                for row, (_, host) in enumerate(part):
                     self.host_pool[host].copy_(staged[row], non_blocking=True)
-            if in_:
-                staged = torch.empty(len(in_), *self.host_pool.shape[1:], dtype=self.pool.dtype,
+            for part in (in_[i:i + step] for i in range(0, len(in_), step)):
+                staged = torch.empty(len(part), *self.host_pool.shape[1:], dtype=self.pool.dtype,
                                      device=self.pool.device)
-                for row, (_, host) in enumerate(in_):
+                for row, (_, host) in enumerate(part):
                     staged[row].copy_(self.host_pool[host], non_blocking=True)
-                self.pool[:, :, self._ids([d for d, _ in in_])] = staged.movedim(0, 2)
+                self.pool[:, :, self._ids([d for d, _ in part])] = staged.movedim(0, 2)
         if stream is not None:
             torch.cuda.current_stream(self.pool.device).wait_stream(stream)
 

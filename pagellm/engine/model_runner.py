@@ -33,7 +33,7 @@ from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
-from pagellm.model.layers import LinearMethod, dense_everywhere
+from pagellm.model.layers import LinearMethod, RotaryEmbedding, dense_everywhere
 from pagellm.model.offload import LayerOffload
 from pagellm.utils.math import cdiv
 from pagellm.utils.units import parse_bytes
@@ -61,6 +61,10 @@ class ModelRunner:
                 self.offload = LayerOffload(list(self.model.layers)[-num_offloaded:], self.device,
                                             engine.disk_offload)
             self.model.to(self.device)
+            rotary = self.model.rotary
+            with torch.device(self.device):   # the rotary table as a model built there computes it, bit for bit
+                rotary.cos_sin_cache = RotaryEmbedding(rotary.head_dim, rotary.max_positions, rotary.theta,
+                                                       rotary.scaling).cos_sin_cache
         self.backend = get_attention_backend(engine.attention_backend, self.device)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.host_weights_bytes = 0
