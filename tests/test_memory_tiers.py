@@ -112,7 +112,7 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
     rng = random.Random(w["seed"])
     size = w["block_size"]
     null_block = w["num_blocks"] if w["sliding_window"] else None
-    host = HostBlockPool(w["num_host_blocks"], bytes_per_block=1)
+    host = HostBlockPool(w["num_host_blocks"])
     bm = BlockManager(w["num_blocks"], size, w["prefix_caching"], w["sliding_window"], null_block, host)
     scheduler = Scheduler(SchedulerConfig(w["max_seqs"], w["budget"], 10_000, w["swap_min_tokens"]), bm)
     device = [[None] * size for _ in range(w["num_blocks"] + 1)]   # slot -> the token prefix its K/V belong to

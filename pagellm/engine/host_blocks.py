@@ -37,9 +37,8 @@ class HostTierStats:
 
 
 class HostBlockPool:
-    def __init__(self, num_blocks: int, bytes_per_block: int) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.bytes_per_block = bytes_per_block
         self.free_blocks: list[int] = list(range(num_blocks))
         self.cached: OrderedDict[int, int] = OrderedDict()   # hash -> host block, least recently used first
         self.swap_out: list[tuple[int, int]] = []            # (device block, host block)

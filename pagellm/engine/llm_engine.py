@@ -93,7 +93,7 @@ class LLMEngine:
         num_blocks = self.runner.allocate_kv_cache(*self.runner.profile_activations(profile))
         self.memory = self.runner.memory
         num_host_blocks = self.memory.num_host_blocks
-        host = HostBlockPool(num_host_blocks, self.runner.kv_spec.bytes_per_block) if num_host_blocks else None
+        host = HostBlockPool(num_host_blocks) if num_host_blocks else None
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.model_config.sliding_window, self.runner.kv_cache.null_block, host)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len,
