@@ -149,9 +149,12 @@ def sweep_configs(m: int):
     import itertools
 
     from pagellm.kernels.triton_quant import MatmulConfig
-    if m <= 16:
+    if m == 1:     # narrow tiles fill the GPU without a split (whose reduction costs a launch)
+        for block_n, block_k, warps, ppsm in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (2, 4, 8), (1, 4)):
+            yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
+    elif m <= 16:
         for block_n, block_k, warps, ppsm in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1, 2, 8)):
-            yield MatmulConfig(1 if m == 1 else 16, block_n, block_k, warps, 3, ppsm)
+            yield MatmulConfig(16, block_n, block_k, warps, 3, ppsm)
     else:
         for block_m, block_n, block_k, warps, stages in itertools.product((64, 128), (64, 128), (64, 128), (4, 8),
                                                                           (3, 4)):
@@ -161,7 +164,8 @@ def sweep_configs(m: int):
 def section_sweep(args) -> list[dict]:
     """Tile configurations of the fused kernels at ``--sweep-rows`` rows, each checked against the reference
     and timed on every Llama-3-8B projection (a decode step runs them all, so the sum decides). The best
-    GEMM tiles at the largest row count become ``triton_quant.LARGE`` for the throughput runs that follow."""
+    tiles at each row count replace their table's entry (``triton_quant.GEMV``/``SMALL``/``LARGE``) in the
+    latency and throughput runs that follow."""
     from pagellm.kernels import triton_quant
     gen = torch.Generator(device="cuda").manual_seed(1)
     mats = {}
@@ -198,11 +202,12 @@ def section_sweep(args) -> list[dict]:
         bf16[m] = total
     for row in rows:
         row["bf16_total_ms"] = bf16[row["m"]]
-    largest = max(sweep_rows)
-    for fmt in args.sweep_formats.split(","):
-        ok = [r for r in rows if r["fmt"] == fmt and r["m"] == largest and "total_ms" in r and r["error"] <= TOLERANCE]
-        if largest > 16 and ok:
-            args.large_override[fmt] = min(ok, key=lambda r: r["total_ms"])["config"]
+    for m in sweep_rows:
+        table = "GEMV" if m == 1 else "SMALL" if m <= 16 else "LARGE"
+        for fmt in args.sweep_formats.split(","):
+            ok = [r for r in rows if r["fmt"] == fmt and r["m"] == m and "total_ms" in r and r["error"] <= TOLERANCE]
+            if ok:
+                args.override.setdefault(table, {})[fmt] = min(ok, key=lambda r: r["total_ms"])["config"]
     return rows
 
 
@@ -210,10 +215,11 @@ def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
     path = os.path.join(args.out, f"{kind}-{quantization}.json")
     cmd = [sys.executable, "-m", "pagellm.cli", "bench", kind, "llama-3-8b", "--random-weights",
            "--quantization", quantization, "--json", path, *extra]
-    if args.large_override:     # the sweep's best GEMM tiles, set in the benchmark's own process
-        configs = {fmt: f"t.MatmulConfig(**{config})" for fmt, config in args.large_override.items()}
+    if args.override:     # the sweep's best tiles, set in the benchmark's own process
         setup = "import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " \
-                + "".join(f"t.LARGE[{fmt!r}] = {c}; " for fmt, c in configs.items()) + "sys.exit(main(sys.argv[1:]))"
+                + "".join(f"t.{table}[{fmt!r}] = t.MatmulConfig(**{config}); "
+                          for table, configs in args.override.items() for fmt, config in configs.items()) \
+                + "sys.exit(main(sys.argv[1:]))"
         cmd[1:3] = ["-c", setup]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bench_timeout)
@@ -250,7 +256,7 @@ def main() -> None:
     parser.add_argument("--sweep-formats", default="int8,int4")
     parser.add_argument("--bench-timeout", type=int, default=240)
     args = parser.parse_args()
-    args.large_override = {}
+    args.override = {}
     os.makedirs(args.out, exist_ok=True)
     import triton
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -259,8 +265,8 @@ def main() -> None:
     sections = {"check": section_check, "sweep": section_sweep, "kernels": section_kernels,
                 "latency": section_latency, "throughput": section_throughput}
     for name in args.sections.split(","):
-        if args.large_override:
-            result["large_override"] = args.large_override
+        if args.override:
+            result["override"] = args.override
         start = time.perf_counter()
         try:
             result[name] = sections[name](args)
@@ -295,8 +301,8 @@ def summarize(result: dict) -> None:
                           f"x{r['bf16_total_ms'] / r['total_ms']:.2f}) {r['config']} "
                           + " ".join(f"{k}={v:.4f}" for k, v in r["ms"].items()))
                 print(f"  m={m:2} {fmt}: {failed} configs failed")
-    if result.get("large_override"):
-        print(f"GEMM tiles used by the throughput runs: {result['large_override']}")
+    if result.get("override"):
+        print(f"tiles used by the latency and throughput runs: {result['override']}")
     kernels = result.get("kernels")
     if isinstance(kernels, list):
         print(f"\n{'layer':13} {'m':>5} {'variant':22} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'TFLOP/s':>8}")

@@ -36,7 +36,6 @@ from pagellm import LLM, SamplingParams
 from pagellm.sampling_params import StructuredOutputsParams
 
 MODEL = "qwen2.5-coder-0.5b"
-SERVE = [sys.executable, "-m", "pagellm.cli", "serve", MODEL, "--log-level", "warning", "--kv-cache-memory", "1GiB"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,9 +71,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([*SERVE, "--port", str(port), *flags])
+    process = subprocess.Popen([sys.executable, "-m", "pagellm.cli", "serve", model, "--log-level", "warning",
+                                "--kv-cache-memory", "1GiB", "--port", str(port), *flags])
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -87,8 +87,8 @@ def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not start")
 
 
-def bench_sigterm(grace: float) -> dict:
-    process, url = start_server("--grace-period", str(grace), "--max-seqs-per-request", "25600")
+def bench_sigterm(model: str, grace: float) -> dict:
+    process, url = start_server(model, "--grace-period", str(grace), "--max-seqs-per-request", "25600")
     body = {"prompt": [f"prompt number {i}" for i in range(200)], "n": 128, "max_tokens": 1}
     result: dict = {}
     threading.Thread(target=lambda: result.update(status=_post(url, body)), daemon=True).start()
@@ -160,8 +160,8 @@ async def _health_and_stream(url: str, big_bodies: list[tuple[str, dict]], max_t
             "big_body_statuses": statuses}
 
 
-def bench_health(repeats: int) -> dict:
-    process, url = start_server()
+def bench_health(model: str, repeats: int) -> dict:
+    process, url = start_server(model)
     try:
         limit = max(1 << 20, 64 * httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"])
         text = "the quick brown fox jumps over the lazy dog " * (limit // 45)   # just under the limit, as JSON
@@ -270,6 +270,8 @@ def bench_structured(llm: LLM, max_tokens: int, rounds: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MODEL, help="served model (health, sigterm: a tiny model shows stalls "
+                        "that a slow decode step would hide)")
     parser.add_argument("--parts", nargs="+", default=["abort", "sigterm", "health", "structured"])
     parser.add_argument("--grace-period", type=float, default=3.0)
     parser.add_argument("--health-repeats", type=int, default=3)
@@ -283,9 +285,9 @@ def main() -> int:
               "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
               "python": platform.python_version(), "torch": torch.__version__,
               "xgrammar": importlib.metadata.version("xgrammar"),
-              "model": MODEL}
+              "model": args.model}
     if {"abort", "structured"} & set(args.parts):
-        llm = LLM(MODEL, kv_cache_memory="1GiB")
+        llm = LLM(args.model, kv_cache_memory="1GiB")
         if "abort" in args.parts:
             report["abort"] = bench_abort(llm)
             print(json.dumps(report["abort"]), flush=True)
@@ -294,10 +296,10 @@ def main() -> int:
             print(json.dumps({k: v for k, v in report["structured"].items() if k != "responses"}), flush=True)
         del llm
     if "sigterm" in args.parts:
-        report["sigterm"] = bench_sigterm(args.grace_period)
+        report["sigterm"] = bench_sigterm(args.model, args.grace_period)
         print(json.dumps(report["sigterm"]), flush=True)
     if "health" in args.parts:
-        report["health"] = bench_health(args.health_repeats)
+        report["health"] = bench_health(args.model, args.health_repeats)
         print(json.dumps(report["health"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -52,6 +52,16 @@ class EngineConfig:
     max_num_seqs: int = _setting(256, "sequences scheduled at once")
     max_num_batched_tokens: int | None = _setting(None, "tokens per step (default: 8192 on CUDA, 2048 on CPU)")
     enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of prompt prefixes already computed")
+    cpu_offload_memory: str | int | None = _setting(
+        None, "keep this much of the decoder layers' weights in host memory, streamed to the device one layer "
+              "ahead of use, e.g. 30GiB; auto: the least that lets --gpu-memory hold the rest")
+    disk_offload: str | None = _setting(None, "folder for the offloaded layers' weights: read from a "
+                                              "safetensors file there through mmap instead of held in memory")
+    swap_space: str | int | None = _setting(
+        None, "host-memory KV pool, e.g. 16GiB: preempted sequences swap out to it and full blocks evicted "
+              "from the prefix cache spill to it (restored on a later hit)")
+    swap_min_tokens: int = _setting(512, "a preempted sequence with at least this many computed tokens swaps "
+                                         "to the host pool (when it has room), a shorter one is recomputed")
     attention_backend: str = _setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
     enforce_eager: bool = _setting(False, "no CUDA graphs")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
@@ -72,6 +82,8 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check_quantization(self.quantization)   # a clear error now rather than after loading
+        if self.disk_offload is not None and self.cpu_offload_memory is None:
+            raise ValueError("disk_offload holds the layers cpu_offload_memory offloads: set cpu_offload_memory too")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")

@@ -247,3 +247,26 @@ def activation_bytes(config: ModelConfig, precision: Precision, tokens: int, bat
 def sampler_chunk_rows(vocab_size: int) -> int:
     """Rows the sampler takes at once: about SAMPLER_CHUNK_ELEMENTS logits."""
     return max(1, SAMPLER_CHUNK_ELEMENTS // vocab_size)
+
+
+# ---------------------------------------------------------------- weight offload
+
+def offload_split(weights: float, layer: float, num_offloaded: int) -> tuple[float, float]:
+    """(device, host) weight bytes with ``num_offloaded`` decoder layers of ``layer``
+    bytes off the device: it keeps the others and two layer buffers."""
+    if not num_offloaded:
+        return weights, 0.0
+    return weights - (num_offloaded - 2) * layer, num_offloaded * layer
+
+
+def offloaded_layers(weights: float, layer: float, num_layers: int, device_budget: float) -> int | None:
+    """Fewest decoder layers of ``layer`` bytes to keep off the device
+    (``pagellm.model.offload``) so the weights left there fit ``device_budget``:
+    offloading ``k`` layers leaves ``weights - (k - 2) * layer`` on the device
+    (two layer buffers stream the others), so 0 when everything fits, else
+    ``2 + ceil((weights - device_budget) / layer)``; None when even all
+    ``num_layers`` are not enough."""
+    if weights <= device_budget:
+        return 0
+    k = 2 + math.ceil((weights - device_budget) / layer)
+    return k if k <= num_layers else None

@@ -62,6 +62,17 @@ def fork(bm: BlockManager, scheduler: Scheduler, parent: Sequence, seq_id: int) 
     return child
 
 
+def advance(scheduler: Scheduler, batch, rng: random.Random) -> None:
+    """The fake step: each scheduled sequence computes its tokens; one that has computed all of
+    them appends a random token and finishes once it has its ``max_tokens``."""
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.append_token(rng.randrange(50))
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                scheduler.finish(seq)
+
+
 @settings(max_examples=150, deadline=None)
 @given(workload)
 def test_random_workload_keeps_invariants_and_frees_everything(w):
@@ -95,11 +106,7 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
             write_block = seq.block_table[index]
             if bm.ref_counts[write_block] > 1:   # only a block published for exactly these tokens
                 assert bm.block_hash[write_block] == bm._hash_block(seq, index), "writing into a shared block"
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
-                seq.append_token(rng.randrange(50))
-                if seq.num_output_tokens >= seq.params.max_tokens:
-                    scheduler.finish(seq)
+        advance(scheduler, batch, rng)
         for seq in list(scheduler.running) + list(scheduler.waiting.values()):
             if rng.random() < w["abort_rate"]:
                 scheduler.finish(seq)

@@ -17,7 +17,8 @@ from typing import Any
 
 from pagellm.analysis.hardware import Hardware, custom_hardware, get_hardware, hardware_names, override
 from pagellm.analysis.memory import (DEFAULT_BLOCK_SIZE, DEFAULT_PREFILL_CHUNK, Advice, FitReport,
-                                     MemoryBreakdown, MemoryOptions, advise, fit, memory_breakdown)
+                                     MemoryBreakdown, MemoryOptions, OffloadAdvice, advise, advise_offload, fit,
+                                     memory_breakdown)
 from pagellm.analysis.roofline import RooflineReport, StageReport, analyze, model_summary
 from pagellm.model.config import ModelConfig
 from pagellm.model.model_spec import load_model_config
@@ -68,6 +69,9 @@ def _register_memory(subparsers) -> None:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="tokens per prefill chunk for the activation peak (default 2048)")
     p.add_argument("--workspace", default="1GiB", help="CUDA context + workspaces allowance (default 1GiB)")
+    p.add_argument("--cpu-offload-memory", help="decoder-layer weights streamed from host memory, e.g. 30GiB "
+                                                "(whole layers; two layer buffers stay on the GPU)")
+    p.add_argument("--swap-space", help="host KV pool, e.g. 16GiB")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--measure", action="store_true",
                    help="also build the engine with these settings (random weights for a preset) and show "
@@ -174,13 +178,15 @@ def _time(t: float) -> str:
 # ---------------------------------------------------------------- memory
 
 def memory_json(config: ModelConfig, hardware: Hardware | None, breakdown: MemoryBreakdown,
-                fit_report: FitReport | None, advice: Advice | None, notes: list[str]) -> dict[str, Any]:
+                fit_report: FitReport | None, advice: Advice | None, notes: list[str],
+                offload_advice: OffloadAdvice | None = None) -> dict[str, Any]:
     return {
         "model": model_summary(config),
         "hardware": hardware.to_json() if hardware else None,
         "memory": breakdown.to_json(),
         "fit": fit_report.to_json() if fit_report else None,
         "advice": advice.to_json() if advice else None,
+        "offload_advice": offload_advice.to_json() if offload_advice else None,
         "notes": notes,
     }
 
@@ -196,29 +202,35 @@ def run_memory(args: argparse.Namespace) -> int:
                          workspace_bytes=_workspace(args.workspace))
     hardware = get_hardware(args.hardware) if args.hardware else None
     memory = _quantity(args.gpu_memory, "B", "--gpu-memory") or (hardware.memory_bytes if hardware else None)
+    tiers = dict(offload_bytes=_quantity(args.cpu_offload_memory, "B", "--cpu-offload-memory") or 0,
+                 swap_bytes=_quantity(args.swap_space, "B", "--swap-space") or 0)
     breakdown = memory_breakdown(config, args.batch_size, args.context_len, precision, opts.tp, opts.block_size,
-                                 opts.prefill_chunk, opts.workspace_bytes)
+                                 opts.prefill_chunk, opts.workspace_bytes, **tiers)
     fit_report = fit(config, memory, args.batch_size, args.context_len, precision, opts) if memory else None
-    advice = None
+    advice = offload_advice = None
     if args.advise or args.target_concurrency:
         if not memory:
             raise ValueError("--advise needs --gpu-memory or --hardware")
         advice = advise(config, memory, args.target_concurrency or args.batch_size, args.context_len,
                         precision, opts)
+        offload_advice = advise_offload(config, memory, args.target_concurrency or args.batch_size,
+                                        args.context_len, precision, opts)
     notes = _gguf_note(config, args.w_bits is not None)
     if args.context_len > config.max_position_embeddings:
         notes.append(f"context {args.context_len} exceeds the model's {config.max_position_embeddings} positions")
     measured = _measure(args, breakdown) if args.measure else None
     if measured is not None and not measured.fused_attention:   # compare like with like
         breakdown = memory_breakdown(config, args.batch_size, args.context_len, precision, opts.tp, opts.block_size,
-                                     opts.prefill_chunk, opts.workspace_bytes, flash_attention=False)
+                                     opts.prefill_chunk, opts.workspace_bytes, flash_attention=False, **tiers)
         notes.append("the engine's attention backend here (the torch reference) materialises the score "
                      "matrix, so the activations are predicted without FlashAttention")
     if args.json:
-        result = memory_json(config, hardware, breakdown, fit_report, advice, notes)
+        result = memory_json(config, hardware, breakdown, fit_report, advice, notes, offload_advice)
         print(json.dumps(result | ({"measured": measured.to_dict()} if measured else {}), indent=2))
         return 0
     _render_memory(config, hardware, memory, breakdown, fit_report, advice, notes)
+    if offload_advice:
+        _render_offload_advice(offload_advice)
     if measured:
         _render_measured(breakdown, measured)
     return 0
@@ -256,7 +268,8 @@ def _engine_settings(args: argparse.Namespace, b: MemoryBreakdown) -> dict[str, 
     return dict(model=args.model, dtype=args.dtype.lower(), block_size=args.block_size,
                 num_kv_blocks=args.batch_size * cdiv(b.kv_tokens_per_sequence, args.block_size),
                 max_model_len=args.context_len, max_num_seqs=args.batch_size,
-                max_num_batched_tokens=args.prefill_chunk, random_weights=not on_disk)
+                max_num_batched_tokens=args.prefill_chunk, random_weights=not on_disk,
+                cpu_offload_memory=args.cpu_offload_memory, swap_space=args.swap_space)
 
 
 def _render_measured(b: MemoryBreakdown, m) -> None:
@@ -268,9 +281,13 @@ def _render_measured(b: MemoryBreakdown, m) -> None:
     how = "torch.cuda.max_memory_allocated over a full prefill chunk" if m.activation_measured else \
         "estimated (no CUDA allocator to measure on this device)"
     for name, predicted, engine, source in (
-            ("weights", b.weights_bytes, m.weights_bytes, "bytes of the loaded parameters"),
+            ("weights on the GPU", b.weights_bytes, m.weights_bytes, "bytes of the loaded parameters"
+             + (" (two buffers for the streamed layers)" if m.offloaded_layers else "")),
+            ("weights on the host", b.host_weights_bytes, m.host_weights_bytes,
+             f"{m.offloaded_layers} decoder layers streamed ({m.offload_tier})"),
             ("KV cache per token", b.kv_bytes_per_token, m.kv_bytes_per_token, "size of the allocated pool / tokens"),
-            ("KV cache", b.kv_bytes, m.kv_cache_bytes, f"{m.num_blocks} blocks x {m.block_size} tokens"),
+            ("KV cache on the GPU", b.kv_bytes, m.kv_cache_bytes, f"{m.num_blocks} blocks x {m.block_size} tokens"),
+            ("KV cache on the host", b.host_kv_bytes, m.host_kv_cache_bytes, f"{m.num_host_blocks} blocks"),
             ("activations (peak)", b.activation_bytes, m.activation_bytes, how)):
         t.add_row(name, _fmt_bytes(predicted), _fmt_bytes(engine), source)
     _console().print(t)
@@ -309,10 +326,18 @@ def _render_memory(config, hardware, memory, b: MemoryBreakdown, fit_report, adv
         ("activations (peak)", b.activation_bytes, "one prefill chunk through a block + logits"),
         ("workspace", b.workspace_bytes, "CUDA context, cuBLAS, allocator slack"),
     ]
+    if b.offloaded_layers:
+        rows[0] = ("weights", b.weights_bytes, f"on the GPU: {config.num_hidden_layers - b.offloaded_layers} "
+                   f"layers + 2 buffers; {p.w_bits}-bit block linears")
+    host_rows = [(name, value, how) for name, value, how in (
+        ("weights on the host", b.host_weights_bytes, f"{b.offloaded_layers} decoder layers streamed, not in the total"),
+        ("KV cache on the host", b.host_kv_bytes, "swap space, not in the total")) if value]
     for name, value, how in rows:
         t.add_row(name, _fmt_bytes(value), _decimal_bytes(value), how)
     t.add_row("[bold]total[/bold]", f"[bold]{_fmt_bytes(b.total_bytes)}[/bold]", _decimal_bytes(b.total_bytes),
               f"x {b.tp} GPUs = {_fmt_bytes(b.total_bytes * b.tp)}" if b.tp > 1 else "")
+    for name, value, how in host_rows:
+        t.add_row(name, _fmt_bytes(value), _decimal_bytes(value), how)
     console.print(t)
     if fit_report:
         _render_fit(console, fit_report, b)
@@ -355,6 +380,32 @@ def _render_advice(console, advice: Advice) -> None:
         style = "bold green" if o is r else ("" if o.concurrency >= advice.target_concurrency else "dim")
         t.add_row(f"W{o.w_bits}", f"KV{o.kv_bits}", str(o.max_len), str(o.concurrency), str(o.penalty),
                   _fmt_bytes(o.weights_bytes), _fmt_bytes(o.kv_bytes_per_token), style=style)
+    console.print(t)
+
+
+def _render_offload_advice(advice: OffloadAdvice) -> None:
+    from rich.table import Table
+
+    console = _console()
+    r = advice.recommended
+    formats = {16: "none", 8: "int8", 4: "int4"}
+    if r is None:
+        console.print(f"[red]{advice.target_concurrency} x {advice.context_len} tokens do not fit even with every "
+                      "decoder layer streamed from the host[/red]")
+    elif r.offloaded_layers:
+        console.print(f"[bold]offload:[/bold] --quantization {formats.get(r.w_bits, r.w_bits)} "
+                      f"--cpu-offload-memory {_fmt_bytes(r.host_weights_bytes)} ({r.offloaded_layers} layers "
+                      f"streamed; each step moves them over the host link)")
+    else:
+        console.print(f"[bold]offload:[/bold] none needed with --quantization {formats.get(r.w_bits, r.w_bits)}")
+    t = Table(title=f"weights streamed from host memory for {advice.target_concurrency} x {advice.context_len} "
+                    "tokens")
+    for col in ("weights", "layers offloaded", "on the GPU", "on the host"):
+        t.add_column(col, justify="right")
+    for o in advice.options:
+        t.add_row(f"W{o.w_bits}", "-" if o.offloaded_layers is None else str(o.offloaded_layers),
+                  _fmt_bytes(o.device_weights_bytes), _fmt_bytes(o.host_weights_bytes),
+                  style="bold green" if o is r else "")
     console.print(t)
 
 

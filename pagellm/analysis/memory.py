@@ -24,6 +24,14 @@ up, by a fixed penalty: W8 = 1, W4 = 3, KV8 = 1, KV4 = 4, each halving of
 the maximum length = 5 (shortening what users can send is the last resort);
 ties go to the option that serves more users. All candidates are returned so
 callers can show the trade-off.
+
+Offload advisor (``advise_offload``): for each weight width (16/8/4, at the
+given KV width and length), the fewest decoder layers to stream from host
+memory (``sizing.offloaded_layers``: ``k`` layers save ``k - 2``, two buffers
+stay on the GPU) so ``target_concurrency`` sequences fit. Streamed weights
+cross the host link on every step, so once something must be offloaded the
+recommendation is the option that offloads the fewest bytes (ties: the
+wider weights); with nothing to offload it is the widest weights that fit.
 """
 from __future__ import annotations
 
@@ -31,8 +39,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from pagellm.model.config import ModelConfig
-from pagellm.sizing import (DEFAULT_BLOCK_SIZE, Precision, activation_bytes, kv_bytes_per_token,
-                            kv_tokens_per_sequence, weights_bytes)
+from pagellm.sizing import (DEFAULT_BLOCK_SIZE, Precision, activation_bytes, block_weight_bytes,
+                            kv_bytes_per_token, kv_tokens_per_sequence, offload_split, offloaded_layers, shard,
+                            weights_bytes)
 
 GiB = 2**30
 DEFAULT_WORKSPACE = 1 * GiB
@@ -53,9 +62,13 @@ class MemoryBreakdown:
     kv_tokens_per_sequence: int
     tp: int
     precision: Precision
+    host_weights_bytes: float = 0.0   # decoder layers streamed from host memory (weights_bytes: on the GPU)
+    offloaded_layers: int = 0
+    host_kv_bytes: float = 0.0        # the host KV pool (swap space), whole blocks
 
     @property
     def total_bytes(self) -> float:
+        """On the GPU (the host tiers are not in it)."""
         return self.weights_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
 
     def to_json(self) -> dict:
@@ -73,6 +86,9 @@ class MemoryBreakdown:
             "context_len": self.context_len,
             "kv_tokens_per_sequence": self.kv_tokens_per_sequence,
             "precision": asdict(self.precision),
+            "host_weights_bytes": self.host_weights_bytes,
+            "offloaded_layers": self.offloaded_layers,
+            "host_kv_bytes": self.host_kv_bytes,
         }
 
 
@@ -90,8 +106,11 @@ def memory_breakdown(config: ModelConfig, batch_size: int, context_len: int,
                      precision: Precision = Precision(), tp: int = 1,
                      block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                      workspace_bytes: float = DEFAULT_WORKSPACE,
-                     flash_attention: bool = True) -> MemoryBreakdown:
-    """Per-GPU memory to serve ``batch_size`` sequences of up to ``context_len`` tokens."""
+                     flash_attention: bool = True, offload_bytes: float = 0, swap_bytes: float = 0
+                     ) -> MemoryBreakdown:
+    """Per-GPU memory to serve ``batch_size`` sequences of up to ``context_len`` tokens, with
+    ``offload_bytes`` of decoder layers streamed from the host (whole layers, as the engine's
+    ``cpu_offload_memory``) and a host KV pool of ``swap_bytes`` (the engine's ``swap_space``)."""
     if batch_size < 1 or context_len < 1:
         raise ValueError("batch size and context length must be at least 1")
     if prefill_chunk < 1:
@@ -99,8 +118,13 @@ def memory_breakdown(config: ModelConfig, batch_size: int, context_len: int,
     per_token = kv_bytes_per_token(config, precision, tp)
     kept = kv_tokens_per_sequence(config, context_len, block_size)
     chunk = min(prefill_chunk, batch_size * context_len)
+    layer = block_weight_bytes(config, precision, shard(config, tp))
+    offloaded = min(config.num_hidden_layers, math.ceil(offload_bytes / layer))
+    device_weights, host_weights = offload_split(weights_bytes(config, precision, tp), layer, offloaded)
+    per_block = per_token * block_size
     return MemoryBreakdown(
-        weights_bytes=weights_bytes(config, precision, tp),
+        weights_bytes=device_weights, host_weights_bytes=host_weights, offloaded_layers=offloaded,
+        host_kv_bytes=swap_bytes // per_block * per_block,
         kv_bytes=batch_size * kept * per_token,
         kv_bytes_per_token=per_token,
         activation_bytes=activation_bytes(config, precision, chunk, batch_size, context_len, tp, flash_attention),
@@ -262,3 +286,47 @@ def advise(config: ModelConfig, memory_bytes: float, target_concurrency: int, co
     best = options[0] if options[0].concurrency >= target_concurrency else None
     return Advice(target_concurrency=target_concurrency, context_len=context_len, recommended=best,
                   options=options)
+
+
+# ---------------------------------------------------------------- offload advisor
+
+@dataclass(frozen=True)
+class OffloadOption:
+    w_bits: int
+    offloaded_layers: int | None    # None: does not fit even with every layer offloaded
+    device_weights_bytes: float
+    host_weights_bytes: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OffloadAdvice:
+    target_concurrency: int
+    context_len: int
+    recommended: OffloadOption | None
+    options: list[OffloadOption] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"target_concurrency": self.target_concurrency, "context_len": self.context_len,
+                "recommended": self.recommended.to_json() if self.recommended else None,
+                "options": [o.to_json() for o in self.options]}
+
+
+def advise_offload(config: ModelConfig, memory_bytes: float, target_concurrency: int, context_len: int,
+                   precision: Precision = Precision(), opts: MemoryOptions = MemoryOptions()) -> OffloadAdvice:
+    """Per weight width, the decoder layers to stream from host memory so that
+    ``target_concurrency`` sequences of ``context_len`` fit (module docstring)."""
+    options = []
+    for w in dict.fromkeys(w for w in (precision.w_bits, 16, 8, 4) if w <= precision.w_bits):
+        p = replace(precision, w_bits=w)
+        weights = weights_bytes(config, p, opts.tp)
+        others = _total(config, target_concurrency, context_len, p, opts) - weights
+        layer = block_weight_bytes(config, p, shard(config, opts.tp))
+        k = offloaded_layers(weights, layer, config.num_hidden_layers, memory_bytes - others)
+        device, host = offload_split(weights, layer, k) if k is not None else (weights, 0.0)
+        options.append(OffloadOption(w, k, device, host))
+    fitting = [o for o in options if o.offloaded_layers is not None]
+    best = min(fitting, key=lambda o: (o.host_weights_bytes, -o.w_bits), default=None)
+    return OffloadAdvice(target_concurrency, context_len, best, options)

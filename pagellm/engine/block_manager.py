@@ -17,12 +17,21 @@ sequence holds it.
 With a sliding window, blocks a sequence can never attend to again are given
 back as it advances; their places in its block table point at the KV cache's
 null block (``kv_cache.py`` says which id), never allocated and never read.
+
+With a host tier (``host``, ``host_blocks.py``), a preempted sequence may be
+swapped out (``swap_out``: its computed blocks are copied to host blocks, its
+device blocks freed, its progress kept) and back in when it is scheduled
+again (``swap_in``: fresh device blocks, copied back); and a cached block
+handed out again is first spilled to the host's prefix cache, from which
+``match_prefix`` restores it on a later hit (a fresh device block, copied
+back, published under its hash) instead of recomputing it.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pagellm.engine.host_blocks import HostBlockPool
 from pagellm.engine.sequence import Sequence
 from pagellm.utils.math import cdiv
 
@@ -39,7 +48,8 @@ class PrefixCacheStats:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None, null_block: int | None = None) -> None:
+                 sliding_window: int | None = None, null_block: int | None = None,
+                 host: HostBlockPool | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         if sliding_window and null_block is None:
@@ -56,6 +66,7 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.pending_copies: list[tuple[int, int]] = []   # (src, dst) KV block copies to run
         self.stats = PrefixCacheStats()
+        self.host = host
 
     # ---- queries -------------------------------------------------------------
     @property
@@ -67,8 +78,11 @@ class BlockManager:
         return self.num_blocks - len(self.free_queue)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Fresh blocks to compute ``num_new_tokens`` more (a swapped-out sequence's own blocks included)."""
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, total - len(seq.block_table)) + self._write_block_is_shared(seq)
+        held = len(seq.block_table) + len(seq.host_block_table)   # one of them is empty
+        swapped = sum(block is not None for block in seq.host_block_table)
+        return max(0, total - held) + self._write_block_is_shared(seq) + swapped
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= len(self.free_queue)
@@ -97,11 +111,48 @@ class BlockManager:
         return copies
 
     def free(self, seq: Sequence) -> None:
-        """Release all of a sequence's blocks (finish, abort or preemption)."""
+        """Release all of a sequence's blocks, device and host (finish, abort or preemption)."""
         for block_id in reversed(seq.block_table):
             self._release(block_id)
+        for host_block in seq.host_block_table:
+            if host_block is not None:
+                self.host.release(host_block)
         seq.block_table.clear()
+        seq.host_block_table = []
         seq.num_computed_tokens = 0
+
+    # ---- the host tier -------------------------------------------------------
+    def can_swap_out(self, seq: Sequence) -> bool:
+        needed = sum(b != self.null_block for b in seq.block_table[:cdiv(seq.num_computed_tokens, self.block_size)])
+        return self.host is not None and 0 < needed <= self.host.num_available
+
+    def swap_out(self, seq: Sequence) -> None:
+        """Copy the blocks holding ``seq``'s computed tokens to the host and free
+        its device blocks; it keeps its progress (``can_swap_out`` first)."""
+        computed = seq.num_computed_tokens
+        host_table: list[int | None] = []
+        for block_id in seq.block_table[:cdiv(computed, self.block_size)]:
+            if block_id == self.null_block:
+                host_table.append(None)
+            else:
+                host_table.append(self.host.take())
+                self.host.copy_out(block_id, host_table[-1])
+        self.free(seq)
+        seq.host_block_table, seq.num_computed_tokens = host_table, computed
+        self.host.stats.swapped_out_seqs += 1
+
+    def swap_in(self, seq: Sequence) -> None:
+        """Give a swapped-out sequence fresh device blocks holding its host blocks
+        (``can_allocate`` first: it counts them)."""
+        for host_block in seq.host_block_table:
+            if host_block is None:
+                seq.block_table.append(self.null_block)
+                continue
+            block_id = self._take_free_block()
+            self.host.copy_in(block_id, host_block)
+            self.host.release(host_block)
+            seq.block_table.append(block_id)
+        seq.host_block_table = []
 
     def forget(self, seq: Sequence) -> None:
         """Drop from the prefix cache the blocks only ``seq`` holds (their K/V may
@@ -147,6 +198,8 @@ class BlockManager:
         if old_hash is not None:
             if self.cached_blocks.get(old_hash) == block_id:
                 del self.cached_blocks[old_hash]
+                if self.host is not None:
+                    self.host.spill(block_id, old_hash)
             self.block_hash[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id
@@ -178,17 +231,31 @@ class BlockManager:
             return 0
         self.stats.queried_tokens += seq.num_tokens
         for index in range((seq.num_tokens - 1) // self.block_size):
-            block_id = self.cached_blocks.get(self._hash_block(seq, index))
-            if block_id is None:
+            block_hash = self._hash_block(seq, index)
+            block_id = self.cached_blocks.get(block_hash)
+            if block_id is not None:
+                if self.ref_counts[block_id] == 0:
+                    del self.free_queue[block_id]
+                self.ref_counts[block_id] += 1
+            elif (block_id := self._restore_from_host(block_hash)) is None:
                 break
-            if self.ref_counts[block_id] == 0:
-                del self.free_queue[block_id]
-            self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
         hit = len(seq.block_table) * self.block_size
         seq.num_computed_tokens = hit
         self.stats.hit_tokens += hit
         return hit
+
+    def _restore_from_host(self, block_hash: int) -> int | None:
+        """A fresh device block for the host tier's copy of ``block_hash``, published; None if it has none."""
+        host_block = self.host.reserve(block_hash) if self.host is not None and self.free_queue else None
+        if host_block is None:
+            return None
+        block_id = self._take_free_block()
+        self.host.copy_in(block_id, host_block)
+        self.block_hash[block_id] = block_hash
+        self.cached_blocks[block_hash] = block_id
+        self.host.stats.hit_tokens += self.block_size
+        return block_id
 
     def _publish_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Name the blocks that ``seq``'s first ``num_tokens`` tokens fill so

@@ -13,9 +13,24 @@ only place that rule is made; the block manager is told the id.
 
 Everything that depends on how KV is stored (a quantized dtype and its scales,
 a host-side swap pool) belongs here; the block manager deals in block ids only.
+
+The host pool (``num_host_blocks`` > 0) is a second tensor ``[num_host_blocks, 2,
+num_layers, block_size, num_kv_heads, head_dim]`` in host memory (pinned when
+the pool is on CUDA), one contiguous run of bytes per block so each block moves
+in one copy. ``swap(out, in_)`` runs every (device block, host block) pair of
+``out`` device -> host, then every pair of ``in_`` host -> device (the engine
+relies on that order: a device block spilled to the host and handed to
+another block in the same step is read before it is written). On CUDA the
+copies run on a side stream, and the compute stream waits on an event
+recorded after them, so the step's forward (and its copy-on-write copies)
+see the moved blocks; on the CPU they run in place. Blocks are gathered into
+(or scattered from) a contiguous staging tensor at most ``STAGE_BYTES`` at a
+time: the pool fills the device, and a transient of a long sequence's whole KV
+would not fit beside it.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +38,8 @@ import torch
 from pagellm.kernels.attention import LayerKVCache
 from pagellm.model.config import ModelConfig
 from pagellm.sizing import shard
+
+STAGE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,8 @@ class KVCacheSpec:
 
 
 class KVCache:
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> None:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device | str,
+                 num_host_blocks: int = 0) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.spec = spec
@@ -62,10 +80,43 @@ class KVCache:
         self.pool = torch.empty(2, spec.num_layers, physical, spec.block_size, spec.num_kv_heads, spec.head_dim,
                                 dtype=spec.dtype, device=device)
         self.layers = [LayerKVCache(self.pool[0, i], self.pool[1, i]) for i in range(spec.num_layers)]
+        on_cuda = self.pool.device.type == "cuda"
+        self.host_pool = torch.empty(num_host_blocks, *self.pool[:, :, 0].shape, dtype=spec.dtype,
+                                     pin_memory=on_cuda)
+        self._copy_stream = torch.cuda.Stream(self.pool.device) if on_cuda and num_host_blocks else None
 
     @property
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
+
+    @property
+    def host_nbytes(self) -> int:
+        return self.host_pool.numel() * self.host_pool.element_size()
+
+    def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> None:
+        """Copy (device, host) block pairs: ``out`` device -> host, then ``in_`` host -> device."""
+        if not (out or in_):
+            return
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:   # the blocks' last writes (an earlier step) come first
+                stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+            step = max(1, STAGE_BYTES // self.spec.bytes_per_block)
+            for part in (out[i:i + step] for i in range(0, len(out), step)):
+                staged = self.pool[:, :, self._ids([d for d, _ in part])].movedim(2, 0).contiguous()
+                for row, (_, host) in enumerate(part):
+                    self.host_pool[host].copy_(staged[row], non_blocking=True)
+            for part in (in_[i:i + step] for i in range(0, len(in_), step)):
+                staged = torch.empty(len(part), *self.host_pool.shape[1:], dtype=self.pool.dtype,
+                                     device=self.pool.device)
+                for row, (_, host) in enumerate(part):
+                    staged[row].copy_(self.host_pool[host], non_blocking=True)
+                self.pool[:, :, self._ids([d for d, _ in part])] = staged.movedim(0, 2)
+        if stream is not None:
+            torch.cuda.current_stream(self.pool.device).wait_stream(stream)
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, device=self.pool.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate blocks ``src -> dst`` in every layer, K and V."""

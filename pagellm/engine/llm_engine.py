@@ -29,6 +29,7 @@ from typing import Protocol
 from pagellm.config import EngineConfig
 from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.detokenizer import IncrementalDetokenizer
+from pagellm.engine.host_blocks import HostBlockPool, HostTierStats
 from pagellm.engine.parallel import Workers, open_model, start_runner
 from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
@@ -90,11 +91,12 @@ class LLMEngine:
             raise
         loaded = time.perf_counter()
         self.memory = self.runner.memory
-        self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, config.block_size,
-                                          config.enable_prefix_caching,
-                                          self.model_config.sliding_window, self.runner.kv_cache.null_block)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len),
-                                   self.block_manager)
+        num_host_blocks = self.memory.num_host_blocks
+        host = HostBlockPool(num_host_blocks) if num_host_blocks else None
+        self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.model_config.sliding_window, self.runner.kv_cache.null_block, host)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len,
+                                                   config.swap_min_tokens), self.block_manager)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -215,7 +217,9 @@ class LLMEngine:
             observer.on_schedule(batch)
         if not batch:
             return []
-        done, failed = self._execute(batch, self.block_manager.take_pending_copies())
+        host = self.block_manager.host
+        done, failed = self._execute(batch, self.block_manager.take_pending_copies(),
+                                     host.take_swaps() if host is not None else ([], []))
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -245,17 +249,19 @@ class LLMEngine:
             observer.on_step(batch, outputs)
         return outputs
 
-    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]]
+    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]], swaps: tuple[list, list] = ([], [])
                  ) -> tuple[list[tuple[Sequence, StepOutput, int]], dict[str, Exception]]:
         """Run a batch on the worker: per sequence (sequence, step output, its index
         there), and the requests whose sequences failed even alone. A batch that
         raises is run again in halves, each with the block copies into its own
-        blocks (copying again is harmless: the step rewrites what follows)."""
-        try:   # under pipeline parallelism, a micro-batch per stage keeps every stage busy
+        blocks (copying again is harmless: the step rewrites what follows); the
+        host swaps ran before the forward that raised and are not repeated."""
+        try:   # under pipeline parallelism, a micro-batch per stage keeps every stage busy (swaps go first)
             parts = _split(batch, copies, self.config.pipeline_parallel_size)
             result = self.runner.execute(*[build_step_input(part, self.config.block_size, part_copies,
-                                                            pin_memory=self._pin_memory)
-                                           for part, part_copies in parts])
+                                                            pin_memory=self._pin_memory,
+                                                            swaps=swaps if i == 0 else ([], []))
+                                           for i, (part, part_copies) in enumerate(parts)])
             return [(seq, result, index) for index, seq in enumerate(batch.seqs)], {}
         except Exception as exc:
             if self.workers is not None and (failure := self.workers.failure(exc)) is not None:
@@ -370,12 +376,16 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         """Counters only (no iteration), so another thread may read them during a step."""
         bm, sched = self.block_manager, self.scheduler
+        host = bm.host.stats if bm.host is not None else HostTierStats()
+        per_block = self.runner.kv_spec.bytes_per_block
         return {"num_running": len(sched.running), "num_waiting": len(sched.waiting) + self._num_unforked,
                 "kv_blocks_used": bm.num_used_blocks, "kv_blocks_total": bm.num_blocks,
                 "kv_usage": bm.num_used_blocks / bm.num_blocks, "num_preemptions": sched.stats.num_preemptions,
                 "num_prefill_tokens": sched.stats.num_prefill_tokens,
                 "num_decode_tokens": sched.stats.num_decode_tokens,
-                "prefix_cache_hit_rate": bm.stats.hit_rate}
+                "prefix_cache_hit_rate": bm.stats.hit_rate, "num_swapped_out": host.swapped_out_seqs,
+                "host_prefix_hit_tokens": host.hit_tokens, "kv_bytes_to_host": host.blocks_to_host * per_block,
+                "kv_bytes_to_device": host.blocks_to_device * per_block}
 
 
 def _split(batch: ScheduledBatch, copies: list[tuple[int, int]], parts: int

@@ -41,6 +41,11 @@ class MemoryReport:
     max_model_len: int
     activation_measured: bool
     fused_attention: bool       # the attention backend never materialises the score matrix
+    host_kv_cache_bytes: int = 0
+    num_host_blocks: int = 0
+    host_weights_bytes: int = 0     # offloaded decoder layers, in host memory (or on disk)
+    offloaded_layers: int = 0
+    offload_tier: str = "host"
 
     @property
     def kv_tokens(self) -> int:
@@ -52,10 +57,15 @@ class MemoryReport:
 
     def summary(self) -> str:
         how = "measured" if self.activation_measured else "estimated"
-        return (f"memory: weights {format_bytes(self.weights_bytes)}, activations {format_bytes(self.activation_bytes)}"
+        offload = (f" + {format_bytes(self.host_weights_bytes)} on the {self.offload_tier} ({self.offloaded_layers} "
+                   f"layers streamed)" if self.offloaded_layers else "")
+        return (f"memory: weights {format_bytes(self.weights_bytes)}{offload}, activations "
+                f"{format_bytes(self.activation_bytes)}"
                 f" ({how}), KV pool {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
                 f" = {self.kv_tokens} tokens), max concurrency at {self.max_model_len} tokens: "
-                f"{self.max_concurrency:.2f}")
+                f"{self.max_concurrency:.2f}"
+                + (f"; host KV pool {format_bytes(self.host_kv_cache_bytes)} ({self.num_host_blocks} blocks)"
+                   if self.num_host_blocks else ""))
 
     def to_dict(self) -> dict:
         return asdict(self) | {"kv_tokens": self.kv_tokens, "max_concurrency": self.max_concurrency}

@@ -45,8 +45,10 @@ from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
-from pagellm.model.layers import LinearMethod, dense_everywhere
+from pagellm.model.layers import LinearMethod, RotaryEmbedding, dense_everywhere
+from pagellm.model.offload import LayerOffload
 from pagellm.utils.math import cdiv
+from pagellm.utils.units import parse_bytes
 
 logger = logging.getLogger("pagellm")
 
@@ -64,18 +66,58 @@ class ModelRunner:
         self.max_model_len = max_model_len
         tp = groups.tensor if groups else SINGLE
         self.tensor_parallel_size = tp.size
-        layers = layer_range(model_config.num_hidden_layers, groups.num_stages, groups.stage) if groups else None
-        self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers)
+        layers = (layer_range(model_config.num_hidden_layers, groups.num_stages, groups.stage) if groups
+                  else (0, model_config.num_hidden_layers))
+        self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size, tp.size,
+                                             layers[1] - layers[0])
+        self.offload: LayerOffload | None = None
+        if engine.cpu_offload_memory is None:
+            self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers)
+        else:   # built on the host; what stays on the device moves there
+            self.model = build_model(model_config, self.dtype, "cpu", weights, linear_method)
+            num_offloaded = self._layers_to_offload()
+            if num_offloaded:
+                self.offload = LayerOffload(list(self.model.layers)[-num_offloaded:], self.device,
+                                            engine.disk_offload)
+            self.model.to(self.device)
+            rotary = self.model.rotary
+            with torch.device(self.device):   # the rotary table as a model built there computes it, bit for bit
+                rotary.cos_sin_cache = RotaryEmbedding(rotary.head_dim, rotary.max_positions, rotary.theta,
+                                                       rotary.scaling).cos_sin_cache
         self.backend = get_attention_backend(engine.attention_backend, self.device)
-        start, end = self.model.layer_range
-        self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size, tp.size, end - start)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.host_weights_bytes = 0
+        if self.offload is not None:   # its layers' parameters are counted at their size, pointing at a buffer
+            self.host_weights_bytes = self.offload.host_bytes
+            self.weights_bytes += self.offload.buffer_bytes - self.host_weights_bytes
         self.kv_cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.memory: MemoryReport | None = None
         self.rank_memory: list[MemoryReport] = []   # on rank 0: every rank's report, in rank order
 
     # ---- start-up ------------------------------------------------------------
+    def _layers_to_offload(self) -> int:
+        """Decoder layers to keep off the device: those ``cpu_offload_memory``
+        covers, or with ``auto`` the fewest that let ``gpu_memory`` hold the rest
+        beside the estimated activation peak and one ``max_model_len`` sequence's KV."""
+        layer = sum(p.numel() * p.element_size() for p in self.model.layers[0].parameters())
+        num_layers = len(self.model.layers)
+        if self.engine.cpu_offload_memory != "auto":
+            return min(num_layers, cdiv(parse_bytes(self.engine.cpu_offload_memory), layer))
+        if self.engine.gpu_memory is None:
+            raise ValueError("cpu_offload_memory='auto' needs gpu_memory (the budget to fit)")
+        activations = estimated_activation_bytes(self.config, self.engine.batched_tokens,
+                                                 min(self.engine.max_num_seqs, self.engine.batched_tokens),
+                                                 self.max_model_len, self.dtype, fused_attention=True)
+        budget = (parse_bytes(self.engine.gpu_memory) - activations
+                  - self.kv_spec.bytes_per_token * self.max_model_len)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        num_offloaded = sizing.offloaded_layers(weights, layer, num_layers, budget)
+        if num_offloaded is None:
+            raise ValueError(f"gpu_memory {self.engine.gpu_memory} cannot hold the weights outside the decoder "
+                             f"layers, two layer buffers, the activations and one sequence's KV")
+        return num_offloaded
+
     def profile_activations(self, step: StepInput) -> tuple[int, bool]:
         """(peak bytes of ``step`` beyond weights and KV, whether measured)."""
         if self.device.type != "cuda":
@@ -100,18 +142,24 @@ class ModelRunner:
                                      activation_bytes)
         if self.groups:
             num_blocks = self.groups.agree_min(num_blocks)
-        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
+        num_host_blocks = parse_bytes(self.engine.swap_space or 0) // self.kv_spec.bytes_per_block
+        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device, num_host_blocks)
         self.memory = MemoryReport(self.weights_bytes, activation_bytes, self.kv_cache.nbytes,
                                    self.kv_spec.bytes_per_token, num_blocks, self.kv_spec.block_size,
-                                   self.max_model_len, activation_measured, self.backend.fused)
+                                   self.max_model_len, activation_measured, self.backend.fused,
+                                   host_kv_cache_bytes=self.kv_cache.host_nbytes, num_host_blocks=num_host_blocks,
+                                   host_weights_bytes=self.host_weights_bytes,
+                                   offloaded_layers=len(self.offload.layers) if self.offload else 0,
+                                   offload_tier="disk" if self.engine.disk_offload else "host")
         self.rank_memory = (self.groups.gather(self.memory) or []) if self.groups else [self.memory]
         self.graphs = self._capture_graphs()
         return num_blocks
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        """Decode CUDA graphs need a GPU and graph-safe kernels (the Triton backend)."""
+        """Decode CUDA graphs need a GPU, graph-safe kernels (the Triton backend), no streamed layers and
+        one pipeline stage."""
         if (self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton"
-                or (self.groups and self.groups.num_stages > 1)):
+                or self.offload is not None or (self.groups and self.groups.num_stages > 1)):
             return None
         graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
                               cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len)
@@ -142,6 +190,7 @@ class ModelRunner:
     def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
         """This rank's part of a step: the output on the last stage; elsewhere the
         hidden states go on to the next stage and this returns None."""
+        kv_cache.swap(step.swap_out, step.swap_in)
         kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)

@@ -73,6 +73,9 @@ def start_runner(config: EngineConfig, model_config, checkpoint, weights, max_mo
     """(this rank's runner with its KV pool allocated, the weight format it runs)."""
     quantization = resolve_quantization(config.quantization, checkpoint)
     check_quantization_fits(quantization, model_config, config.torch_device)
+    if groups and config.cpu_offload_memory is not None:
+        raise ValueError("cpu_offload_memory streams layers on one process; it is not combined with tensor or "
+                         "pipeline parallelism")
     if groups and groups.tensor.size > 1 and quantization in CALIBRATED_FORMATS:
         raise ValueError(f"quantization {quantization!r} calibrates on one process; it is not sharded yet "
                          f"(use int8, int4 or gguf with tensor_parallel_size > 1)")

@@ -10,6 +10,23 @@ sequence is preempted: its blocks are freed and it goes back to the front of
 the queue to be recomputed later (its full blocks usually survive in the prefix
 cache, so recomputation is often cheap).
 
+With a host pool (``swap_space``) a preempted sequence is swapped out instead
+(its KV copied to host memory, and back when it resumes) when that is the
+cheaper way back. The cost rule: recomputing ``n`` tokens is a prefill of
+``n`` tokens; while ``n`` is small it rides in the spare token budget of the
+decode steps that follow (a decode step of ``B`` sequences uses ``B`` tokens
+of its budget and its time is set by reading the weights), so it costs
+little; beyond that it costs whole prefill steps (Llama-3-8B: ~16 GFLOP a
+token, more for attention as ``n`` grows). A swap moves ``2 x n`` tokens of KV
+over the host link (Llama-3-8B: 2 x 128 KiB a token at ~50 GB/s, about a
+fifth of that prefill's time on an H100) plus a fixed cost (the step waits on
+the copies, host blocks are held). So a sequence swaps when it holds at least
+``swap_min_tokens`` computed tokens (default 512, an estimate of where the
+two cross, not a measurement) and the host pool has room for its blocks;
+otherwise (a short context, a full host pool) it recomputes. The copies are
+queued in the block manager's host pool for the next step; a step that
+preempts admits no one, so no step both swaps a sequence out and one in.
+
 The waiting queue is keyed by sequence id (an ordered dict), so finishing or
 aborting any sequence costs O(1) wherever it is queued.
 """
@@ -27,6 +44,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    swap_min_tokens: int = 512    # a preempted sequence with this many computed tokens swaps, when it can
 
 
 @dataclass
@@ -97,15 +115,19 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = next(iter(self.waiting.values()))
-            if not seq.block_table and seq.params.prompt_logprobs is None:   # cached tokens get no logits
+            swapped = bool(seq.host_block_table)
+            if not seq.block_table and not swapped and seq.params.prompt_logprobs is None:   # no logits if cached
                 self.block_manager.match_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, num_tokens):
-                self.block_manager.free(seq)
+                if not swapped:
+                    self.block_manager.free(seq)
                 if self.running or batch or not self._drop_waiting_forks():
                     break
                 continue
             del self.waiting[seq.seq_id]
+            if swapped:
+                self.block_manager.swap_in(seq)
             self.block_manager.allocate(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -124,7 +146,11 @@ class Scheduler:
         return False
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        self.block_manager.free(seq)
+        if (seq.num_computed_tokens >= self.config.swap_min_tokens
+                and self.block_manager.can_swap_out(seq)):
+            self.block_manager.swap_out(seq)
+        else:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1

@@ -29,6 +29,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0   # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    host_block_table: list[int | None] = field(default_factory=list)   # swapped out: its blocks on the host
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     num_preemptions: int = 0
     cumulative_logprob: float = 0.0

@@ -45,6 +45,10 @@ class StepInput:
     logits_indices: torch.Tensor    # [sum(num_logits)] int64
     sampling: SamplingMetadata
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), run before the forward
+    # (device block, host block) copies to and from the KV cache's host pool: all of swap_out, then all of
+    # swap_in, then block_copies, then the forward (kv_cache.py, host_blocks.py)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
     scoring: PromptScoring | None = None
 
 
@@ -105,10 +109,11 @@ class StepOutput:
 
 
 def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[tuple[int, int]],
-                     pin_memory: bool = False) -> StepInput:
+                     pin_memory: bool = False, swaps: tuple[list, list] = ([], [])) -> StepInput:
     """The StepInput of a scheduled batch: each sequence computes its next
     ``num_new_tokens`` tokens from ``num_computed_tokens`` on. ``pin_memory``
-    (for a CUDA worker) lets its copies to the device run asynchronously."""
+    (for a CUDA worker) lets its copies to the device run asynchronously;
+    ``swaps`` are the host pool's (swap_out, swap_in) pairs."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -143,7 +148,8 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     return StepInput(input_ids=tensor(input_ids, torch.int64), positions=tensor(positions, torch.int64),
                      attention=attention, num_logits=num_logits,
                      logits_indices=tensor(logits_indices, torch.int64), sampling=sampling_metadata(sampled),
-                     block_copies=block_copies, scoring=scored.request(tensor))
+                     block_copies=block_copies, swap_out=swaps[0], swap_in=swaps[1],
+                     scoring=scored.request(tensor))
 
 
 @dataclass

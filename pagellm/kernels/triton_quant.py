@@ -44,7 +44,7 @@ class MatmulConfig:
 # Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
 # projections, replayed as CUDA graphs). LARGE serves decode batches of 17..FUSED_MAX_ROWS rows
 # (`quant_ops`); longer prefill chunks go to dequantize + cuBLAS.
-GEMV = {"int8": MatmulConfig(1, 32, 512, 8, 3, 8), "int4": MatmulConfig(1, 32, 512, 8, 3, 8)}
+GEMV = {"int8": MatmulConfig(1, 4, 2048, 4, 3, 1), "int4": MatmulConfig(1, 8, 2048, 4, 3, 4)}
 SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8)}
 LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 

@@ -56,6 +56,17 @@ class _EngineStatsCollector(Collector):
                                 value=s["prefix_cache_hit_rate"])
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (their KV blocks freed).",
                                   value=s["num_preemptions"])
+        for name, key, help_text in _HOST_TIER_COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, help_text, value=s[key])
+
+
+_HOST_TIER_COUNTERS = (   # (metric, engine stats key, help)
+    ("num_swapped_out", "num_swapped_out", "Preempted sequences swapped to the host KV pool."),
+    ("host_prefix_cache_hit_tokens", "host_prefix_hit_tokens",
+     "Prompt tokens restored from the host prefix-cache tier instead of recomputed."),
+    ("kv_bytes_to_host", "kv_bytes_to_host", "KV bytes copied from the device to the host pool."),
+    ("kv_bytes_to_device", "kv_bytes_to_device", "KV bytes copied from the host pool to the device."),
+)
 
 
 class ServerMetrics:

@@ -1,0 +1,284 @@
+"""Memory tiers: KV swap to a host pool, the host prefix-cache tier.
+
+The host pool here is a second CPU tensor standing in for host memory. Every
+engine test compares greedy tokens with the same engine unpressured (a pool
+large enough that nothing is preempted or evicted). The random-workload test
+replays the scheduler's block operations on a naive model of the pool's
+contents (each slot holds the id of the token prefix whose K/V it stores) and
+checks every scheduled sequence reads exactly its own prefix, plus the block
+manager's invariants and that no device or host block leaks.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+
+from pagellm import LLM, SamplingParams
+from pagellm.analysis.memory import advise_offload, memory_breakdown
+from pagellm.cli import main
+from pagellm.config import EngineConfig
+from pagellm.engine import kv_cache
+from pagellm.engine.block_manager import BlockManager
+from pagellm.engine.host_blocks import HostBlockPool
+from pagellm.engine.scheduler import Scheduler, SchedulerConfig
+from pagellm.engine.sequence import Sequence
+from pagellm.model.model_spec import load_model_config
+from pagellm.server.metrics import ServerMetrics
+from pagellm.sizing import Precision
+from test_block_manager import advance, check_invariants
+from tiny_models import make_tiny_hf_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 300) for _ in range(length + 3 * i)] for i in range(n)]
+
+
+def tokens(llm: LLM, batch, params=GREEDY) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in llm.generate(batch, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """The unpressured engine's greedy tokens for the prompts the tests use."""
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=512)
+    return {"swap": tokens(llm, prompts(6, 20)), "shared": tokens(llm, shared_prefix_prompts())}
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_forced_swaps_give_unpressured_greedy_tokens(tiny_llama, reference, prefix_caching, monkeypatch):
+    # 6 sequences of 20..35 + 24 tokens (11..15 blocks each) in 40 blocks: preemption in most steps.
+    monkeypatch.setattr(kv_cache, "STAGE_BYTES", 3 * 2048)   # copies staged 3 blocks at a time
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
+              swap_space=1 << 20, swap_min_tokens=1, enable_prefix_caching=prefix_caching)
+    assert tokens(llm, prompts(6, 20)) == reference["swap"]
+    stats = llm.engine.stats()
+    assert stats["num_swapped_out"] > 0 and stats["num_swapped_out"] == stats["num_preemptions"]
+    assert stats["kv_bytes_to_host"] > 0 and stats["kv_bytes_to_device"] > 0
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and bm.host.num_held == 0
+
+
+def test_full_host_pool_falls_back_to_recompute(tiny_llama, reference):
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
+              swap_space=6 * 2048, swap_min_tokens=1, enable_prefix_caching=False)
+    # 2048 bytes a block (2 layers x K, V x 2 heads x 16 x fp32 x 4 tokens): 6 blocks, less than most sequences hold
+    assert llm.engine.block_manager.host.num_blocks == 6
+    assert tokens(llm, prompts(6, 20)) == reference["swap"]
+    stats = llm.engine.stats()
+    assert stats["num_preemptions"] > stats["num_swapped_out"] > 0   # some swapped, the others recomputed
+
+
+def test_short_contexts_recompute_by_the_cost_rule(tiny_llama, reference):
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
+              swap_space=1 << 20, swap_min_tokens=10_000)
+    assert tokens(llm, prompts(6, 20)) == reference["swap"]
+    assert llm.engine.stats()["num_preemptions"] > 0 and llm.engine.stats()["num_swapped_out"] == 0
+
+
+# ---- the scheduler's block operations replayed on a model of the pool -----------------------------------
+
+workload = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16),
+    "num_blocks": st.integers(6, 30),
+    "num_host_blocks": st.integers(0, 40),
+    "block_size": st.sampled_from([1, 2, 4]),
+    "budget": st.integers(2, 24),
+    "max_seqs": st.integers(2, 6),
+    "num_requests": st.integers(4, 14),
+    "prefix_caching": st.booleans(),
+    "sliding_window": st.sampled_from([None, None, 3, 7]),
+    "swap_min_tokens": st.sampled_from([1, 1, 6]),
+    "abort_rate": st.floats(0, 0.05),
+})
+
+
+def check_host(host: HostBlockPool, seqs: list[Sequence]) -> None:
+    held = [b for s in seqs for b in s.host_block_table if b is not None]
+    states = host.free_blocks + list(host.cached.values()) + held
+    assert sorted(states) == list(range(host.num_blocks)), "a host block is lost or in two states"
+
+
+@settings(max_examples=300, deadline=None)
+@given(workload)
+def test_swap_storm_keeps_contents_and_frees_every_block(w):
+    rng = random.Random(w["seed"])
+    size = w["block_size"]
+    null_block = w["num_blocks"] if w["sliding_window"] else None
+    host = HostBlockPool(w["num_host_blocks"])
+    bm = BlockManager(w["num_blocks"], size, w["prefix_caching"], w["sliding_window"], null_block, host)
+    scheduler = Scheduler(SchedulerConfig(w["max_seqs"], w["budget"], 10_000, w["swap_min_tokens"]), bm)
+    device = [[None] * size for _ in range(w["num_blocks"] + 1)]   # slot -> the token prefix its K/V belong to
+    host_pool = [[None] * size for _ in range(w["num_host_blocks"])]
+    capacity = w["num_blocks"] * size
+    live: list[Sequence] = []
+    arrivals: dict[int, list[Sequence]] = {}   # step -> requests arriving then (later ones may hit evicted prefixes)
+    shared = [rng.randrange(20) for _ in range(32)]
+    for i in range(w["num_requests"]):
+        max_tokens = rng.randrange(1, 16)
+        length = rng.randrange(1, max(2, capacity // 2))
+        if length + max_tokens <= capacity:
+            prompt = (shared[:rng.randrange(33)] + [rng.randrange(20) for _ in range(length)])[:length]
+            live.append(Sequence(i, str(i), 0, prompt, SamplingParams(max_tokens=max_tokens), 0, 0.0))
+            arrivals.setdefault(rng.randrange(40), []).append(live[-1])
+    for step in range(3000):
+        for seq in arrivals.pop(step, []):
+            scheduler.add(seq)
+        if not (scheduler.waiting or scheduler.running or arrivals):
+            break
+        batch = scheduler.schedule()
+        assert batch.seqs or batch.preempted or not (scheduler.waiting or scheduler.running), "scheduler stalled"
+        if not batch:
+            continue
+        swap_out, swap_in = host.take_swaps()
+        for dev, hst in swap_out:   # the worker's order: out, in, copy-on-write, forward
+            host_pool[hst] = list(device[dev])
+        for dev, hst in swap_in:
+            device[dev] = list(host_pool[hst])
+        for src, dst in bm.take_pending_copies():
+            device[dst] = list(device[src])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+                device[seq.block_table[pos // size]][pos % size] = tuple(seq.token_ids[:pos + 1])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):   # attention reads every visible position
+            window = w["sliding_window"]
+            first = max(0, seq.num_computed_tokens - window + 1) if window else 0
+            for pos in range(first, seq.num_computed_tokens + n):
+                assert device[seq.block_table[pos // size]][pos % size] == tuple(seq.token_ids[:pos + 1])
+        advance(scheduler, batch, rng)
+        for seq in list(scheduler.running) + list(scheduler.waiting.values()):
+            if rng.random() < w["abort_rate"]:
+                scheduler.finish(seq)
+        for seq in batch.seqs:
+            if not seq.finished:
+                bm.free_outside_window(seq)
+        check_invariants(bm, [s for s in live if not s.finished])
+        check_host(host, [s for s in live if not s.finished])
+    assert not (scheduler.waiting or scheduler.running)
+    assert bm.num_free_blocks == bm.num_blocks and all(r == 0 for r in bm.ref_counts)
+    host.take_swaps()
+    assert len(host.free_blocks) + len(host.cached) == host.num_blocks
+
+
+# ---- the host prefix-cache tier ------------------------------------------------------------------------
+
+def shared_prefix_prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    prefix = [rng.randrange(3, 300) for _ in range(64)]
+    return [prefix + [rng.randrange(3, 300) for _ in range(5)] for _ in range(2)]
+
+
+def fill_device_cache(llm: LLM) -> None:
+    """Unrelated prompts that take every block of the 40-block pool, evicting what the prefix cache held."""
+    llm.generate(prompts(3, 60, seed=3), SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+
+
+@pytest.mark.parametrize("swap_space", [None, 1 << 20])
+def test_prefix_evicted_to_host_is_restored_not_recomputed(tiny_llama, reference, swap_space):
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, swap_space=swap_space)
+    first, second = shared_prefix_prompts()   # 64 shared tokens (16 blocks), then 5 of their own
+    assert tokens(llm, [first]) == reference["shared"][:1]
+    fill_device_cache(llm)
+    before = llm.engine.scheduler.stats.num_prefill_tokens
+    assert tokens(llm, [second]) == reference["shared"][1:]
+    computed = llm.engine.scheduler.stats.num_prefill_tokens - before
+    stats = llm.engine.stats()
+    if swap_space is None:   # the prefix was evicted: every prompt token is computed again
+        assert computed == 69
+    else:                    # 16 blocks come back from the host; only the 5 tokens after them are computed
+        assert computed == 5 and stats["host_prefix_hit_tokens"] == 64
+        assert stats["kv_bytes_to_device"] == 16 * 2048 and stats["kv_bytes_to_host"] >= 16 * 2048
+        scraped = generate_latest(ServerMetrics(llm.engine.stats).registry).decode()
+        assert "pagellm:host_prefix_cache_hit_tokens_total 64.0" in scraped
+        assert f"pagellm:kv_bytes_to_device_total {16 * 2048:.1f}" in scraped
+
+
+# ---- weight offload ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("five-layers"), num_hidden_layers=5)
+
+
+def layer_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize("quantization,disk", [(None, False), ("int8", True)])
+def test_streamed_layers_give_the_resident_models_greedy_tokens(five_layers, quantization, disk, tmp_path):
+    resident = LLM(str(five_layers), dtype="float32", block_size=4, num_kv_blocks=64, quantization=quantization)
+    short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = tokens(resident, prompts(2, 9), short)
+    layer = layer_bytes(resident)
+    # layers 1..4 in host memory (or a file), taking turns in 2 device buffers
+    llm = LLM(str(five_layers), dtype="float32", block_size=4, num_kv_blocks=64, quantization=quantization,
+              cpu_offload_memory=4 * layer - 1, disk_offload=str(tmp_path) if disk else None)
+    offload = llm.engine.runner.offload
+    assert offload.layers == list(llm.engine.runner.model.layers)[1:]
+    assert tokens(llm, prompts(2, 9), short) == expected
+    for params, host in zip(offload.params, offload.host):   # the forward read buffers, never the host copy
+        assert all(p.data_ptr() != host[name].data_ptr() for name, p in params.items())
+    memory = llm.engine.memory
+    assert (memory.host_weights_bytes, memory.offloaded_layers) == (4 * layer, 4)
+    assert memory.weights_bytes == resident.engine.memory.weights_bytes - 2 * layer
+    assert memory.offload_tier == ("disk" if disk else "host") and "4 layers streamed" in memory.summary()
+
+
+def test_auto_offload_takes_the_fewest_layers_that_fit(five_layers):
+    resident = LLM(str(five_layers), dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=128)
+    weights, layer = resident.engine.memory.weights_bytes, layer_bytes(resident)
+    settings = dict(dtype="float32", block_size=4, max_model_len=128, max_num_batched_tokens=64, max_num_seqs=4)
+    probe = LLM(str(five_layers), gpu_memory=1 << 30, **settings).engine.memory
+    reserve = probe.activation_bytes + 128 * probe.kv_bytes_per_token   # activations + one full-length sequence
+    for wanted in (3, 4):   # a budget that 3 (then 4) offloaded layers just meet: k layers save k - 2
+        budget = reserve + weights - (wanted - 2) * layer
+        memory = LLM(str(five_layers), gpu_memory=budget, cpu_offload_memory="auto", **settings).engine.memory
+        assert memory.offloaded_layers == wanted
+        assert memory.weights_bytes + reserve <= budget < memory.weights_bytes + reserve + layer
+
+
+# ---- the analyzer: every tier, and the offload advice ---------------------------------------------------
+
+def test_memory_measure_shows_every_tier_as_predicted(five_layers, capsys):
+    c = load_model_config(str(five_layers))
+    layer = 4 * (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+                 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)   # fp32 block: linears + 2 norms
+    per_block = 16 * 2 * 5 * c.num_key_value_heads * c.head_dim * 4
+    assert main(["memory", str(five_layers), "--dtype", "fp32", "--batch-size", "2", "--context-len", "64",
+                 "--cpu-offload-memory", str(3 * layer), "--swap-space", str(10 * per_block + 1),
+                 "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    predicted, measured = out["memory"], out["measured"]
+    assert predicted["offloaded_layers"] == measured["offloaded_layers"] == 3
+    assert predicted["host_weights_bytes"] == measured["host_weights_bytes"] == 3 * layer
+    assert predicted["weights_bytes"] == measured["weights_bytes"] == c.num_parameters * 4 - layer
+    assert predicted["host_kv_bytes"] == measured["host_kv_cache_bytes"] == 10 * per_block
+
+
+def test_offload_advice_streams_the_fewest_layers_that_fit():
+    c = load_model_config("llama-3-70b")
+    memory, context = 24 * 2**30, 4096
+    advice = advise_offload(c, memory, 1, context, Precision())
+    assert [o.w_bits for o in advice.options] == [16, 8, 4]
+    assert advice.recommended.w_bits == 4   # the fewest bytes cross the host link every step
+    for option in advice.options:
+        p = Precision(w_bits=option.w_bits)
+        layer = option.host_weights_bytes / option.offloaded_layers
+
+        def device_total(k: int) -> float:   # one prefill chunk of 2048 tokens in flight, as the advisor assumes
+            return memory_breakdown(c, 1, context, p, offload_bytes=k * layer).total_bytes
+        assert device_total(option.offloaded_layers) <= memory < device_total(option.offloaded_layers - 1)
+    small = advise_offload(load_model_config("llama-3-8b"), memory, 1, context, Precision())
+    assert small.recommended.w_bits == 16 and small.recommended.offloaded_layers == 0
+
+
+def test_disk_offload_needs_cpu_offload_memory():
+    with pytest.raises(ValueError, match="cpu_offload_memory"):
+        EngineConfig(model="tiny", disk_offload="/tmp")
