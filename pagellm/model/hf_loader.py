@@ -120,23 +120,24 @@ class HFWeights:
             return f.get_tensor(name)
 
     def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        current_file, handle = None, None
-        for name in self.names:
-            if self.weight_map[name] != current_file:
-                current_file = self.weight_map[name]
-                handle = safe_open(self.folder / current_file, framework="pt")
+        for name, handle in self._handles():
             tensor = handle.get_tensor(name)
             yield name, tensor if dtype is None else tensor.to(dtype)
 
     def slices(self) -> Iterator[tuple[str, LazySlice]]:
         """(name, unread tensor) pairs, in the order of ``tensors``."""
+        for name, handle in self._handles():
+            part = handle.get_slice(name)
+            yield name, LazySlice(part, tuple(part.get_shape()))
+
+    def _handles(self) -> Iterator[tuple[str, Any]]:
+        """Each tensor name with its open shard file, each file opened once."""
         current_file, handle = None, None
         for name in self.names:
             if self.weight_map[name] != current_file:
                 current_file = self.weight_map[name]
                 handle = safe_open(self.folder / current_file, framework="pt")
-            part = handle.get_slice(name)
-            yield name, LazySlice(part, tuple(part.get_shape()))
+            yield name, handle
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
