@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
-import time
-import traceback
 
 import torch
+from bench_run import run_bench, run_section
 
 SECTIONS = {  # name -> (bench kind, model, [(label, parallel flags)], bench flags)
     "tp": ("latency", "llama-3-8b", [("tp1", []), ("tp2", ["--tensor-parallel-size", "2"])],
@@ -42,15 +39,11 @@ def bench(kind: str, model: str, label: str, flags: list[str], args) -> dict:
     weights = [] if os.path.exists(model) else ["--random-weights"]
     cmd = [sys.executable, "-m", "pagellm.cli", "bench", kind, model, *weights, "--json", path, *flags,
            *args.extra.split()]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bench_timeout)
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-3000:], "command": " ".join(cmd[1:])}
-    with open(path) as f:
-        data = json.load(f)
-    os.remove(path)
-    return {"command": " ".join(cmd[1:]).replace(path, "X.json"), "wall_s": time.perf_counter() - start,
-            "results": data.get("results"), "memory": (data.get("runner") or {}).get("memory")}
+    run = run_bench(cmd, path, args.bench_timeout)
+    if "error" in run:
+        return run
+    data = run.pop("data")
+    return run | {"results": data.get("results"), "memory": (data.get("runner") or {}).get("memory")}
 
 
 def main() -> None:
@@ -73,15 +66,9 @@ def main() -> None:
             flags = {"latency": ["--batch-size", "1", "--input-len", "2", "--output-len", "4", "--num-iters", "1"],
                      "throughput": ["--num-prompts", "8", "--input-len", "4", "--output-len", "4",
                                     "--ignore-eos"]}[kind]
-        start = time.perf_counter()
-        try:
-            result[name] = {label: bench(kind, args.model or model, label, [*parallel, *flags], args)
-                            for label, parallel in variants}
-        except Exception:
-            result[name] = {"error": traceback.format_exc()}
-        print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
-        with open(os.path.join(args.out, "parallel-gpu.json"), "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        run_section(result, name, lambda: {label: bench(kind, args.model or model, label, [*parallel, *flags], args)
+                                           for label, parallel in variants},
+                    os.path.join(args.out, "parallel-gpu.json"))
     summarize(result)
 
 

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
-import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
+from bench_run import run_bench, run_section
 from pagellm.kernels import quant_ops, torch_quant
 
 LLAMA3_8B = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
@@ -221,16 +218,12 @@ def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
                           for table, configs in args.override.items() for fmt, config in configs.items()) \
                 + "sys.exit(main(sys.argv[1:]))"
         cmd[1:3] = ["-c", setup]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bench_timeout)
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-3000:], "command": " ".join(cmd)}
-    with open(path) as f:
-        data = json.load(f)
-    os.remove(path)
-    return {"command": " ".join(cmd[1:]).replace(path, "X.json"), "wall_s": time.perf_counter() - start,
-            "results": data.get("results"), "decode_bandwidth": data.get("decode_bandwidth"),
-            "memory": (data.get("runner") or {}).get("memory"), "roofline": data.get("roofline")}
+    run = run_bench(cmd, path, args.bench_timeout)
+    if "error" in run:
+        return run
+    data = run.pop("data")
+    return run | {"results": data.get("results"), "decode_bandwidth": data.get("decode_bandwidth"),
+                  "memory": (data.get("runner") or {}).get("memory"), "roofline": data.get("roofline")}
 
 
 def section_latency(args) -> dict:
@@ -267,14 +260,7 @@ def main() -> None:
     for name in args.sections.split(","):
         if args.override:
             result["override"] = args.override
-        start = time.perf_counter()
-        try:
-            result[name] = sections[name](args)
-        except Exception:
-            result[name] = {"error": traceback.format_exc()}
-        print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
-        with open(os.path.join(args.out, "quant-gpu.json"), "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        run_section(result, name, lambda: sections[name](args), os.path.join(args.out, "quant-gpu.json"))
     summarize(result)
 
 
