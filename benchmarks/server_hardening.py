@@ -160,7 +160,7 @@ async def _health_and_stream(url: str, big_bodies: list[tuple[str, dict]], max_t
             "big_body_statuses": statuses}
 
 
-def bench_health(model: str, repeats: int) -> dict:
+def bench_health(model: str, repeats: int, stream_tokens: int) -> dict:
     process, url = start_server(model)
     try:
         limit = max(1 << 20, 64 * httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"])
@@ -168,8 +168,8 @@ def bench_health(model: str, repeats: int) -> dict:
         text = text[:limit - 200]
         bodies = [("/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": 1}),
                   ("/v1/completions", {"prompt": text, "max_tokens": 1})] * repeats
-        quiet = asyncio.run(_health_and_stream(url, [], 48))
-        loaded = asyncio.run(_health_and_stream(url, bodies, 48))
+        quiet = asyncio.run(_health_and_stream(url, [], stream_tokens))
+        loaded = asyncio.run(_health_and_stream(url, bodies, stream_tokens))
         return {"max_request_bytes": limit, "body_bytes": len(json.dumps(bodies[0][1])), "bodies_sent": len(bodies),
                 "quiet": quiet, "with_max_size_bodies": loaded}
     finally:
@@ -274,6 +274,8 @@ def main() -> int:
                         "that a slow decode step would hide)")
     parser.add_argument("--parts", nargs="+", default=["abort", "sigterm", "health", "structured"])
     parser.add_argument("--grace-period", type=float, default=3.0)
+    parser.add_argument("--stream-tokens", type=int, default=48,
+                        help="tokens of the stream timed beside the big bodies (it must outlast them)")
     parser.add_argument("--health-repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="timed runs with and without the mask, alternated")
@@ -299,7 +301,7 @@ def main() -> int:
         report["sigterm"] = bench_sigterm(args.model, args.grace_period)
         print(json.dumps(report["sigterm"]), flush=True)
     if "health" in args.parts:
-        report["health"] = bench_health(args.model, args.health_repeats)
+        report["health"] = bench_health(args.model, args.health_repeats, args.stream_tokens)
         print(json.dumps(report["health"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
