@@ -56,6 +56,14 @@ class EngineConfig:
     enforce_eager: bool = _setting(False, "no CUDA graphs")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
     seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
+    speculative_method: str | None = _setting(
+        None, "speculative decoding: ngram (prompt lookup in the sequence's own tokens) or draft (needs "
+              "--speculative-model); default: draft when --speculative-model is given, else off",
+        choices=("ngram", "draft"))
+    speculative_model: str | None = _setting(None, "draft model (HF folder, .gguf file or built-in name) sharing "
+                                                   "the target's tokenizer")
+    num_speculative_tokens: int = _setting(4, "tokens proposed per decoding sequence and step")
+    speculative_max_batch: int = _setting(8, "no speculation while more sequences than this run")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -68,6 +76,14 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check_quantization(self.quantization)   # a clear error now rather than after loading
+        if self.speculative_method is None and self.speculative_model is not None:
+            self.speculative_method = "draft"
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be ngram or draft, got {self.speculative_method!r}")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_model is needed by, and only by, speculative_method='draft'")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -56,6 +56,16 @@ class _EngineStatsCollector(Collector):
                                 value=s["prefix_cache_hit_rate"])
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (their KV blocks freed).",
                                   value=s["num_preemptions"])
+        yield CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                                  value=s["spec_num_proposed"])
+        yield CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                                  value=s["spec_num_accepted"])
+        yield GaugeMetricFamily(PREFIX + "spec_decode_acceptance_rate",
+                                "Fraction of proposed tokens accepted (0 without speculation).",
+                                value=s["spec_acceptance_rate"])
+        yield GaugeMetricFamily(PREFIX + "spec_decode_mean_tokens_per_step",
+                                "Tokens a verifying sequence gains per step: accepted proposals + 1.",
+                                value=s["spec_mean_tokens_per_step"])
 
 
 class ServerMetrics:
