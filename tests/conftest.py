@@ -20,6 +20,16 @@ def qwen_gguf():
 
 
 @pytest.fixture(scope="session")
+def qwen15_gguf():
+    """The real Qwen2.5-Coder-1.5B GGUF (same tokenizer as the 0.5B; skipped when not installed)."""
+    from pagellm.model.zoo import ZOO, ensure_model_file
+    model = ZOO["qwen2.5-coder-1.5b"]
+    if not model.is_installed():
+        pytest.skip(f"real model packages not installed: {model.pip_command}")
+    return ensure_model_file(model.name, progress=False)
+
+
+@pytest.fixture(scope="session")
 def qwen_hf(qwen_gguf):
     """HF transformers' own loading of the same GGUF file (float32, CPU)."""
     import torch

@@ -230,7 +230,7 @@ class LLMEngine:
         if not batch:
             return []
         if batch.lookahead:
-            self.proposer.propose(batch, self.scheduler.running)
+            self.proposer.propose(batch)
         done, failed = self._execute(batch, self.block_manager.take_pending_copies())
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -258,6 +258,8 @@ class LLMEngine:
                 self.block_manager.free_outside_window(seq)
                 if seq in batch.lookahead:
                     self.block_manager.release_unverified(seq)
+        if self.proposer is not None:
+            self.proposer.retain(self.scheduler.running)
         outputs = [self._fail(request_id, exc) for request_id, exc in failed.items()]
         outputs += [self._finish_or_report(state, now) for request_id, state in changed.items()
                     if request_id not in failed and (state.stream or state.finished)]

@@ -27,8 +27,11 @@ from pagellm.model.config import ModelConfig
 
 
 class Proposer(Protocol):
-    def propose(self, batch: ScheduledBatch, running: list[Sequence]) -> None:
+    def propose(self, batch: ScheduledBatch) -> None:
         """Fill ``batch.proposals`` for (some of) the sequences of ``batch.lookahead``."""
+
+    def retain(self, running: list[Sequence]) -> None:
+        """After a step: drop any state of sequences no longer running."""
 
 
 def make_proposer(config: EngineConfig, target: ModelConfig, max_model_len: int, num_blocks: int,

@@ -13,8 +13,8 @@ target's last one or two tokens) and draws one token; each of the other k-1
 feeds the last draw and draws the next. A draw at output position ``j`` uses
 the request's noise keys of ``j``, as the target's draw there would.
 
-A shadow lives while its sequence runs (a preempted or finished sequence's
-shadow is freed at the next step). Its pool has as many blocks as the
+A shadow lives while its sequence runs (the engine calls ``retain`` after
+each step: a preempted or finished sequence's shadow is freed). Its pool has as many blocks as the
 target's, without prefix caching (a shadow's blocks hold unverified tokens);
 when it runs out, the sequences that do not fit propose nothing this step.
 """
@@ -51,10 +51,12 @@ class DraftProposer:
                                           null_block=runner.kv_cache.null_block)
         self.shadows: dict[int, _Shadow] = {}
 
-    def propose(self, batch: ScheduledBatch, running: list[Sequence]) -> None:
+    def retain(self, running: list[Sequence]) -> None:
         live = {seq.seq_id for seq in running}
         for seq_id in [i for i in self.shadows if i not in live]:
             self.block_manager.free(self.shadows.pop(seq_id).seq)
+
+    def propose(self, batch: ScheduledBatch) -> None:
         shadows = {seq: self._sync(seq) for seq in batch.lookahead}
         owners = {shadow: seq for seq, shadow in shadows.items()}
         drawn: dict[Sequence, list[tuple[int, torch.Tensor | None]]] = {seq: [] for seq in batch.lookahead}

@@ -26,7 +26,10 @@ def lookup(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_N
 
 
 class NgramProposer:
-    def propose(self, batch: ScheduledBatch, running: list[Sequence]) -> None:
+    def retain(self, running: list[Sequence]) -> None:
+        """Nothing to keep."""
+
+    def propose(self, batch: ScheduledBatch) -> None:
         for seq, k in batch.lookahead.items():
             tokens = lookup(seq.token_ids, k)
             if tokens:
