@@ -24,6 +24,17 @@ _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20
                 120.0, 240.0, 480.0, 960.0, 1920.0)
 
 
+# Speculative decoding: (metric name, family, key of the engine's stats, help).
+_SPEC_DECODE_METRICS = (
+    ("spec_decode_num_draft_tokens", CounterMetricFamily, "spec_num_proposed", "Proposed tokens verified."),
+    ("spec_decode_num_accepted_tokens", CounterMetricFamily, "spec_num_accepted", "Proposed tokens accepted."),
+    ("spec_decode_acceptance_rate", GaugeMetricFamily, "spec_acceptance_rate",
+     "Fraction of proposed tokens accepted (0 without speculation)."),
+    ("spec_decode_mean_tokens_per_step", GaugeMetricFamily, "spec_mean_tokens_per_step",
+     "Tokens a verifying sequence gains per step: accepted proposals + 1."),
+)
+
+
 @dataclass
 class RequestProgress:
     """What the latency metrics remember about one engine request."""
@@ -56,16 +67,8 @@ class _EngineStatsCollector(Collector):
                                 value=s["prefix_cache_hit_rate"])
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (their KV blocks freed).",
                                   value=s["num_preemptions"])
-        yield CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens", "Proposed tokens verified.",
-                                  value=s["spec_num_proposed"])
-        yield CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
-                                  value=s["spec_num_accepted"])
-        yield GaugeMetricFamily(PREFIX + "spec_decode_acceptance_rate",
-                                "Fraction of proposed tokens accepted (0 without speculation).",
-                                value=s["spec_acceptance_rate"])
-        yield GaugeMetricFamily(PREFIX + "spec_decode_mean_tokens_per_step",
-                                "Tokens a verifying sequence gains per step: accepted proposals + 1.",
-                                value=s["spec_mean_tokens_per_step"])
+        for name, family, key, doc in _SPEC_DECODE_METRICS:
+            yield family(PREFIX + name, doc, value=s[key])
 
 
 class ServerMetrics:
