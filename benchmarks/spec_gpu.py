@@ -101,7 +101,8 @@ def main() -> int:
         rows.append({"k": k, "tokens_per_s": len(tokens) / spec_s, "plain_tokens_per_s": len(answer) / plain_s,
                      "speedup": (len(tokens) / spec_s) / (len(answer) / plain_s), "oracle_passes": attempt + 1,
                      "eager_decode_step_ms": eager_decode_step * 1e3,
-                     "identical_prefix": next((i for i, (a, b) in enumerate(zip(tokens, answer)) if a != b), len(tokens)),
+                     "identical_prefix": next((i for i, (a, b) in enumerate(zip(tokens, answer)) if a != b),
+                                              len(tokens)),
                      "acceptance_rate": accepted / proposed if proposed else None,
                      "tokens_per_verify_step": (accepted + n_steps) / n_steps if n_steps else None,
                      "verify_step_ms": verify_step * 1e3, "decode_step_ms": decode_step * 1e3,
@@ -118,7 +119,8 @@ def main() -> int:
           f"{'verify ms':>10} {'decode ms':>10} {'eager decode ms':>16} {'same as plain':>14} {'passes':>7}")
     for r in rows:
         print(f"{r['k']:>3} {r['plain_tokens_per_s']:>12.1f} {r['tokens_per_s']:>13.1f} {r['speedup']:>8.2f} "
-              f"{r['acceptance_rate'] or 0:>7.2f} {r['tokens_per_verify_step'] or 0:>9.2f} {r['verify_step_ms']:>10.2f} "
+              f"{r['acceptance_rate'] or 0:>7.2f} {r['tokens_per_verify_step'] or 0:>9.2f} "
+              f"{r['verify_step_ms']:>10.2f} "
               f"{r['decode_step_ms']:>10.2f} {r['eager_decode_step_ms']:>16.2f} {r['identical_prefix']:>14} "
               f"{r['oracle_passes']:>7}")
     return 0
