@@ -70,6 +70,14 @@ class EngineConfig:
     pipeline_parallel_size: int = _setting(1, "processes (GPUs) that each run a contiguous range of layers")
     distributed_timeout: float = _setting(120.0, "seconds a collective between parallel ranks may wait "
                                                  "before the engine fails (a dead or stuck rank)")
+    speculative_method: str | None = _setting(
+        None, "speculative decoding: ngram (prompt lookup in the sequence's own tokens) or draft (needs "
+              "--speculative-model); default: draft when --speculative-model is given, else off",
+        choices=("ngram", "draft"))
+    speculative_model: str | None = _setting(None, "draft model (HF folder, .gguf file or built-in name) sharing "
+                                                   "the target's tokenizer")
+    num_speculative_tokens: int = _setting(4, "tokens proposed per decoding sequence and step")
+    speculative_max_batch: int = _setting(8, "no speculation while more sequences than this run")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -87,6 +95,17 @@ class EngineConfig:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.speculative_method is None and self.speculative_model is not None:
+            self.speculative_method = "draft"
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be ngram or draft, got {self.speculative_method!r}")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_model is needed by, and only by, speculative_method='draft'")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.speculative_method is not None and self.world_size > 1:
+            raise ValueError("speculative decoding runs on one process: it is not supported yet with "
+                             "tensor_parallel_size or pipeline_parallel_size > 1")
 
     @property
     def world_size(self) -> int:

@@ -36,7 +36,7 @@ from pagellm.bench.report import (TARGETS, bits_of, check, fmt, gib, header, mea
                                   roofline, roofline_hardware, write_json)
 from pagellm.bench.runner import (Run, decode_bandwidth_of, delta, device_info, engine_summary,
                                   free_device_memory, measure_peaks, peak_memory, random_prompts, reset_peak_memory,
-                                  run_requests, runner_info, scheduler_stats)
+                                  run_requests, runner_info, scheduler_stats, speculation_rows)
 from pagellm.bench.stats import distribution_ms, prefill_flops, summarize_kv
 from pagellm.config import EngineConfig, add_engine_arguments
 from pagellm.engine.llm_engine import LLMEngine
@@ -166,7 +166,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             ("KV usage max / mean", f"{kv['usage_max']:.1%} / {kv['usage_mean']:.1%}"),
             ("KV waste max / mean (per step)", f"{kv['waste_max']:.2%} / {kv['waste_mean']:.2%}"),
             ("decode steps: bandwidth floor reached", pct(result["decode_bandwidth"]["fraction_of_floor"])),
-            ("preemptions", str(result["scheduler"]["num_preemptions"]))]
+            ("preemptions", str(result["scheduler"]["num_preemptions"]))] + speculation_rows(result["scheduler"])
     if hf is not None:
         rows += [("HF generate_batch output tokens/s", fmt(hf.get("output_tokens_per_s"), digits=1)),
                  ("speed-up vs HF generate_batch", fmt(hf.get("speedup_output_tokens_per_s"), "x")),
@@ -276,6 +276,7 @@ def run_latency(args: argparse.Namespace) -> int:
                                        0)),
             ("measured copy bandwidth", fmt(peaks["copy"]["bandwidth"] / 1e9, " GB/s", 0)),
             ("peak memory (allocated)", gib(result["memory"]["peak_allocated_bytes"]))]
+    rows += speculation_rows(result["scheduler"])
     if "hf" in result:
         hf = result["hf"]
         rows += [("HF generate TTFT / per token", f"{fmt((hf.get('ttft_s') or 0) * 1e3, ' ms')} / "

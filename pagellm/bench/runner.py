@@ -197,7 +197,19 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def scheduler_stats(engine) -> dict:
-    return asdict(engine.scheduler.stats) | {"prefix_cache_hit_rate": engine.block_manager.stats.hit_rate}
+    spec = engine.spec_stats
+    return asdict(engine.scheduler.stats) | {"prefix_cache_hit_rate": engine.block_manager.stats.hit_rate,
+                                             "spec_steps": spec.num_steps, "spec_proposed": spec.num_proposed,
+                                             "spec_accepted": spec.num_accepted}
+
+
+def speculation_rows(sched: dict) -> list[tuple[str, str]]:
+    """Report rows of a run's speculative decoding counters (none when nothing was proposed)."""
+    if not sched["spec_proposed"]:
+        return []
+    return [("speculation: acceptance rate", f"{sched['spec_accepted'] / sched['spec_proposed']:.1%}"),
+            ("speculation: tokens per verifying step",
+             f"{(sched['spec_accepted'] + sched['spec_steps']) / sched['spec_steps']:.2f}")]
 
 
 def delta(after: dict, before: dict) -> dict:

@@ -88,20 +88,21 @@ class BlockManager:
         return self.blocks_needed(seq, num_new_tokens) <= len(self.free_queue)
 
     # ---- allocation ----------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> None:
         """Give ``seq`` room for its next ``num_new_tokens`` tokens: a private copy
         of a shared block it is about to write into (copy-on-write; the copy is
         queued in ``pending_copies`` for the model runner), then fresh blocks.
         Blocks those tokens fill are published to the prefix cache at once, so a
         request admitted in the same step can already share them: each layer
-        writes the whole batch's K/V before any token attends."""
+        writes the whole batch's K/V before any token attends. ``num_lookahead``
+        more slots hold proposed (unverified) tokens: allocated, never published."""
         if self._write_block_is_shared(seq):
             index = seq.num_computed_tokens // self.block_size
             shared = seq.block_table[index]
             seq.block_table[index] = self._take_free_block()
             self._release(shared)
             self.pending_copies.append((shared, seq.block_table[index]))
-        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        total = cdiv(seq.num_computed_tokens + num_new_tokens + num_lookahead, self.block_size)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take_free_block())
         self._publish_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
@@ -153,6 +154,12 @@ class BlockManager:
             self.host.release(host_block)
             seq.block_table.append(block_id)
         seq.host_block_table = []
+    def release_unverified(self, seq: Sequence) -> None:
+        """Give back the blocks past ``seq``'s tokens: lookahead slots whose
+        proposed tokens were rejected (never published, so nothing to forget)."""
+        keep = cdiv(seq.num_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
 
     def forget(self, seq: Sequence) -> None:
         """Drop from the prefix cache the blocks only ``seq`` holds (their K/V may

@@ -38,6 +38,8 @@ from pagellm.engine.structured import GrammarCompiler
 from pagellm.inputs import Prompt, TokenizedPrompt
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagellm.sampling_params import SamplingParams
+from pagellm.spec import make_proposer
+from pagellm.spec.stats import SpecStats
 from pagellm.utils.math import cdiv
 
 logger = logging.getLogger("pagellm")
@@ -93,10 +95,16 @@ class LLMEngine:
         self.memory = self.runner.memory
         num_host_blocks = self.memory.num_host_blocks
         host = HostBlockPool(num_host_blocks) if num_host_blocks else None
-        self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching,
+        num_blocks = self.runner.kv_cache.num_blocks
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           self.model_config.sliding_window, self.runner.kv_cache.null_block, host)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.batched_tokens, self.max_model_len,
-                                                   config.swap_min_tokens), self.block_manager)
+        speculating = config.speculative_method is not None
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_num_seqs, config.batched_tokens, self.max_model_len, config.swap_min_tokens,
+            num_lookahead=config.num_speculative_tokens if speculating else 0,
+            lookahead_max_seqs=config.speculative_max_batch), self.block_manager)
+        self.proposer = make_proposer(config, self.model_config, self.max_model_len, num_blocks, open_model)
+        self.spec_stats = SpecStats()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -217,6 +225,8 @@ class LLMEngine:
             observer.on_schedule(batch)
         if not batch:
             return []
+        if batch.lookahead:
+            self.proposer.propose(batch)
         host = self.block_manager.host
         done, failed = self._execute(batch, self.block_manager.take_pending_copies(),
                                      host.take_swaps() if host is not None else ([], []))
@@ -232,6 +242,8 @@ class LLMEngine:
                                                                s.rank)
                                            for target, s in zip(self._scored_targets(seq, result, index),
                                                                 result.scored[index]))
+            if seq in batch.proposals:
+                self.spec_stats.record(len(batch.proposals[seq].token_ids), len(result.token_ids[index]) - 1)
             if result.token_ids[index]:
                 state = self.requests[seq.request_id]
                 try:
@@ -242,6 +254,10 @@ class LLMEngine:
         for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks
             if not seq.finished:
                 self.block_manager.free_outside_window(seq)
+                if seq in batch.lookahead:
+                    self.block_manager.release_unverified(seq)
+        if self.proposer is not None:
+            self.proposer.retain(self.scheduler.running)
         outputs = [self._fail(request_id, exc) for request_id, exc in failed.items()]
         outputs += [self._finish_or_report(state, now) for request_id, state in changed.items()
                     if request_id not in failed and (state.stream or state.finished)]
@@ -287,28 +303,32 @@ class LLMEngine:
         return self.make_output(state)
 
     def _append(self, state: RequestState, seq: Sequence, result: StepOutput, index: int, now: float) -> None:
-        """Append the one token ``seq`` sampled this step."""
-        token = result.token_ids[index][0]
-        seq.append_token(token)
-        if seq.grammar is not None:
-            seq.grammar.accept(token)
-        if state.unforked:
-            self._fork_samples(state, seq)
-        if state.params.logprobs is not None:
-            logprob = result.logprobs[index][0]
-            seq.cumulative_logprob += logprob
-            top = result.top_logprobs[index][0][:state.params.logprobs] if result.top_logprobs else []
-            seq.logprobs.append(self._logprob_entry(token, logprob, top))
-        if state.first_token_time is None:
-            state.first_token_time = now
-        detokenizer = state.detokenizers[seq.sample_index]
-        stop_string = detokenizer.push(token)
-        reason = self._stop_reason(seq, token, stop_string)
-        if reason is not None:
-            if stop_string is None:
-                detokenizer.flush()
-            seq.finish_reason, seq.stop_reason = reason
-            self.scheduler.finish(seq)
+        """Append the tokens ``seq`` got this step, one by one through the stop
+        checks: one sampled token, or accepted proposals and the target's token
+        after them (the K/V of each token but the last is already in the cache)."""
+        for i, token in enumerate(result.token_ids[index]):
+            seq.num_computed_tokens += i > 0
+            seq.append_token(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
+            if state.unforked:
+                self._fork_samples(state, seq)
+            if state.params.logprobs is not None:
+                logprob = result.logprobs[index][i]
+                seq.cumulative_logprob += logprob
+                top = result.top_logprobs[index][i][:state.params.logprobs] if result.top_logprobs else []
+                seq.logprobs.append(self._logprob_entry(token, logprob, top))
+            if state.first_token_time is None:
+                state.first_token_time = now
+            detokenizer = state.detokenizers[seq.sample_index]
+            stop_string = detokenizer.push(token)
+            reason = self._stop_reason(seq, token, stop_string)
+            if reason is not None:
+                if stop_string is None:
+                    detokenizer.flush()
+                seq.finish_reason, seq.stop_reason = reason
+                self.scheduler.finish(seq)
+                return
 
     def _fork_samples(self, state: RequestState, parent: Sequence) -> None:
         """The prompt of an n > 1 request is computed once, by its first sample;
@@ -385,16 +405,21 @@ class LLMEngine:
                 "num_decode_tokens": sched.stats.num_decode_tokens,
                 "prefix_cache_hit_rate": bm.stats.hit_rate, "num_swapped_out": host.swapped_out_seqs,
                 "host_prefix_hit_tokens": host.hit_tokens, "kv_bytes_to_host": host.blocks_to_host * per_block,
-                "kv_bytes_to_device": host.blocks_to_device * per_block}
+                "kv_bytes_to_device": host.blocks_to_device * per_block,
+                "spec_num_proposed": self.spec_stats.num_proposed, "spec_num_accepted": self.spec_stats.num_accepted,
+                "spec_acceptance_rate": self.spec_stats.acceptance_rate,
+                "spec_mean_tokens_per_step": self.spec_stats.mean_tokens_per_step}
 
 
 def _split(batch: ScheduledBatch, copies: list[tuple[int, int]], parts: int
            ) -> list[tuple[ScheduledBatch, list[tuple[int, int]]]]:
-    """Up to ``parts`` runs of consecutive sequences, each with the block copies into its own blocks."""
+    """Up to ``parts`` runs of consecutive sequences, each with the block copies into its own blocks
+    (and the batch's speculative proposals, keyed by sequence)."""
     size = cdiv(len(batch.seqs), min(parts, len(batch.seqs)))
     out = []
     for start in range(0, len(batch.seqs), size):
-        part = ScheduledBatch(batch.seqs[start:start + size], batch.num_new_tokens[start:start + size])
+        part = ScheduledBatch(batch.seqs[start:start + size], batch.num_new_tokens[start:start + size],
+                              lookahead=batch.lookahead, proposals=batch.proposals)
         blocks = {block for seq in part.seqs for block in seq.block_table}
         out.append((part, [(src, dst) for src, dst in copies if dst in blocks]))
     return out

@@ -47,6 +47,8 @@ from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
 from pagellm.model.layers import LinearMethod, RotaryEmbedding, dense_everywhere
 from pagellm.model.offload import LayerOffload
+from pagellm.model.layers import LinearMethod, dense_everywhere
+from pagellm.spec.verify import verify
 from pagellm.utils.math import cdiv
 from pagellm.utils.units import parse_bytes
 
@@ -208,7 +210,10 @@ class ModelRunner:
             scored = self._score(hidden, step.scoring) if step.scoring is not None else None
         if not step.sampling.params:
             return StepOutput([[] for _ in step.num_logits], scored=scored)
-        draws = sample(logits, SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device))
+        tensors = SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device)
+        draws = sample(logits, tensors)
+        if step.verification is not None:
+            return replace(verify(logits, tensors, draws, step.num_logits, step.verification), scored=scored)
         return replace(StepOutput.from_rows(draws, step.num_logits), scored=scored)
 
     def _carried(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -193,22 +193,34 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     return SamplerOutput(tokens.tolist(), chosen.tolist(), top)
 
 
-def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, ...]:
-    """(tokens, their log-probabilities, top log-probabilities, their ids) of
-    some rows; the last three None when not asked for."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if t.wants_logprobs else None
+def sampling_probs(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution each row samples from: (the logits after mask and
+    penalties, whose argmax is the greedy token; the probabilities after
+    temperature and filters too, not renormalised, None when every row is greedy)."""
     if t.token_bitmask is not None:
         logits = logits.masked_fill(~allowed_tokens(t.token_bitmask, logits.shape[-1]), float("-inf"))
     if t.needs_penalties:
         logits = apply_penalties(logits, t)
-    tokens = logits.argmax(dim=-1)
-    if not t.all_greedy:
-        temperature = t.temperature.clamp_min(1e-5)[:, None]
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if t.needs_filtering:
-            probs = filter_probs(probs, t)
-        drawn = (probs / exponential_noise(t.row_keys, logits.shape[-1])).argmax(dim=-1)
-        tokens = torch.where(t.temperature == 0, tokens, drawn)
+    if t.all_greedy:
+        return logits, None
+    probs = torch.softmax(logits / t.temperature.clamp_min(1e-5)[:, None], dim=-1)
+    return logits, filter_probs(probs, t) if t.needs_filtering else probs
+
+
+def draw(greedy: torch.Tensor, probs: torch.Tensor | None, t: SamplingTensors) -> torch.Tensor:
+    """One token per row: the greedy one for temperature 0, else the Gumbel-max draw with the row's keys."""
+    if probs is None:
+        return greedy
+    drawn = (probs / exponential_noise(t.row_keys, probs.shape[-1])).argmax(dim=-1)
+    return torch.where(t.temperature == 0, greedy, drawn)
+
+
+def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, ...]:
+    """(tokens, their log-probabilities, top log-probabilities, their ids) of
+    some rows; the last three None when not asked for."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if t.wants_logprobs else None
+    logits, probs = sampling_probs(logits, t)
+    tokens = draw(logits.argmax(dim=-1), probs, t)
     if raw_logprobs is None:
         return tokens, None, None, None
     chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)

@@ -27,6 +27,13 @@ otherwise (a short context, a full host pool) it recomputes. The copies are
 queued in the block manager's host pool for the next step; a step that
 preempts admits no one, so no step both swaps a sequence out and one in.
 
+Speculative decoding (``num_lookahead > 0``): a decoding sequence also gets
+slots for up to ``num_lookahead`` proposed tokens (``ScheduledBatch.lookahead``),
+counted against the budget, only while at most ``lookahead_max_seqs`` sequences
+run and only when the pool has room: a proposal never preempts anyone. The
+slots are allocated but never published to the prefix cache; those of rejected
+tokens are given back after the step (``BlockManager.release_unverified``).
+
 The waiting queue is keyed by sequence id (an ordered dict), so finishing or
 aborting any sequence costs O(1) wherever it is queued.
 """
@@ -34,9 +41,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from pagellm.spec.proposal import Proposal
 
 
 @dataclass
@@ -45,6 +56,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     swap_min_tokens: int = 512    # a preempted sequence with this many computed tokens swaps, when it can
+    num_lookahead: int = 0              # speculative decoding: proposed tokens per decoding sequence
+    lookahead_max_seqs: int = 0         # ... only while at most this many sequences run
 
 
 @dataclass
@@ -52,6 +65,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    lookahead: dict[Sequence, int] = field(default_factory=dict)         # slots reserved for proposed tokens
+    proposals: dict[Sequence, Proposal] = field(default_factory=dict)   # filled by a proposer before the step
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.seqs.append(seq)
@@ -99,18 +114,34 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, num_tokens):
-                if self.running[-1] is not seq:
+            lookahead = self._lookahead(seq, budget - num_tokens)
+            while not self.block_manager.can_allocate(seq, num_tokens + lookahead):
+                if lookahead:   # no room to speculate: decode plainly, preempt no one for a proposal
+                    lookahead = 0
+                elif self.running[-1] is not seq:
                     self._preempt(self.running.pop(), batch)
                 elif not self._drop_waiting_forks():
                     self._preempt(self.running.pop(), batch)
                     break
             else:
-                self.block_manager.allocate(seq, num_tokens)
+                self.block_manager.allocate(seq, num_tokens, lookahead)
                 batch.add(seq, num_tokens)
-                budget -= num_tokens
+                if lookahead:
+                    batch.lookahead[seq] = lookahead
+                budget -= num_tokens + lookahead
                 index += 1
         return budget
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Slots for proposed tokens: only for a decode (one token left to
+        compute) without a grammar, and never past ``max_tokens`` or
+        ``max_model_len`` (the verified step adds up to lookahead + 1 tokens)."""
+        c = self.config
+        if (not c.num_lookahead or len(self.running) > c.lookahead_max_seqs or seq.num_uncomputed_tokens != 1
+                or seq.grammar is not None):
+            return 0
+        return max(0, min(c.num_lookahead, budget, seq.params.max_tokens - seq.num_output_tokens - 1,
+                          c.max_model_len - seq.num_tokens - 1))
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

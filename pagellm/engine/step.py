@@ -16,7 +16,11 @@ token ``t``'s K/V go. Sequence ``b`` wants logits for its last
 ``num_logits[b]`` tokens: 0 for a prompt chunk that is not the last, 1 for a
 decode or a prompt's last chunk, k+1 when k proposed tokens are verified.
 ``logits_indices`` lists those rows of the flat batch, sequence by sequence,
-and ``sampling`` describes each of them. Separately, ``scoring`` names the
+and ``sampling`` describes each of them. A sequence verifying proposed tokens
+(``verification``) feeds its last token and the k proposals at the next
+positions; its row ``i`` samples output position ``num_output_tokens + i`` as
+if the first ``i`` proposals were already its own (noise keys, penalties), and
+it gets back the accepted proposals plus one token of the target's own. Separately, ``scoring`` names the
 rows whose logits score the prompt's own next tokens (prompt log-probs): the
 worker reports the log-probability of each target token, its rank and the top
 ones, and samples nothing there.
@@ -50,6 +54,16 @@ class StepInput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     scoring: PromptScoring | None = None
+    verification: Verification | None = None
+
+
+@dataclass
+class Verification:
+    """Proposed tokens to verify, per sequence of the step (``[]``: none), and
+    for a sampled proposal the draft distribution each was drawn from (``[k, V]``
+    float32; None: a proposal drawn greedily or not drawn, as n-gram lookup)."""
+    proposed: list[list[int]]
+    draft_probs: list[torch.Tensor | None]
 
 
 @dataclass
@@ -121,20 +135,28 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     seq_lens: list[int] = []
     num_logits: list[int] = []
     logits_indices: list[int] = []
-    sampled = []
+    sampled, drafts = [], []
     scored = _ScoredRows()
+    verification = Verification([], []) if batch.proposals else None
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         scored.add(seq, start, end, first_row=len(input_ids))
-        input_ids.extend(seq.token_ids[start:end])
+        proposal = batch.proposals.get(seq)
+        proposed = proposal.token_ids if proposal is not None else []
+        input_ids.extend(seq.token_ids[start:end] + proposed)
+        end += len(proposed)
         positions.extend(range(start, end))
         slots.extend(slot_range(seq.block_table, block_size, start, end))
-        query_start.append(query_start[-1] + n)
+        query_start.append(query_start[-1] + end - start)
         seq_lens.append(end)
-        rows = 1 if end == seq.num_tokens else 0
+        rows = 1 + len(proposed) if end == seq.num_tokens + len(proposed) else 0
         num_logits.append(rows)
         logits_indices.extend(range(len(input_ids) - rows, len(input_ids)))
         sampled.extend([seq] * rows)
+        drafts.extend(proposed[:i] for i in range(rows))
+        if verification is not None:
+            verification.proposed.append(proposed)
+            verification.draft_probs.append(proposal.probs if proposal is not None else None)
     width = max(len(s.block_table) for s in batch.seqs)
     tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
 
@@ -144,12 +166,13 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     attention = AttentionMetadata(
         query_start_loc=tensor(query_start, torch.int32), seq_lens=tensor(seq_lens, torch.int32),
         block_tables=tensor(tables, torch.int32), slot_mapping=tensor(slots, torch.int64),
-        max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens))
+        max_query_len=max(b - a for a, b in zip(query_start, query_start[1:])), max_seq_len=max(seq_lens))
     return StepInput(input_ids=tensor(input_ids, torch.int64), positions=tensor(positions, torch.int64),
                      attention=attention, num_logits=num_logits,
-                     logits_indices=tensor(logits_indices, torch.int64), sampling=sampling_metadata(sampled),
-                     block_copies=block_copies, swap_out=swaps[0], swap_in=swaps[1],
-                     scoring=scored.request(tensor))
+                     logits_indices=tensor(logits_indices, torch.int64),
+                     sampling=sampling_metadata(sampled, drafts), block_copies=block_copies,
+                     swap_out=swaps[0], swap_in=swaps[1], scoring=scored.request(tensor),
+                     verification=verification)
 
 
 @dataclass
@@ -189,15 +212,17 @@ def slot_range(block_table: list[int], block_size: int, start: int, end: int) ->
     return slots
 
 
-def sampling_metadata(seqs: list[Sequence]) -> SamplingMetadata:
-    """One row per sequence that samples its next token (greedy rows need no noise keys)."""
+def sampling_metadata(seqs: list[Sequence], drafts: list[list[int]] | None = None) -> SamplingMetadata:
+    """One row per sequence that samples its next token (greedy rows need no
+    noise keys); ``drafts[row]``: proposed tokens that row samples after."""
+    drafts = drafts or [[] for _ in seqs]
     params = [s.params for s in seqs]
-    keys = [] if all(p.greedy for p in params) else [row_keys(s.seed, s.sample_index, s.num_output_tokens)
-                                                      for s in seqs]
+    keys = [] if all(p.greedy for p in params) else [
+        row_keys(s.seed, s.sample_index, s.num_output_tokens + len(d)) for s, d in zip(seqs, drafts)]
     meta = SamplingMetadata(params, keys)
     if any(p.has_penalties for p in params):
         meta.prompt_token_ids = [s.prompt_token_ids for s in seqs]
-        meta.output_token_ids = [s.output_token_ids for s in seqs]
+        meta.output_token_ids = [s.output_token_ids + d for s, d in zip(seqs, drafts)]
     if any(s.grammar is not None for s in seqs):
         meta.token_bitmask = token_bitmask([s.grammar for s in seqs])
     return meta

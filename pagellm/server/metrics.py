@@ -24,6 +24,23 @@ _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20
                 120.0, 240.0, 480.0, 960.0, 1920.0)
 
 
+# The host KV tier and speculative decoding: (metric name, family, key of the engine's stats, help).
+_FEATURE_METRICS = (
+    ("num_swapped_out", CounterMetricFamily, "num_swapped_out", "Preempted sequences swapped to the host KV pool."),
+    ("host_prefix_cache_hit_tokens", CounterMetricFamily, "host_prefix_hit_tokens",
+     "Prompt tokens restored from the host prefix-cache tier instead of recomputed."),
+    ("kv_bytes_to_host", CounterMetricFamily, "kv_bytes_to_host", "KV bytes copied from the device to the host pool."),
+    ("kv_bytes_to_device", CounterMetricFamily, "kv_bytes_to_device",
+     "KV bytes copied from the host pool to the device."),
+    ("spec_decode_num_draft_tokens", CounterMetricFamily, "spec_num_proposed", "Proposed tokens verified."),
+    ("spec_decode_num_accepted_tokens", CounterMetricFamily, "spec_num_accepted", "Proposed tokens accepted."),
+    ("spec_decode_acceptance_rate", GaugeMetricFamily, "spec_acceptance_rate",
+     "Fraction of proposed tokens accepted (0 without speculation)."),
+    ("spec_decode_mean_tokens_per_step", GaugeMetricFamily, "spec_mean_tokens_per_step",
+     "Tokens a verifying sequence gains per step: accepted proposals + 1."),
+)
+
+
 @dataclass
 class RequestProgress:
     """What the latency metrics remember about one engine request."""
@@ -56,17 +73,8 @@ class _EngineStatsCollector(Collector):
                                 value=s["prefix_cache_hit_rate"])
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (their KV blocks freed).",
                                   value=s["num_preemptions"])
-        for name, key, help_text in _HOST_TIER_COUNTERS:
-            yield CounterMetricFamily(PREFIX + name, help_text, value=s[key])
-
-
-_HOST_TIER_COUNTERS = (   # (metric, engine stats key, help)
-    ("num_swapped_out", "num_swapped_out", "Preempted sequences swapped to the host KV pool."),
-    ("host_prefix_cache_hit_tokens", "host_prefix_hit_tokens",
-     "Prompt tokens restored from the host prefix-cache tier instead of recomputed."),
-    ("kv_bytes_to_host", "kv_bytes_to_host", "KV bytes copied from the device to the host pool."),
-    ("kv_bytes_to_device", "kv_bytes_to_device", "KV bytes copied from the host pool to the device."),
-)
+        for name, family, key, doc in _FEATURE_METRICS:
+            yield family(PREFIX + name, doc, value=s[key])
 
 
 class ServerMetrics:
