@@ -66,6 +66,17 @@ def test_forced_swaps_give_unpressured_greedy_tokens(tiny_llama, reference, pref
     assert bm.num_free_blocks == bm.num_blocks and bm.host.num_held == 0
 
 
+def test_forced_swaps_with_speculation_give_unpressured_greedy_tokens(tiny_llama, reference):
+    """Lookahead slots beside swapped blocks: n-gram proposals on sequences that swap out and back."""
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
+              swap_space=1 << 20, swap_min_tokens=1, speculative_method="ngram", speculative_max_batch=64)
+    assert tokens(llm, prompts(6, 20)) == reference["swap"]
+    stats = llm.engine.stats()
+    assert stats["num_swapped_out"] > 0 and stats["spec_num_proposed"] > 0
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and bm.host.num_held == 0
+
+
 def test_full_host_pool_falls_back_to_recompute(tiny_llama, reference):
     llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
               swap_space=6 * 2048, swap_min_tokens=1, enable_prefix_caching=False)
