@@ -18,6 +18,7 @@ from dataclasses import Field, dataclass, field, fields
 
 import torch
 
+from pagellm.kernels.kv_quant import KV_CACHE_DTYPES, kv_format
 from pagellm.quant import check_quantization
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -42,6 +43,9 @@ class EngineConfig:
               "int4-awq (int4 with AWQ scales from a calibration pass), w8a8 (SmoothQuant int8 weights and "
               "activations), gguf (a GGUF file's own blocks), auto (gguf for a GGUF file); default: the stored "
               "format of a checkpoint written by `pagellm quantize`, else none")
+    kv_cache_dtype: str = _setting(
+        "auto", "how the KV cache stores K and V: auto (the model dtype), int8 or fp8 (e4m3; GPUs of compute "
+                "capability 8.9+), each with one fp16 scale per token per KV head", choices=KV_CACHE_DTYPES)
     device: str = _setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     block_size: int = _setting(16, "tokens per KV-cache block, a power of two")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (overrides --kv-cache-memory and "
@@ -68,6 +72,7 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check_quantization(self.quantization)   # a clear error now rather than after loading
+        kv_format(self.kv_cache_dtype)
 
     @property
     def torch_device(self) -> torch.device:

@@ -228,11 +228,14 @@ def _measure(args: argparse.Namespace, b: MemoryBreakdown):
     """The engine's own memory report for the same model, batch, context and dtype, from
     ``args.measure_engine`` (EngineConfig fields -> the engine's ``MemoryReport``), which
     ``pagellm.cli`` hands over: the analyzer never imports the engine."""
-    if b.precision.kv_bits < 16 or args.tp != 1:
-        raise ValueError("--measure runs the engine with a 16-bit KV cache on one device: drop --kv-bits/--tp")
+    if b.precision.kv_bits < 8 or args.tp != 1:
+        raise ValueError("--measure runs the engine with a 16- or 8-bit KV cache on one device: "
+                         "drop --kv-bits 4/--tp")
     if args.measure_engine is None:
         raise ValueError("--measure needs the engine (pagellm.engine), which this installation lacks")
-    return args.measure_engine(**_engine_settings(args, b), quantization=_weight_format(b.precision))
+    kv_cache_dtype = "int8" if b.precision.kv_bits == 8 else "auto"   # int8 and fp8 take the same bytes
+    return args.measure_engine(**_engine_settings(args, b), quantization=_weight_format(b.precision),
+                               kv_cache_dtype=kv_cache_dtype)
 
 
 def _weight_format(p: Precision) -> str:

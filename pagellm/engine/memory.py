@@ -41,6 +41,7 @@ class MemoryReport:
     max_model_len: int
     activation_measured: bool
     fused_attention: bool       # the attention backend never materialises the score matrix
+    kv_cache_dtype: str = "auto"
 
     @property
     def kv_tokens(self) -> int:
@@ -52,8 +53,9 @@ class MemoryReport:
 
     def summary(self) -> str:
         how = "measured" if self.activation_measured else "estimated"
+        kv = "" if self.kv_cache_dtype == "auto" else f" {self.kv_cache_dtype}"
         return (f"memory: weights {format_bytes(self.weights_bytes)}, activations {format_bytes(self.activation_bytes)}"
-                f" ({how}), KV pool {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
+                f" ({how}), KV pool{kv} {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
                 f" = {self.kv_tokens} tokens), max concurrency at {self.max_model_len} tokens: "
                 f"{self.max_concurrency:.2f}")
 

@@ -30,6 +30,7 @@ from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan
 from pagellm.engine.sampler import SamplingTensors, sample, score_tokens
 from pagellm.engine.step import PromptScoring, ScoredToken, StepInput, StepOutput
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
+from pagellm.kernels.kv_quant import check_kv_cache_dtype
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
@@ -48,9 +49,11 @@ class ModelRunner:
         self.device = engine.torch_device
         self.dtype = engine.torch_dtype
         self.max_model_len = max_model_len
-        self.model = build_model(model_config, self.dtype, self.device, weights, linear_method)
+        check_kv_cache_dtype(engine.kv_cache_dtype, self.device)   # before any weight is read
+        self.model = build_model(model_config, self.dtype, self.device, weights, linear_method,
+                                 smooth_keys=engine.kv_cache_dtype != "auto")
         self.backend = get_attention_backend(engine.attention_backend, self.device)
-        self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size)
+        self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size, engine.kv_cache_dtype)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.kv_cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -82,7 +85,8 @@ class ModelRunner:
         self.kv_cache = KVCache(self.kv_spec, num_blocks, self.device)
         self.memory = MemoryReport(self.weights_bytes, activation_bytes, self.kv_cache.nbytes,
                                    self.kv_spec.bytes_per_token, num_blocks, self.kv_spec.block_size,
-                                   self.max_model_len, activation_measured, self.backend.fused)
+                                   self.max_model_len, activation_measured, self.backend.fused,
+                                   self.engine.kv_cache_dtype)
         self.graphs = self._capture_graphs()
         return num_blocks
 
