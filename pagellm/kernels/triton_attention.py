@@ -29,6 +29,14 @@ need not line up with the cache's blocks and any power-of-two block size works.
 Numbers: fp32 accumulation, scores in the log2 domain (``exp2``), fp16 or bf16
 inputs. Head dims must be powers of two (64 and 128 are checked on device).
 
+Quantized cache (``kernels.kv_quant``: int8 or fp8 codes, one fp16 scale per
+token per KV head in ``[num_blocks, Hkv, block_size]``): the write kernel
+quantizes each token's head vector as it stores it; the attention kernels load
+the code tile and convert it to the query dtype (exact: int8 and e4m3 values
+fit bf16 and fp16), apply the K scales to the score vector ``q . code`` (one
+multiply per key, not per element) and fold the V scales into the
+probabilities before ``P @ V``. No float copy of the cache is made.
+
 CUDA graphs: the decode path launches with a grid fixed by the batch size and
 the split count, and the split count depends only on (batch size, Hkv,
 ``meta.max_seq_len``, the device's SM count). The engine pads
@@ -46,6 +54,7 @@ import triton.language as tl
 
 from pagellm.kernels import triton_ops
 from pagellm.kernels.attention import AttentionMetadata, LayerKVCache
+from pagellm.kernels.kv_quant import SCALE_DTYPE, SCALE_MIN, format_of
 
 LOG2_E = 1.4426950408889634
 # Stands in for "no sliding window": larger than any sequence, small enough
@@ -54,6 +63,7 @@ NO_WINDOW = 1 << 30
 # Initial running max: finite, so a row whose keys are all masked in a tile
 # gets exp2(-inf - NEG_BIG) = 0 rather than NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
+MIN_SCALE = tl.constexpr(SCALE_MIN)
 
 MIN_GROUP_ROWS = 16            # tl.dot needs at least 16 rows
 DECODE_BLOCK_N = 64            # keys per decode tile
@@ -76,12 +86,32 @@ WRITE_KV_NUM_WARPS = 4
 # --------------------------------------------------------------------------- write_kv
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _store_head_vectors(src_ptr, cache_ptr, scale_ptr, dst, scale_dst, head_ok,
+                        QUANT: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """Store ``[HEADS_PAD, D]`` vectors; quantized: codes (rounded to integers
+    when ``ROUND``: int8) and one fp16 scale per head."""
+    mask = head_ok[:, None]
+    x = tl.load(src_ptr, mask=mask, other=0.0)
+    if QUANT:
+        xf = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(xf), axis=1) / QMAX, MIN_SCALE).to(tl.float16)
+        tl.store(scale_ptr + scale_dst, scale, mask=head_ok)
+        xf = xf / scale.to(tl.float32)[:, None]
+        if ROUND:
+            xf = tl.where(xf >= 0, tl.floor(xf + 0.5), -tl.floor(0.5 - xf))
+        x = tl.minimum(tl.maximum(xf, -QMAX), QMAX)
+    tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cache_block, stride_cache_token, stride_cache_head,
+                     stride_scale_block, stride_scale_head,
                      block_size, num_kv_heads,
-                     HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program per token: copy its ``[Hkv, D]`` K and V into slot ``slot_mapping[t]``."""
+                     HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                     ROUND: tl.constexpr):
+    """One program per token: store its ``[Hkv, D]`` K and V into slot ``slot_mapping[t]``."""
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot < 0:
@@ -90,31 +120,47 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     offset = slot % block_size
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HEAD_DIM)
-    mask = (heads < num_kv_heads)[:, None]
-    src_k = k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :]
-    src_v = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+    head_ok = heads < num_kv_heads
     dst = block * stride_cache_block + offset * stride_cache_token + heads[:, None] * stride_cache_head + dims[None, :]
-    k = tl.load(src_k, mask=mask)
-    v = tl.load(src_v, mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    scale_dst = block * stride_scale_block + heads * stride_scale_head + offset
+    _store_head_vectors(k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], k_cache_ptr,
+                        k_scale_ptr, dst, scale_dst, head_ok, QUANT=QUANT, QMAX=QMAX, ROUND=ROUND)
+    _store_head_vectors(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], v_cache_ptr,
+                        v_scale_ptr, dst, scale_dst, head_ok, QUANT=QUANT, QMAX=QMAX, ROUND=ROUND)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter ``k, v [T, Hkv, D]`` into the paged caches; slot -1 writes nothing."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Scatter ``k, v [T, Hkv, D]`` into the paged caches, quantized when they
+    hold a ``kv_quant`` format (scales into ``k_scale``, ``v_scale``); slot -1
+    writes nothing."""
     num_tokens, num_kv_heads, head_dim = k.shape
     _check_cache_layout(k_cache, v_cache)
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     if num_tokens == 0:
         return
+    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, *scales, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scales[0].stride(0), scales[0].stride(1),
         k_cache.shape[1], num_kv_heads,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        num_warps=WRITE_KV_NUM_WARPS)
+        QUANT=fmt is not None, QMAX=fmt.qmax if fmt is not None else 0.0,
+        ROUND=fmt is not None and fmt.storage == torch.int8, num_warps=WRITE_KV_NUM_WARPS)
+
+
+def _quant_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
+    """(the cache's ``kv_quant`` format or None, (k scales, v scales) or stand-ins for a float cache)."""
+    fmt = format_of(k_cache.dtype)
+    if fmt is None:
+        stand_in = torch.empty(1, 1, 1, dtype=SCALE_DTYPE, device=k_cache.device)
+        return None, (stand_in, stand_in)
+    assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
+    assert k_scale.stride(2) == 1, "a head's scales must be contiguous within a block"
+    return fmt, (k_scale, v_scale)
 
 
 # --------------------------------------------------------------------------- shared tile step
@@ -123,13 +169,15 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window, scale_log2,
                      k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                      block_size, stride_cache_block, stride_cache_token,
-                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+                     k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr):
     """One online-softmax step of rows ``q [M, D]`` (at positions ``q_pos [M]``)
     over keys ``key_start .. key_start + BLOCK_N - 1``.
 
     Unmasked tiles must lie wholly inside every row's causal window. Masked
     tiles read only keys in ``[key_lo, key_hi)`` (cache slots outside it may
     hold anything, NaN included) and apply ``pos - window < key <= pos``.
+    Quantized (``QUANT``): K and V are codes with per-key scales.
     """
     keys = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -145,7 +193,17 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
 
-    scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    if QUANT:
+        scale_offsets = block * stride_scale_block + scale_head_offset + keys % block_size
+        if MASKED:
+            k_scale = tl.load(k_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
+            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
+        else:
+            k_scale = tl.load(k_scale_ptr + scale_offsets)
+            v_scale = tl.load(v_scale_ptr + scale_offsets)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale.to(tl.float32) * scale_log2)[None, :]
+    else:
+        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
     if MASKED:
         visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] > q_pos[:, None] - window)
         visible = visible & in_seq[None, :]
@@ -160,21 +218,26 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
         v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + kv_offsets)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    if QUANT:
+        acc = acc * alpha[:, None] + tl.dot((p * v_scale.to(tl.float32)[None, :]).to(q.dtype), v.to(q.dtype))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, l_i, m_new
 
 
 # --------------------------------------------------------------------------- decode
 
 @triton.jit(do_not_specialize=["window", "num_splits", "group_size", "stride_bt"])
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                   block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                    out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
                    scale_log2, window, num_splits, group_size,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
+                   stride_scale_block, stride_scale_head,
                    block_size,
                    GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WRITE_OUTPUT: tl.constexpr):
+                   WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr):
     """Program (b, kv_head, split): attention of sequence b's decode token, for all
     query heads of ``kv_head``, over the split's run of keys.
 
@@ -216,7 +279,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
             acc, l_i, m_i, q, q_pos, key_start, start, end, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
+            k_scale_ptr, v_scale_ptr, kv_head * stride_scale_head, stride_scale_block,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if WRITE_OUTPUT:
@@ -270,7 +334,8 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: i
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float, sliding_window: int | None, out: torch.Tensor,
                      num_splits: int | None = None, block_n: int = DECODE_BLOCK_N,
-                     num_warps: int = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES) -> None:
+                     num_warps: int = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Write ``out`` rows of the sequences whose query length is 1 (others untouched)."""
     _, num_heads, head_dim = q.shape
     num_seqs = meta.num_seqs
@@ -287,15 +352,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     window = NO_WINDOW if sliding_window is None else sliding_window
+    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        q, k_cache, v_cache, *scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, part_max, part_sum, part_out,
         scale * LOG2_E, window, num_splits, group_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        scales[0].stride(0), scales[0].stride(1),
         k_cache.shape[1],
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, WRITE_OUTPUT=write_output,
+        BLOCK_N=block_n, WRITE_OUTPUT=write_output, QUANT=fmt is not None,
         num_warps=num_warps, num_stages=num_stages)
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -321,12 +388,14 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["window", "num_seqs", "group_size", "stride_bt"])
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                     out_ptr, scale_log2, window, num_seqs, group_size,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
+                    stride_scale_block, stride_scale_head,
                     block_size,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """Program (tile, head): ``BLOCK_M`` queries of one sequence (query_len > 1)
     against its cached keys, FlashAttention-2 style."""
     # Last tiles first: they see the most keys, so the long programs start early.
@@ -368,24 +437,28 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_offset = kv_head * stride_cache_head
+    scale_head_offset = kv_head * stride_scale_head
     for key_start in range(lo, mid_lo, BLOCK_N):          # window edge
         acc, l_i, m_i = _attend_key_tile(
             acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
+            k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT)
     for key_start in range(mid_lo, mid_hi, BLOCK_N):      # inside the band
         acc, l_i, m_i = _attend_key_tile(
             acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=False)
+            k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=False, QUANT=QUANT)
     for key_start in range(mid_hi, hi, BLOCK_N):          # causal diagonal
         acc, l_i, m_i = _attend_key_tile(
             acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True)
+            k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -395,20 +468,23 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float, sliding_window: int | None, out: torch.Tensor,
                       block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
-                      num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES) -> None:
+                      num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Write ``out`` rows of the sequences whose query length is > 1 (others untouched)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = meta.num_seqs
     group_size = num_heads // k_cache.shape[2]
     window = NO_WINDOW if sliding_window is None else sliding_window
     grid = (num_tokens // block_m + num_seqs, num_heads)
+    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        q, k_cache, v_cache, *scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, scale * LOG2_E, window, num_seqs, group_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        scales[0].stride(0), scales[0].stride(1),
         k_cache.shape[1],
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QUANT=fmt is not None,
         num_warps=num_warps, num_stages=num_stages)
 
 
@@ -428,7 +504,7 @@ class TritonAttention:
     fused = True
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
-        write_kv(k, v, cache.k, cache.v, slot_mapping)
+        write_kv(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
 
     def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None) -> torch.Tensor:
@@ -446,9 +522,10 @@ class TritonAttention:
         _check_cache_layout(k_cache, v_cache)
         assert q.stride(2) == 1, "head_dim must be contiguous in q"
         out = torch.empty_like(q)
-        decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, out)
+        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)
+        decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, out, **scales)
         if meta.max_query_len > 1:
-            prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window, out)
+            prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window, out, **scales)
         return out
 
 
