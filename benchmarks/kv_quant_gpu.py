@@ -48,6 +48,7 @@ from pagellm.kernels.kv_quant import KV_FORMATS, SCALE_DTYPE, quantize  # noqa: 
 from pagellm.kernels.torch_attention import paged_attention, write_kv_cache  # noqa: E402
 
 CFG = kb.LLAMA3_8B
+SAVE = [lambda: None]    # main's save(): called after every row, so a run cut short keeps what it measured
 
 
 def quant_cache(num_blocks, block_size, kv_heads, head_dim, storage, device, gen=None):
@@ -136,6 +137,7 @@ class Pool:
 
 
 def time_decode(pool, batch, ctx, copy_bw, **kwargs):
+    """One layer's decode attention (graph replays); ``kwargs``: tiling overrides."""
     metas = pool.metas(batch, ctx)
     q = torch.randn(batch, CFG["num_heads"], CFG["head_dim"], dtype=torch.bfloat16, device=pool.device)
     out = torch.empty_like(q)
@@ -158,24 +160,41 @@ def time_prefill(storage, device, batch=8, q_len=2048):
     return dict(batch=batch, q_len=q_len, ms=ms, TFLOPs=flops / (ms * 1e-3) / 1e12)
 
 
+def tune(pool, copy_bw, results):
+    """int8 decode at 64 x 4k: the tile's load order and operand order, then tiles,
+    warps, stages and programs per SM around the best; sets ``ta.QUANT_DECODE``."""
+    def timed(**t):
+        try:
+            row = dict(kernel="sweep int8", **time_decode(pool, 64, 4096, copy_bw, **t))
+        except Exception as exc:   # e.g. out of shared memory
+            row = dict(kernel="sweep int8", **t, error=repr(exc)[:200])
+        results.append(row)
+        return row.get("us", float("inf"))
+
+    best = min(((timed(**(ta.QUANT_DECODE | dict(v_early=ve, k_as_a=ka))), dict(v_early=ve, k_as_a=ka))
+                for ve in (False, True) for ka in (False, True)), key=lambda r: r[0])[1]
+    grid = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pp)
+            for bn in (64, 128) for w in (4, 8) for st in (2, 3) for pp in (4, 8, 16)]
+    us, tiling = min(((timed(**(best | g)), g) for g in grid), key=lambda r: r[0])
+    ta.QUANT_DECODE.update(best | tiling)
+    results.append(dict(kernel="tuned", us=us, **ta.QUANT_DECODE))
+    print(results[-1], flush=True)
+    SAVE[0]()
+
+
 def kernels(device, copy_bw, results, sweep):
-    for name, storage in (("bf16", None), ("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
-        pool = Pool(storage, 64 * 4096 * 4, 16, device)
+    pools = {name: Pool(storage, 64 * 4096 * 3, 16, device)
+             for name, storage in (("int8", torch.int8), ("bf16", None), ("fp8", torch.float8_e4m3fn))}
+    if sweep:
+        tune(pools["int8"], copy_bw, results)
+    for name, pool in pools.items():
         for batch, ctx in ((64, 4096), (256, 2048), (1, 32768)):
             results.append(dict(kernel=f"decode {name}", **time_decode(pool, batch, ctx, copy_bw)))
             print(results[-1], flush=True)
-        if sweep and name == "int8":
-            for block_n in (32, 64, 128):
-                for warps in (2, 4, 8):
-                    for stages in (2, 3, 4):
-                        try:
-                            results.append(dict(kernel="sweep int8", **time_decode(
-                                pool, 64, 4096, copy_bw, block_n=block_n, num_warps=warps, num_stages=stages)))
-                        except Exception as exc:   # e.g. out of shared memory
-                            results.append(dict(kernel="sweep int8", block_n=block_n, num_warps=warps,
-                                                num_stages=stages, error=repr(exc)[:200]))
-        del pool
-        torch.cuda.empty_cache()
+            SAVE[0]()
+    del pools
+    torch.cuda.empty_cache()
+    for name, storage in (("bf16", None), ("int8", torch.int8)):
         results.append(dict(kernel=f"prefill {name}", **time_prefill(storage, device)))
         print(results[-1], flush=True)
 
@@ -206,16 +225,18 @@ def engine_runs(results, dtypes):
     for kv in dtypes:
         results.append(run(kv, "decode 64 x 4096", "36GiB", [4096] * 64, 64, 64))
         print(results[-1], flush=True)
-    for kv in dtypes:
+        SAVE[0]()
+    for kv in dtypes[:2]:
         results.append(run(kv, "kv-limited 384 x 1536+128, 8 GiB pool", "8GiB", [1536] * 384, 128, 256))
         print(results[-1], flush=True)
+        SAVE[0]()
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sections", default="check,kernels,sweep,engine")
-    parser.add_argument("--engine-dtypes", default="auto,int8,fp8")
+    parser.add_argument("--engine-dtypes", default="auto,int8")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -242,6 +263,7 @@ def main():
         report.setdefault("section_seconds", {})[name] = round(time.perf_counter() - start, 1)
         save()
 
+    SAVE[0] = save
     if "check" in sections:
         section("check", check, device, device.type == "cpu")
     if device.type == "cuda":
@@ -262,10 +284,10 @@ def main():
                   f"{r['frac_copy_bw']:.2f} of copy  {base[(r['batch'], r['ctx'])] / r['us']:.2f}x bf16")
         elif r.get("kernel", "").startswith("prefill"):
             print(f"{r['kernel']:12} {r['TFLOPs']:.0f} TFLOP/s")
-    sweep = sorted((r for r in kern if r.get("kernel") == "sweep int8" and "us" in r), key=lambda r: r["us"])[:5]
-    for r in sweep:
-        print(f"sweep block_n={r['block_n']} warps={r['num_warps']} stages={r['num_stages']}: {r['us']:.1f} us "
-              f"{r['frac_copy_bw']:.2f} of copy")
+    sweep = sorted((r for r in kern if r.get("kernel") == "sweep int8" and "us" in r), key=lambda r: r["us"])
+    for r in sweep[:6] + sweep[-2:]:
+        print(f"sweep {({k: r.get(k) for k in ta.QUANT_DECODE})}: {r['us']:.1f} us {r['frac_copy_bw']:.2f} of copy")
+    print("tuned:", ta.QUANT_DECODE)
     for r in report["figures"].get("engine", []):
         print(r)
     print(f"copy bandwidth {report.get('copy_GBps', 0):.0f} GB/s")

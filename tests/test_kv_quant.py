@@ -196,3 +196,32 @@ def test_memory_measure_with_kv_bits_8_runs_the_int8_cache(model_dir, capsys):
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.head_dim + 2)
     assert out["memory"]["kv_bytes_per_token"] == out["measured"]["kv_bytes_per_token"] == per_token
     assert out["memory"]["kv_bytes"] == out["measured"]["kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("method", ["dense", "int8", "int4", "gguf-q8_0"])
+def test_scale_outputs_scales_each_output_channel_in_every_weight_format(method):
+    """Key smoothing's seam: ``Linear.scale_outputs(f)`` makes the layer compute
+    ``f * (x W^T + b)``, folded into dense/int8/int4 storage, applied after GGUF blocks."""
+    from gguf import GGMLQuantizationType, quantize as gguf_quantize
+    from pagellm.model.layers import DENSE, Linear
+    from pagellm.quant.methods import GGUFLinearMethod, Int4LinearMethod, Int8LinearMethod
+    from pagellm.model.gguf_loader import RawTensor
+
+    torch.manual_seed(0)
+    methods = {"dense": DENSE, "int8": Int8LinearMethod(), "int4": Int4LinearMethod(group_size=32),
+               "gguf-q8_0": GGUFLinearMethod([GGMLQuantizationType.Q8_0] * 2)}
+    layer = Linear(64, [8, 8], bias=True, method=methods[method], params_dtype=torch.float32)
+    weights = torch.randn(16, 64)
+    for shard in (0, 1):
+        rows = weights[shard * 8:(shard + 1) * 8]
+        if method.startswith("gguf"):
+            data = gguf_quantize(rows.numpy(), GGMLQuantizationType.Q8_0)
+            rows = RawTensor("w", "w", GGMLQuantizationType.Q8_0, tuple(rows.shape), data)
+        layer.weight_loaders["weight"](rows, shard)
+    layer.weight_loaders["bias"](torch.randn(16), None)
+    x = torch.randn(5, 64)
+    before = layer(x)
+    factors = torch.rand(16) * 4 + 0.1
+    layer.scale_outputs(factors)
+    torch.testing.assert_close(layer(x), before * factors, rtol=2e-3, atol=1e-4)
+    assert (layer.output_scale is None) == (method != "gguf-q8_0")

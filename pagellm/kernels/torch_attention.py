@@ -46,6 +46,8 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
             x, scale = quantize(x, fmt)
             block_size = pages.shape[1]
             scales[slot_mapping // block_size, :, slot_mapping % block_size] = scale
+            x = x.view(torch.int8)      # as raw bytes: CUDA has no index_copy_ for float8
+            pages = pages.view(torch.int8)
         pages.view(-1, *pages.shape[-2:]).index_copy_(0, slot_mapping, x.to(pages.dtype))
 
 

@@ -74,6 +74,9 @@ DECODE_NUM_STAGES = 3
 DECODE_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 64
 MAX_KV_SPLITS = 32
+# A quantized cache's decode: tiles, warps, stages and programs per SM of its own
+# (a tile carries half the bytes), from a sweep on an H200 (benchmarks/kv_quant_gpu.py).
+QUANT_DECODE = dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, v_early=True, k_as_a=True)
 
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 128
@@ -170,7 +173,8 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
                      k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                      block_size, stride_cache_block, stride_cache_token,
                      k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
-                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr):
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr,
+                     V_EARLY: tl.constexpr = True, K_AS_A: tl.constexpr = False):
     """One online-softmax step of rows ``q [M, D]`` (at positions ``q_pos [M]``)
     over keys ``key_start .. key_start + BLOCK_N - 1``.
 
@@ -194,14 +198,24 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
         k = tl.load(k_cache_ptr + kv_offsets)
 
     if QUANT:
+        # Codes and scales of K and V are all requested before any is used: the
+        # tile's loads overlap (no pipeliner stages keep them in flight here).
         scale_offsets = block * stride_scale_block + scale_head_offset + keys % block_size
         if MASKED:
             k_scale = tl.load(k_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
             v_scale = tl.load(v_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
+            if V_EARLY:
+                v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
         else:
             k_scale = tl.load(k_scale_ptr + scale_offsets)
             v_scale = tl.load(v_scale_ptr + scale_offsets)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale.to(tl.float32) * scale_log2)[None, :]
+            if V_EARLY:
+                v = tl.load(v_cache_ptr + kv_offsets)
+        if K_AS_A:
+            qk = tl.trans(tl.dot(k.to(q.dtype), tl.trans(q)))
+        else:
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)))
+        scores = qk * (k_scale.to(tl.float32) * scale_log2)[None, :]
     else:
         scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
     if MASKED:
@@ -214,10 +228,11 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
-    if MASKED:
-        v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
-    else:
-        v = tl.load(v_cache_ptr + kv_offsets)
+    if not (QUANT and V_EARLY):
+        if MASKED:
+            v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
+        else:
+            v = tl.load(v_cache_ptr + kv_offsets)
     if QUANT:
         acc = acc * alpha[:, None] + tl.dot((p * v_scale.to(tl.float32)[None, :]).to(q.dtype), v.to(q.dtype))
     else:
@@ -237,7 +252,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                    stride_scale_block, stride_scale_head,
                    block_size,
                    GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr):
+                   WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, V_EARLY: tl.constexpr,
+                   K_AS_A: tl.constexpr):
     """Program (b, kv_head, split): attention of sequence b's decode token, for all
     query heads of ``kv_head``, over the split's run of keys.
 
@@ -280,7 +296,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
             k_scale_ptr, v_scale_ptr, kv_head * stride_scale_head, stride_scale_block,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT)
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT, V_EARLY=V_EARLY, K_AS_A=K_AS_A)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if WRITE_OUTPUT:
@@ -319,13 +335,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                  programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
     """Splits per sequence for decode: the largest power of two that keeps the
     grid within about ``DECODE_PROGRAMS_PER_SM`` programs per SM (one wave at
     this kernel's occupancy), leaves no split shorter than ``MIN_KEYS_PER_SPLIT``
     keys of the longest sequence, and is at most ``MAX_KV_SPLITS``. On an H100
     (132 SMs, 8 KV heads): batch 1 -> 32, 8 -> 8, 64 and more -> 1 (fewer for short contexts)."""
-    wanted = max(DECODE_PROGRAMS_PER_SM * num_sms // max(num_seqs * num_kv_heads, 1), 1)
+    wanted = max(programs_per_sm * num_sms // max(num_seqs * num_kv_heads, 1), 1)
     by_length = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
     limit = min(wanted, by_length, MAX_KV_SPLITS)
     return 1 << (limit.bit_length() - 1)   # largest power of two <= limit
@@ -333,16 +350,22 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: i
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float, sliding_window: int | None, out: torch.Tensor,
-                     num_splits: int | None = None, block_n: int = DECODE_BLOCK_N,
-                     num_warps: int = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
-    """Write ``out`` rows of the sequences whose query length is 1 (others untouched)."""
+                     num_splits: int | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None, **tiling) -> None:
+    """Write ``out`` rows of the sequences whose query length is 1 (others untouched).
+    ``tiling`` overrides the defaults (``block_n``, ``num_warps``, ``num_stages``,
+    ``programs_per_sm``; quantized: ``QUANT_DECODE``)."""
     _, num_heads, head_dim = q.shape
     num_seqs = meta.num_seqs
     num_kv_heads = k_cache.shape[2]
     group_size = num_heads // num_kv_heads
+    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
+    t = (dict(QUANT_DECODE) if fmt is not None else
+         dict(block_n=DECODE_BLOCK_N, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+              programs_per_sm=DECODE_PROGRAMS_PER_SM, v_early=False, k_as_a=False)) | tiling
     if num_splits is None:
-        num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device.index or 0))
+        num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device.index or 0),
+                                   t["programs_per_sm"])
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     write_output = num_splits == 1
     if write_output:
@@ -352,7 +375,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     window = NO_WINDOW if sliding_window is None else sliding_window
-    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, *scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, part_max, part_sum, part_out,
@@ -362,8 +384,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scales[0].stride(0), scales[0].stride(1),
         k_cache.shape[1],
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, WRITE_OUTPUT=write_output, QUANT=fmt is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=t["block_n"], WRITE_OUTPUT=write_output, QUANT=fmt is not None, V_EARLY=t["v_early"],
+        K_AS_A=t["k_as_a"], num_warps=t["num_warps"], num_stages=t["num_stages"])
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             meta.query_start_loc, out, part_max, part_sum, part_out,
