@@ -27,7 +27,7 @@ BOUND = 0.005
 
 def test_int8_kv_cache_perplexity_within_half_a_percent_of_the_float_cache(qwen_gguf):
     llm = LLM(str(qwen_gguf), dtype="float32", kv_cache_dtype="int8", num_kv_blocks=TOKENS // 16 + 4,
-              max_model_len=TOKENS + 1)
+              max_model_len=TOKENS + 1, enable_prefix_caching=False)   # no block outlives the pool swap
     ids = llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)[:TOKENS]
     quantized = perplexity(llm, ids, TOKENS).perplexity
     runner = llm.engine.runner
