@@ -119,15 +119,15 @@ def test_forked_samples_read_their_copied_blocks(model_dir):
 def test_prefix_hits_and_beam_search_match_the_cache_off(model_dir):
     g = torch.Generator().manual_seed(0)
     system = torch.randint(3, 300, (37,), generator=g).tolist()
-    prompts = [system + torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (8,))]
-    prompts += prompts[:3]
+    prompts = [system + torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (6,))]
+    prompts += prompts[:2]
     kwargs = dict(dtype="float32", block_size=4, num_kv_blocks=60, max_num_batched_tokens=32, kv_cache_dtype="int8")
     on, off = LLM(str(model_dir), **kwargs), LLM(str(model_dir), enable_prefix_caching=False, **kwargs)
-    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in on.generate(prompts, greedy, use_tqdm=False)] == \
         [o.outputs[0].token_ids for o in off.generate(prompts, greedy, use_tqdm=False)]
     assert on.engine.block_manager.stats.hit_rate > 0.3
-    params = BeamSearchParams(beam_width=4, max_tokens=10)
+    params = BeamSearchParams(beam_width=3, max_tokens=6)
     (beams_on,), (beams_off,) = on.beam_search([prompts[0]], params), off.beam_search([prompts[0]], params)
     assert [s.tokens for s in beams_on.sequences] == [s.tokens for s in beams_off.sequences]
     assert [s.cum_logprob for s in beams_on.sequences] == pytest.approx([s.cum_logprob for s in beams_off.sequences],
@@ -223,5 +223,6 @@ def test_scale_outputs_scales_each_output_channel_in_every_weight_format(method)
     before = layer(x)
     factors = torch.rand(16) * 4 + 0.1
     layer.scale_outputs(factors)
-    torch.testing.assert_close(layer(x), before * factors, rtol=2e-3, atol=1e-4)
+    expected = before * factors     # int4 keeps its scales in fp16: each rounds by up to 2^-11
+    torch.testing.assert_close(layer(x), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
     assert (layer.output_scale is None) == (method != "gguf-q8_0")
