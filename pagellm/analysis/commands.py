@@ -45,7 +45,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128,
                    help="quantization group size along the input dim, -1 per channel (default 128)")
     p.add_argument("--kv-bits", type=int, choices=(16, 8, 4),
-                   help="bits of the KV cache elements (default 16, or the dtype's)")
+                   help="bits of the KV cache elements (default 16, or the dtype's); 8 and 4 add one fp16 "
+                        "scale per token per KV head (8: the engine's --kv-cache-dtype int8/fp8)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (figures are per GPU)")
 
 
