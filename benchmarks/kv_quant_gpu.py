@@ -16,7 +16,8 @@ Without a GPU, Triton's interpreter runs the checks on small fp16 int8 cases::
   K/V do not fit in L2; bandwidth counts the bytes the kernel reads (codes +
   scales + block tables + q) against the measured copy bandwidth. Prefill
   8 x 2048 TFLOP/s.
-* sweep: int8 decode at 64 x 4k over tile sizes, warps and stages.
+* sweep: int8 decode at 64 x 4k: load order, operand order and packed (int16)
+  loads, then tile sizes, warps, stages and programs per SM around the best.
 * engine: random Llama-3-8B, bf16 weights. (a) decode at batch 64 with 4,096-
   token prompts: decode-only steps' tokens/s; (b) the KV pool as the limit: 384
   requests of 1,536-token prompts + 128 output tokens in an 8 GiB pool, output
@@ -114,7 +115,14 @@ def check(device, quick, results):
             got = ta.TritonAttention().attend(q, cache, meta, dim ** -0.5, window)
             err = kb.rel_err(got, ref)
             results.append(dict(check=f"attention {name} window={window}", rel_err=err, ok=err < 1e-2))
-        print(results[-3:], flush=True)
+            # the packed decode loads (two codes an int16), on the decode rows
+            rows = (meta.query_start_loc[:-1][torch.tensor(query_lens) == 1]).long()
+            packed = torch.full_like(q, float("nan"))
+            ta.decode_attention(q, cache.k, cache.v, meta, dim ** -0.5, window, packed, k_scale=cache.k_scale,
+                                v_scale=cache.v_scale, packed=True)
+            err = kb.rel_err(packed[rows], ref[rows])
+            results.append(dict(check=f"packed decode {name} window={window}", rel_err=err, ok=err < 1e-2))
+        print(results[-5:], flush=True)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -171,8 +179,9 @@ def tune(pool, copy_bw, results):
         results.append(row)
         return row.get("us", float("inf"))
 
-    best = min(((timed(**(ta.QUANT_DECODE | dict(v_early=ve, k_as_a=ka))), dict(v_early=ve, k_as_a=ka))
-                for ve in (False, True) for ka in (False, True)), key=lambda r: r[0])[1]
+    best = min(((timed(**(ta.QUANT_DECODE | dict(v_early=ve, k_as_a=ka, packed=pk))),
+                 dict(v_early=ve, k_as_a=ka, packed=pk))
+                for ve in (False, True) for ka in (False, True) for pk in (False, True)), key=lambda r: r[0])[1]
     grid = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pp)
             for bn in (64, 128) for w in (4, 8) for st in (2, 3) for pp in (4, 8, 16)]
     us, tiling = min(((timed(**(best | g)), g) for g in grid), key=lambda r: r[0])

@@ -35,7 +35,10 @@ quantizes each token's head vector as it stores it; the attention kernels load
 the code tile and convert it to the query dtype (exact: int8 and e4m3 values
 fit bf16 and fp16), apply the K scales to the score vector ``q . code`` (one
 multiply per key, not per element) and fold the V scales into the
-probabilities before ``P @ V``. No float copy of the cache is made.
+probabilities before ``P @ V``. No float copy of the cache is made. The decode
+kernel can also read the codes two to an int16 (``QUANT_DECODE["packed"]``,
+unpacked in registers), so that its asynchronous copies move 16 bytes at a time
+as the bf16 kernel's do; it is off until a GPU sweep shows it pays.
 
 CUDA graphs: the decode path launches with a grid fixed by the batch size and
 the split count, and the split count depends only on (batch size, Hkv,
@@ -76,7 +79,8 @@ MIN_KEYS_PER_SPLIT = 64
 MAX_KV_SPLITS = 32
 # A quantized cache's decode: tiles, warps, stages and programs per SM of its own
 # (a tile carries half the bytes), from a sweep on an H200 (benchmarks/kv_quant_gpu.py).
-QUANT_DECODE = dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, v_early=True, k_as_a=True)
+QUANT_DECODE = dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, v_early=True, k_as_a=True,
+                    packed=False)
 
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 128
@@ -169,12 +173,26 @@ def _quant_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: to
 # --------------------------------------------------------------------------- shared tile step
 
 @triton.jit
+def _unpack_codes(x, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+    """``[BLOCK_N, HEAD_DIM / 2]`` int16 holding two codes each (little-endian: the
+    even dim in the low byte) -> ``[BLOCK_N, HEAD_DIM]`` int8 or fp8 codes."""
+    if FP8:
+        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        lo = x.to(tl.int8)
+        hi = (x >> 8).to(tl.int8)
+    return tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM])
+
+
+@triton.jit
 def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window, scale_log2,
                      k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
                      block_size, stride_cache_block, stride_cache_token,
                      k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr,
-                     V_EARLY: tl.constexpr = True, K_AS_A: tl.constexpr = False):
+                     V_EARLY: tl.constexpr = True, K_AS_A: tl.constexpr = False, PACKED: tl.constexpr = False,
+                     FP8: tl.constexpr = False):
     """One online-softmax step of rows ``q [M, D]`` (at positions ``q_pos [M]``)
     over keys ``key_start .. key_start + BLOCK_N - 1``.
 
@@ -184,7 +202,7 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
     Quantized (``QUANT``): K and V are codes with per-key scales.
     """
     keys = key_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM // 2 if PACKED else HEAD_DIM)
     if MASKED:
         in_seq = (keys >= key_lo) & (keys < key_hi)
         block = tl.load(block_table_ptr + keys // block_size, mask=in_seq, other=0).to(tl.int64)
@@ -193,9 +211,11 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
     rows = block * stride_cache_block + (keys % block_size) * stride_cache_token + kv_head_offset
     kv_offsets = rows[:, None] + dims[None, :]
     if MASKED:
-        k = tl.load(k_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0)
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
+    if PACKED:
+        k = _unpack_codes(k, BLOCK_N, HEAD_DIM, FP8)
 
     if QUANT:
         # Codes and scales of K and V are all requested before any is used: the
@@ -205,12 +225,14 @@ def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window,
             k_scale = tl.load(k_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
             v_scale = tl.load(v_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
             if V_EARLY:
-                v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
+                v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0)
         else:
             k_scale = tl.load(k_scale_ptr + scale_offsets)
             v_scale = tl.load(v_scale_ptr + scale_offsets)
             if V_EARLY:
                 v = tl.load(v_cache_ptr + kv_offsets)
+        if PACKED:
+            v = _unpack_codes(v, BLOCK_N, HEAD_DIM, FP8)
         if K_AS_A:
             qk = tl.trans(tl.dot(k.to(q.dtype), tl.trans(q)))
         else:
@@ -253,7 +275,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                    block_size,
                    GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, V_EARLY: tl.constexpr,
-                   K_AS_A: tl.constexpr):
+                   K_AS_A: tl.constexpr, PACKED: tl.constexpr, FP8: tl.constexpr):
     """Program (b, kv_head, split): attention of sequence b's decode token, for all
     query heads of ``kv_head``, over the split's run of keys.
 
@@ -296,7 +318,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
             block_size, stride_cache_block, stride_cache_token,
             k_scale_ptr, v_scale_ptr, kv_head * stride_scale_head, stride_scale_block,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT, V_EARLY=V_EARLY, K_AS_A=K_AS_A)
+            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT, V_EARLY=V_EARLY, K_AS_A=K_AS_A,
+            PACKED=PACKED, FP8=FP8)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if WRITE_OUTPUT:
@@ -362,7 +385,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fmt, scales = _quant_args(k_cache, k_scale, v_scale)
     t = (dict(QUANT_DECODE) if fmt is not None else
          dict(block_n=DECODE_BLOCK_N, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
-              programs_per_sm=DECODE_PROGRAMS_PER_SM, v_early=False, k_as_a=False)) | tiling
+              programs_per_sm=DECODE_PROGRAMS_PER_SM, v_early=False, k_as_a=False, packed=False)) | tiling
     if num_splits is None:
         num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device.index or 0),
                                    t["programs_per_sm"])
@@ -375,6 +398,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     window = NO_WINDOW if sliding_window is None else sliding_window
+    if t["packed"]:     # codes read two to an int16, so the async copies move 16 bytes at a time
+        k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, *scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, part_max, part_sum, part_out,
@@ -385,7 +410,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.shape[1],
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
         BLOCK_N=t["block_n"], WRITE_OUTPUT=write_output, QUANT=fmt is not None, V_EARLY=t["v_early"],
-        K_AS_A=t["k_as_a"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+        K_AS_A=t["k_as_a"], PACKED=t["packed"], FP8=fmt is not None and fmt.storage != torch.int8,
+        num_warps=t["num_warps"], num_stages=t["num_stages"])
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             meta.query_start_loc, out, part_max, part_sum, part_out,
