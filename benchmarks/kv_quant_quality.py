@@ -70,29 +70,37 @@ def main() -> None:
             greedy[variant] = [o.outputs[0].token_ids for o in outs]
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        print(row, flush=True)
         del llm
         gc.collect()
-    base = next(r for r in rows if r["variant"] == "auto")
-    for r in rows:
-        r["vs_auto"] = r["perplexity"] / base["perplexity"] - 1
-        if greedy and r["variant"] != "auto":
-            first = [next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-                     for ours, ref in zip(greedy[r["variant"]], greedy["auto"])]
-            r["identical_continuations"] = sum(f is None for f in first)
-            r["first_divergence"] = first
+        compare(rows, greedy)
+        print(rows[-1], flush=True)
+        if args.out:     # after every variant, so a run cut short keeps what it measured
+            write(args, rows)
     print(f"\n{'variant':10} {'ppl':>8} {'vs auto':>8}  identical  first divergence")
     for r in rows:
         print(f"{r['variant']:10} {r['perplexity']:8.4f} {r['vs_auto']:+8.2%}  "
               f"{r.get('identical_continuations', ''):>9}  {r.get('first_divergence', '')}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "versions": {"torch": torch.__version__}, "date": datetime.date.today().isoformat(),
-            "command": "python benchmarks/kv_quant_quality.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-            "model": args.model, "text": TEXT.name, "prompts": PROMPTS, "figures": rows}, indent=2))
 
+
+def compare(rows: list[dict], greedy: dict) -> None:
+    """Each row against the first (``auto``): perplexity ratio, identical continuations, first divergence."""
+    base = rows[0]
+    for r in rows:
+        r["vs_auto"] = r["perplexity"] / base["perplexity"] - 1
+        if greedy and r is not base:
+            first = [next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+                     for ours, ref in zip(greedy[r["variant"]], greedy[base["variant"]])]
+            r["identical_continuations"] = sum(f is None for f in first)
+            r["first_divergence"] = first
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    Path(args.out).write_text(json.dumps({
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__}, "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/kv_quant_quality.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        "model": args.model, "text": TEXT.name, "prompts": PROMPTS, "figures": rows}, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -226,3 +226,20 @@ def test_scale_outputs_scales_each_output_channel_in_every_weight_format(method)
     expected = before * factors     # int4 keeps its scales in fp16: each rounds by up to 2^-11
     torch.testing.assert_close(layer(x), expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
     assert (layer.output_scale is None) == (method != "gguf-q8_0")
+
+
+def test_fp8_write_and_read_round_trip_through_the_pool():
+    """The torch path stores fp8 codes as raw bytes (no index_copy for float8) and reads back what it wrote."""
+    spec = KVCacheSpec(1, 2, 16, torch.float8_e4m3fn, 4, has_null_block=False)
+    cache = KVCache(spec, 4, "cpu").layers[0]
+    k, v = torch.randn(6, 2, 16) * 5, torch.randn(6, 2, 16)
+    slots = torch.tensor([13, 2, 7, -1, 0, 9])
+    write_kv_cache(k, v, cache.k, cache.v, slots, cache.k_scale, cache.v_scale)
+    fmt = KV_FORMATS["fp8"]
+    for x, pages, scales in ((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale)):
+        for t, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            codes, scale = quantize(x[t], fmt)
+            assert torch.equal(pages[slot // 4, slot % 4].view(torch.int8), codes.view(torch.int8))
+            assert torch.equal(scales[slot // 4, :, slot % 4], scale)
