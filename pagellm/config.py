@@ -18,6 +18,7 @@ from dataclasses import Field, dataclass, field, fields
 
 import torch
 
+from pagellm.kernels.kv_quant import KV_CACHE_DTYPES, kv_format
 from pagellm.quant import check_quantization
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -42,6 +43,9 @@ class EngineConfig:
               "int4-awq (int4 with AWQ scales from a calibration pass), w8a8 (SmoothQuant int8 weights and "
               "activations), gguf (a GGUF file's own blocks), auto (gguf for a GGUF file); default: the stored "
               "format of a checkpoint written by `pagellm quantize`, else none")
+    kv_cache_dtype: str = _setting(
+        "auto", "how the KV cache stores K and V: auto (the model dtype), int8 or fp8 (e4m3; GPUs of compute "
+                "capability 8.9+), each with one fp16 scale per token per KV head", choices=KV_CACHE_DTYPES)
     device: str = _setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     block_size: int = _setting(16, "tokens per KV-cache block, a power of two")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (overrides --kv-cache-memory and "
@@ -106,6 +110,10 @@ class EngineConfig:
         if self.speculative_method is not None and self.world_size > 1:
             raise ValueError("speculative decoding runs on one process: it is not supported yet with "
                              "tensor_parallel_size or pipeline_parallel_size > 1")
+        kv_format(self.kv_cache_dtype)
+        if self.kv_cache_dtype != "auto" and self.world_size > 1:
+            raise ValueError("a quantized KV cache (its key smoothing) is not split across ranks yet: use "
+                             "kv_cache_dtype='auto' with tensor_parallel_size or pipeline_parallel_size > 1")
 
     @property
     def world_size(self) -> int:

@@ -50,7 +50,7 @@ def test_mqa_kv_per_token_and_tp_replication():
 
 def test_kv_quantized_widths():
     llama3 = load_preset("llama-3-8b")
-    assert kv_bytes_per_token(llama3, Precision(kv_bits=8)) == 2 * 32 * 8 * 128
+    assert kv_bytes_per_token(llama3, Precision(kv_bits=8)) == 2 * 32 * 8 * (128 + 2)   # + fp16 scale
     # 4-bit: half a byte per element plus one fp16 scale per head vector.
     assert kv_bytes_per_token(llama3, Precision(kv_bits=4)) == 2 * 32 * 8 * (128 // 2 + 2)
 

@@ -77,6 +77,16 @@ def test_forced_swaps_with_speculation_give_unpressured_greedy_tokens(tiny_llama
     assert bm.num_free_blocks == bm.num_blocks and bm.host.num_held == 0
 
 
+def test_forced_swaps_move_the_scales_of_an_int8_cache(tiny_llama):
+    """A quantized cache's blocks come back with their own scales (stale scales would change the tokens)."""
+    unpressured = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=512, kv_cache_dtype="int8")
+    expected = tokens(unpressured, prompts(6, 20))
+    llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
+              swap_space=1 << 20, swap_min_tokens=1, enable_prefix_caching=False, kv_cache_dtype="int8")
+    assert tokens(llm, prompts(6, 20)) == expected
+    assert llm.engine.stats()["num_swapped_out"] > 0
+
+
 def test_full_host_pool_falls_back_to_recompute(tiny_llama, reference):
     llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, max_num_batched_tokens=16,
               swap_space=6 * 2048, swap_min_tokens=1, enable_prefix_caching=False)

@@ -46,7 +46,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128,
                    help="quantization group size along the input dim, -1 per channel (default 128)")
     p.add_argument("--kv-bits", type=int, choices=(16, 8, 4),
-                   help="bits of the KV cache elements (default 16, or the dtype's)")
+                   help="bits of the KV cache elements (default 16, or the dtype's); 8 and 4 add one fp16 "
+                        "scale per token per KV head (8: the engine's --kv-cache-dtype int8/fp8)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (figures are per GPU)")
 
 
@@ -240,12 +241,13 @@ def _measure(args: argparse.Namespace, b: MemoryBreakdown):
     """The engine's own memory report for the same model, batch, context and dtype, from
     ``args.measure_engine`` (EngineConfig fields -> the engine's ``MemoryReport``), which
     ``pagellm.cli`` hands over: the analyzer never imports the engine."""
-    if b.precision.kv_bits < 16:
-        raise ValueError("--measure runs the engine with a 16-bit KV cache: drop --kv-bits")
+    if b.precision.kv_bits < 8:
+        raise ValueError("--measure runs the engine with a 16- or 8-bit KV cache: drop --kv-bits 4")
     if args.measure_engine is None:
         raise ValueError("--measure needs the engine (pagellm.engine), which this installation lacks")
+    kv_cache_dtype = "int8" if b.precision.kv_bits == 8 else "auto"   # int8 and fp8 take the same bytes
     return args.measure_engine(**_engine_settings(args, b), quantization=_weight_format(b.precision),
-                               tensor_parallel_size=args.tp)
+                               kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=args.tp)
 
 
 def _weight_format(p: Precision) -> str:

@@ -27,6 +27,14 @@ see the moved blocks; on the CPU they run in place. Blocks are gathered into
 (or scattered from) a contiguous staging tensor at most ``STAGE_BYTES`` at a
 time: the pool fills the device, and a transient of a long sequence's whole KV
 would not fit beside it.
+
+A quantized cache (``kv_cache_dtype`` int8 or fp8, ``kernels.kv_quant``) holds
+codes in the pool and a second tensor of scales ``[2, num_layers,
+num_physical_blocks, num_kv_heads, block_size]`` (fp16), indexed by the same
+block ids: a prefix-cache hit or a beam sharing a block shares its scales, and
+every block copy (copy-on-write forks, swaps to and from the host pool, which
+has a scales tensor of its own) moves both. ``bytes_per_token`` counts the
+scales, and is ``pagellm.sizing``'s formula.
 """
 from __future__ import annotations
 
@@ -35,7 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pagellm import sizing
 from pagellm.kernels.attention import LayerKVCache
+from pagellm.kernels.kv_quant import SCALE_DTYPE, format_of, kv_format
 from pagellm.model.config import ModelConfig
 from pagellm.sizing import shard
 
@@ -44,7 +54,8 @@ STAGE_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """The shape of one token's K/V across all layers, and the paging."""
+    """The shape of one token's K/V across all layers, and the paging. ``dtype``
+    is what the pool stores: the model dtype, or a quantized format's codes."""
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -54,14 +65,22 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(cls, config: ModelConfig, dtype: torch.dtype, block_size: int, tensor_parallel_size: int = 1,
-                  num_layers: int | None = None) -> KVCacheSpec:
-        """One rank's share: its KV heads (``sizing.shard``) of its ``num_layers`` (default: all)."""
+                  num_layers: int | None = None, kv_cache_dtype: str = "auto") -> KVCacheSpec:
+        """One rank's share: its KV heads (``sizing.shard``) of its ``num_layers`` (default: all).
+        ``kv_cache_dtype``: ``auto`` stores ``dtype`` (the model's), else a ``kv_quant`` format."""
+        fmt = kv_format(kv_cache_dtype)
         return cls(num_layers or config.num_hidden_layers, shard(config, tensor_parallel_size).kv_heads,
-                   config.head_dim, dtype, block_size, has_null_block=config.sliding_window is not None)
+                   config.head_dim, dtype if fmt is None else fmt.storage, block_size,
+                   has_null_block=config.sliding_window is not None)
+
+    @property
+    def quantized(self) -> bool:
+        return format_of(self.dtype) is not None
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        vector = self.head_dim * self.dtype.itemsize + (sizing.KV_SCALE_BYTES if self.quantized else 0)
+        return 2 * self.num_layers * self.num_kv_heads * vector
 
     @property
     def bytes_per_block(self) -> int:
@@ -79,19 +98,27 @@ class KVCache:
         physical = num_blocks + spec.has_null_block
         self.pool = torch.empty(2, spec.num_layers, physical, spec.block_size, spec.num_kv_heads, spec.head_dim,
                                 dtype=spec.dtype, device=device)
-        self.layers = [LayerKVCache(self.pool[0, i], self.pool[1, i]) for i in range(spec.num_layers)]
+        self.scales: torch.Tensor | None = None
+        if spec.quantized:
+            self.scales = torch.empty(2, spec.num_layers, physical, spec.num_kv_heads, spec.block_size,
+                                      dtype=SCALE_DTYPE, device=device)
+        self.layers = [LayerKVCache(self.pool[0, i], self.pool[1, i],
+                                    *((self.scales[0, i], self.scales[1, i]) if spec.quantized else ()))
+                       for i in range(spec.num_layers)]
         on_cuda = self.pool.device.type == "cuda"
         self.host_pool = torch.empty(num_host_blocks, *self.pool[:, :, 0].shape, dtype=spec.dtype,
                                      pin_memory=on_cuda)
+        self.host_scales = (torch.empty(num_host_blocks, *self.scales[:, :, 0].shape, dtype=SCALE_DTYPE,
+                                        pin_memory=on_cuda) if spec.quantized else None)
         self._copy_stream = torch.cuda.Stream(self.pool.device) if on_cuda and num_host_blocks else None
 
     @property
     def nbytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.pool, self.scales) if t is not None)
 
     @property
     def host_nbytes(self) -> int:
-        return self.host_pool.numel() * self.host_pool.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.host_pool, self.host_scales) if t is not None)
 
     def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> None:
         """Copy (device, host) block pairs: ``out`` device -> host, then ``in_`` host -> device."""
@@ -102,16 +129,17 @@ class KVCache:
             if stream is not None:   # the blocks' last writes (an earlier step) come first
                 stream.wait_stream(torch.cuda.current_stream(self.pool.device))
             step = max(1, STAGE_BYTES // self.spec.bytes_per_block)
-            for part in (out[i:i + step] for i in range(0, len(out), step)):
-                staged = self.pool[:, :, self._ids([d for d, _ in part])].movedim(2, 0).contiguous()
-                for row, (_, host) in enumerate(part):
-                    self.host_pool[host].copy_(staged[row], non_blocking=True)
-            for part in (in_[i:i + step] for i in range(0, len(in_), step)):
-                staged = torch.empty(len(part), *self.host_pool.shape[1:], dtype=self.pool.dtype,
-                                     device=self.pool.device)
-                for row, (_, host) in enumerate(part):
-                    staged[row].copy_(self.host_pool[host], non_blocking=True)
-                self.pool[:, :, self._ids([d for d, _ in part])] = staged.movedim(0, 2)
+            pairs = [(self.pool, self.host_pool)] + ([(self.scales, self.host_scales)] if self.spec.quantized else [])
+            for device, host_tensor in pairs:    # block ids index dim 2 of the pool and of the scales
+                for part in (out[i:i + step] for i in range(0, len(out), step)):
+                    staged = device[:, :, self._ids([d for d, _ in part])].movedim(2, 0).contiguous()
+                    for row, (_, host) in enumerate(part):
+                        host_tensor[host].copy_(staged[row], non_blocking=True)
+                for part in (in_[i:i + step] for i in range(0, len(in_), step)):
+                    staged = torch.empty(len(part), *host_tensor.shape[1:], dtype=device.dtype, device=device.device)
+                    for row, (_, host) in enumerate(part):
+                        staged[row].copy_(host_tensor[host], non_blocking=True)
+                    device[:, :, self._ids([d for d, _ in part])] = staged.movedim(0, 2)
         if stream is not None:
             torch.cuda.current_stream(self.pool.device).wait_stream(stream)
 
@@ -119,7 +147,9 @@ class KVCache:
         return torch.tensor(ids, device=self.pool.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate blocks ``src -> dst`` in every layer, K and V."""
+        """Copy-on-write: duplicate blocks ``src -> dst`` in every layer, K and V, with their scales."""
         if pairs:
             src, dst = (torch.tensor(ids, device=self.pool.device) for ids in zip(*pairs))
             self.pool[:, :, dst] = self.pool[:, :, src]
+            if self.scales is not None:
+                self.scales[:, :, dst] = self.scales[:, :, src]

@@ -46,6 +46,7 @@ class MemoryReport:
     host_weights_bytes: int = 0     # offloaded decoder layers, in host memory (or on disk)
     offloaded_layers: int = 0
     offload_tier: str = "host"
+    kv_cache_dtype: str = "auto"
 
     @property
     def kv_tokens(self) -> int:
@@ -59,9 +60,10 @@ class MemoryReport:
         how = "measured" if self.activation_measured else "estimated"
         offload = (f" + {format_bytes(self.host_weights_bytes)} on the {self.offload_tier} ({self.offloaded_layers} "
                    f"layers streamed)" if self.offloaded_layers else "")
+        kv = "" if self.kv_cache_dtype == "auto" else f" {self.kv_cache_dtype}"
         return (f"memory: weights {format_bytes(self.weights_bytes)}{offload}, activations "
                 f"{format_bytes(self.activation_bytes)}"
-                f" ({how}), KV pool {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
+                f" ({how}), KV pool{kv} {format_bytes(self.kv_cache_bytes)} ({self.num_blocks} blocks x {self.block_size}"
                 f" = {self.kv_tokens} tokens), max concurrency at {self.max_model_len} tokens: "
                 f"{self.max_concurrency:.2f}"
                 + (f"; host KV pool {format_bytes(self.host_kv_cache_bytes)} ({self.num_host_blocks} blocks)"

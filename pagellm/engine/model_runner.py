@@ -42,6 +42,7 @@ from pagellm.engine.sampler import SamplingTensors, sample, score_tokens
 from pagellm.engine.step import PromptScoring, ScoredToken, StepInput, StepOutput
 from pagellm.distributed.groups import SINGLE, ParallelGroups, layer_range
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
+from pagellm.kernels.kv_quant import check_kv_cache_dtype
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
@@ -66,17 +67,21 @@ class ModelRunner:
         self.device = engine.torch_device
         self.dtype = engine.torch_dtype
         self.max_model_len = max_model_len
+        check_kv_cache_dtype(engine.kv_cache_dtype, self.device)   # before any weight is read
+        smooth_keys = engine.kv_cache_dtype != "auto"
         tp = groups.tensor if groups else SINGLE
         self.tensor_parallel_size = tp.size
         layers = (layer_range(model_config.num_hidden_layers, groups.num_stages, groups.stage) if groups
                   else (0, model_config.num_hidden_layers))
         self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size, tp.size,
-                                             layers[1] - layers[0])
+                                             layers[1] - layers[0], engine.kv_cache_dtype)
         self.offload: LayerOffload | None = None
         if engine.cpu_offload_memory is None:
-            self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers)
+            self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers,
+                                     smooth_keys=smooth_keys)
         else:   # built on the host; what stays on the device moves there
-            self.model = build_model(model_config, self.dtype, "cpu", weights, linear_method)
+            self.model = build_model(model_config, self.dtype, "cpu", weights, linear_method,
+                                     smooth_keys=smooth_keys)
             num_offloaded = self._layers_to_offload()
             if num_offloaded:
                 self.offload = LayerOffload(list(self.model.layers)[-num_offloaded:], self.device,
@@ -152,7 +157,8 @@ class ModelRunner:
                                    host_kv_cache_bytes=self.kv_cache.host_nbytes, num_host_blocks=num_host_blocks,
                                    host_weights_bytes=self.host_weights_bytes,
                                    offloaded_layers=len(self.offload.layers) if self.offload else 0,
-                                   offload_tier="disk" if self.engine.disk_offload else "host")
+                                   offload_tier="disk" if self.engine.disk_offload else "host",
+                                   kv_cache_dtype=self.engine.kv_cache_dtype)
         self.rank_memory = (self.groups.gather(self.memory) or []) if self.groups else [self.memory]
         self.graphs = self._capture_graphs()
         return num_blocks

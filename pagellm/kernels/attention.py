@@ -2,8 +2,11 @@
 
 A layer's share of the paged KV pool is a ``LayerKVCache``: ``k`` and ``v`` of
 shape ``[num_blocks, block_size, num_kv_heads, head_dim]`` (the pool's owner,
-``pagellm.engine.kv_cache``, decides where they live; a quantized cache will
-add its scales here). A backend writes new K/V into it and attends over it;
+``pagellm.engine.kv_cache``, decides where they live). A quantized cache
+(``kernels.kv_quant``) holds int8 or fp8 codes there and, in ``k_scale`` and
+``v_scale``, one fp16 scale per token per KV head laid out
+``[num_blocks, num_kv_heads, block_size]``, so one head's scales of a block are
+contiguous; backends quantize in ``write_kv`` and dequantize inside ``attend``. A backend writes new K/V into it and attends over it;
 the model never indexes the pool itself. A batch is a flat
 run of tokens from several sequences, each sequence contributing a prefill
 chunk or a single decode token:
@@ -31,9 +34,11 @@ import torch
 
 @dataclass
 class LayerKVCache:
-    """One layer's K and V pages."""
+    """One layer's K and V pages (and their scales when quantized)."""
     k: torch.Tensor                 # [num_blocks, block_size, num_kv_heads, head_dim]
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None     # [num_blocks, num_kv_heads, block_size] fp16
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass

@@ -5,7 +5,8 @@ checkpoint (``checkpoint.open_checkpoint(...).tensors()``) or from
 ``random_weights`` (real shapes, random values, for benchmarks). Either way
 each tensor goes to its parameter's ``weight_loader`` (see ``layers``), which
 decides how it is stored, so a quantized or sharded layer loads the same
-stream. Layers are created with ``torch.empty`` directly on the device: no
+stream. For a quantized KV cache the loaded q|k|v projections then get key
+smoothing folded in (``key_smoothing``). Layers are created with ``torch.empty`` directly on the device: no
 throw-away initialisation, no copy.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pagellm.distributed.groups import SINGLE, TensorGroup
+from pagellm.model import key_smoothing
 from pagellm.model.config import ModelConfig, expected_shapes, weight_name
 from pagellm.model.layers import LayerFactory, LinearMethod, default_weight_loader, dense_everywhere
 from pagellm.model.llama import LlamaForCausalLM
@@ -24,11 +26,12 @@ from pagellm.model.llama import LlamaForCausalLM
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                 weights: Iterable[tuple[str, torch.Tensor]],
                 linear_method: Callable[[str], LinearMethod] = dense_everywhere, tp: TensorGroup = SINGLE,
-                layer_range: tuple[int, int] | None = None) -> LlamaForCausalLM:
+                layer_range: tuple[int, int] | None = None, smooth_keys: bool = False) -> LlamaForCausalLM:
     """The model on ``device`` with every parameter filled from ``weights``
     (this tensor rank's slices of pipeline stage ``layer_range``'s tensors;
-    the stream's other tensors are skipped); ValueError when the stream lacks a
-    tensor or holds one with no place."""
+    the stream's other tensors are skipped), and key smoothing folded in when
+    ``smooth_keys``; ValueError when the stream lacks a tensor or holds one
+    with no place."""
     with torch.device(device):
         model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method, tp), layer_range)
     num_tensors = len(expected_shapes(config))
@@ -38,6 +41,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
                                                                                  for name in loaded}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    if smooth_keys:
+        key_smoothing.smooth_keys(model)
     return model.eval()
 
 

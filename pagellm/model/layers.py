@@ -32,6 +32,11 @@ exactly the codes and scales of one process. A checkpoint tensor may arrive
 unread (``hf_loader.LazySlice``): cutting it reads nothing, and ``read``
 reads only the part kept (the whole, where a method quantizes). With one
 rank these layers are plain linears.
+
+After loading, ``Linear.scale_outputs`` can multiply output channels by
+constants (key smoothing for a quantized KV cache, ``model.key_smoothing``):
+folded into the stored rows by a method that has ``scale_rows`` (dense,
+int8, int4: exact), else applied to the layer's output (GGUF blocks).
 """
 from __future__ import annotations
 
@@ -75,6 +80,8 @@ class LinearMethod(Protocol):
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of ``W``, in the layer's dtype."""
 
+    # Optional: ``scale_rows(layer, factors [output_size])`` multiplies row i of W by factors[i] in storage.
+
 
 class DenseLinearMethod:
     """The matrix as it is, ``[output_size, input_size]`` in the model dtype."""
@@ -89,6 +96,9 @@ class DenseLinearMethod:
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
+
+    def scale_rows(self, layer: Linear, factors: torch.Tensor) -> None:
+        layer.weight.data.copy_(layer.weight.float() * factors[:, None])
 
 
 DENSE = DenseLinearMethod()
@@ -122,6 +132,7 @@ class Linear(nn.Module):
             self.weight_loaders["bias"] = functools.partial(self.load_rows, self.bias)
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("output_scale", None)   # set by scale_outputs when the method can't fold it
 
     @property
     def output_size(self) -> int:
@@ -146,8 +157,22 @@ class Linear(nn.Module):
                              f"{tuple(target.shape)}")
         target.copy_(loaded)
 
+    def scale_outputs(self, factors: torch.Tensor) -> None:
+        """Multiply output channel i (row i of W and the bias) by ``factors[i]``;
+        folded into storage by the method's ``scale_rows`` if it has one, else
+        applied to every output (the bias is inside it)."""
+        factors = factors.float()
+        fold = getattr(self.method, "scale_rows", None)
+        if fold is None:
+            self.output_scale = factors.to(self.params_dtype)
+            return
+        fold(self, factors)
+        if self.bias is not None:
+            self.bias.data.copy_(self.bias.float() * factors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        out = self.method.apply(self, x)
+        return out if self.output_scale is None else out * self.output_scale
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The matrix read by rows: a token embedding (tied embeddings share this module with the LM head)."""

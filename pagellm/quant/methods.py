@@ -62,7 +62,15 @@ class _InputSmoothing:
         return x * layer.input_scale.to(x.dtype) if self.smoothed else x
 
 
-class Int8LinearMethod(_InputSmoothing):
+class _ScaledRows:
+    """Methods with a scale per output row (and group): scaling a row of W is scaling its scales, exactly."""
+
+    def scale_rows(self, layer: Linear, factors: torch.Tensor) -> None:
+        scales = layer.scales.data
+        scales.copy_(scales.float() * factors.to(scales.device).view(-1, *(1,) * (scales.dim() - 1)))
+
+
+class Int8LinearMethod(_InputSmoothing, _ScaledRows):
     """Weight-only int8, one fp32 scale per output channel: ``qweight int8 [N, K]``, ``scales [N]``."""
 
     def create_weights(self, layer: Linear) -> None:
@@ -93,7 +101,7 @@ class W8A8LinearMethod(Int8LinearMethod):
         return quant_ops.w8a8_linear(self._smooth_input(layer, x), layer.qweight, layer.scales, layer.bias)
 
 
-class Int4LinearMethod(_InputSmoothing):
+class Int4LinearMethod(_InputSmoothing, _ScaledRows):
     """Weight-only int4, asymmetric, groups of ``group_size`` along the input:
     ``qweight uint8 [N, K/2]`` (two codes a byte), ``scales fp16 [N, K/G]``,
     ``zeros uint8 [N, K/G]``; with AWQ scales when calibrated."""
