@@ -192,6 +192,20 @@ def test_max_waiting_counts_sequences(tiny_llama):
     asyncio.run(scenario())
 
 
+def test_an_overlong_prompt_is_refused_from_its_prefix(offline, monkeypatch):
+    """Only the first 8 x max_model_len characters of an overlong text are tokenized (1,400 tokens for 2,048
+    characters with the tiny tokenizer: more than twice the 256-token context); a short prompt is whole."""
+    engine = offline.engine
+    lengths = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text, **kw: lengths.append(len(text)) or encode(text, **kw))
+    with pytest.raises(ValueError, match="max_model_len is 256"):
+        engine.tokenize("the quick brown fox jumps over the lazy dog " * 2000)
+    assert lengths == [8 * 256]
+    lengths.clear()
+    assert engine.tokenize(PROMPT)[1] == encode(PROMPT) and lengths == [len(PROMPT)]
+
+
 def test_preparation_runs_in_the_worker_pool(server, http, monkeypatch):
     engine = server.server.async_engine.engine
     threads = []
