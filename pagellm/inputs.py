@@ -10,7 +10,7 @@ appended so that the model's reply comes next; any failure to render is a
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jinja2
@@ -34,13 +34,16 @@ def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return list(prompts)
 
 
-def apply_chat_template(tokenizer, conversation: list[dict]) -> list[int]:
-    """Token ids of ``conversation`` (``{"role": ..., "content": ...}`` dicts) ready for the reply."""
+def apply_chat_template(tokenizer, conversation: list[dict],
+                        encode: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids of ``conversation`` (``{"role": ..., "content": ...}`` dicts) ready for the reply: the
+    template's text, then ``encode`` (default: the tokenizer's, adding no special tokens: the template
+    writes them), so that an engine can bound the tokenization of an overlong conversation."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("messages cannot be used: this model has no chat template "
                          "(send plain prompts: LLM.generate, /v1/completions)")
     try:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     except jinja2.TemplateError as exc:
         raise ValueError(f"messages could not be rendered by the model's chat template: {exc}") from exc
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(encode(text) if encode is not None else tokenizer.encode(text, add_special_tokens=False))

@@ -1,6 +1,7 @@
 """The offline API, named as vLLM's so its users can switch by changing an import."""
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -52,7 +53,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
-        return apply_chat_template(self.engine.tokenizer, conversation)
+        return apply_chat_template(self.engine.tokenizer, conversation,
+                                   functools.partial(self.engine.encode, add_special_tokens=False))
 
     def _submit(self, prompts, sampling_params, stream: bool = True) -> list[str]:
         prompts = as_prompt_list(prompts)

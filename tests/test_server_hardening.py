@@ -204,6 +204,13 @@ def test_an_overlong_prompt_is_refused_from_its_prefix(offline, monkeypatch):
     assert lengths == [8 * 256]
     lengths.clear()
     assert engine.tokenize(PROMPT)[1] == encode(PROMPT) and lengths == [len(PROMPT)]
+    lengths.clear()   # a chat goes the same way, its template rendered first
+    with pytest.raises(ValueError, match="max_model_len is 256"):
+        offline.apply_chat_template([{"role": "user", "content": "the quick brown fox " * 5000}])
+    assert lengths == [8 * 256]
+    chat = [{"role": "user", "content": PROMPT}]
+    assert offline.apply_chat_template(chat) == list(engine.tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def test_preparation_runs_in_the_worker_pool(server, http, monkeypatch):

@@ -43,7 +43,7 @@ from pagellm.spec.stats import SpecStats
 from pagellm.utils.math import cdiv
 
 logger = logging.getLogger("pagellm")
-PREFIX_CHARS_PER_TOKEN = 8   # longer prompts are checked on a prefix first (LLMEngine._encode)
+PREFIX_CHARS_PER_TOKEN = 8   # longer prompts are checked on a prefix first (LLMEngine.encode)
 
 
 @dataclass
@@ -138,10 +138,10 @@ class LLMEngine:
                 raise ValueError("prompt is empty")
             if self.tokenizer is None:
                 raise ValueError("prompt must be token ids: this model has no tokenizer")
-            return prompt, self._encode(prompt)
+            return prompt, self.encode(prompt)
         return None, self._check_ids(list(prompt))
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``. A text longer than ``PREFIX_CHARS_PER_TOKEN``
         characters per token of the context is first tokenized in part: when
         that prefix alone makes twice as many tokens as the context holds, the
@@ -151,11 +151,11 @@ class LLMEngine:
         GIL in stretches that stall every stream)."""
         prefix_chars = PREFIX_CHARS_PER_TOKEN * self.max_model_len
         if len(text) > prefix_chars:
-            prefix_tokens = len(self.tokenizer.encode(text[:prefix_chars], add_special_tokens=True))
+            prefix_tokens = len(self.tokenizer.encode(text[:prefix_chars], add_special_tokens=add_special_tokens))
             if prefix_tokens > 2 * self.max_model_len:
                 raise ValueError(f"prompt is more than {prefix_tokens} tokens (its first {prefix_chars} characters "
                                  f"alone), but max_model_len is {self.max_model_len}")
-        return self.tokenizer.encode(text, add_special_tokens=True)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:

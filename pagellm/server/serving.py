@@ -14,6 +14,7 @@ the server ends (shutdown) still sends its usage chunk when asked to.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -141,11 +142,11 @@ def chat_logprobs(delta: Delta, top_n: int) -> ChatLogprobs | None:
     return ChatLogprobs(content=content)
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
+def render_chat(tokenizer, messages: list[ChatMessage], encode: Callable[[str], list[int]]) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
     conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in messages]
-    return apply_chat_template(tokenizer, conversation)
+    return apply_chat_template(tokenizer, conversation, encode)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -199,7 +200,8 @@ class OpenAIServing:
 
     async def _render_chat(self, messages: list[ChatMessage]) -> list[int]:
         try:
-            return await self._in_pool(render_chat, self.tokenizer(), messages)
+            encode = functools.partial(self.engine.engine.encode, add_special_tokens=False)   # bounded work
+            return await self._in_pool(render_chat, self.tokenizer(), messages, encode)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
 
