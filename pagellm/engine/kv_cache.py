@@ -14,19 +14,34 @@ only place that rule is made; the block manager is told the id.
 Everything that depends on how KV is stored (a quantized dtype and its scales,
 a host-side swap pool) belongs here; the block manager deals in block ids only.
 
-The host pool (``num_host_blocks`` > 0) is a second tensor ``[num_host_blocks, 2,
-num_layers, block_size, num_kv_heads, head_dim]`` in host memory (pinned when
-the pool is on CUDA), one contiguous run of bytes per block so each block moves
-in one copy. ``swap(out, in_)`` runs every (device block, host block) pair of
-``out`` device -> host, then every pair of ``in_`` host -> device (the engine
-relies on that order: a device block spilled to the host and handed to
-another block in the same step is read before it is written). On CUDA the
-copies run on a side stream, and the compute stream waits on an event
-recorded after them, so the step's forward (and its copy-on-write copies)
-see the moved blocks; on the CPU they run in place. Blocks are gathered into
-(or scattered from) a contiguous staging tensor at most ``STAGE_BYTES`` at a
-time: the pool fills the device, and a transient of a long sequence's whole KV
-would not fit beside it.
+The host pool (``num_host_blocks`` > 0) lives in host memory (pinned when the
+pool is on CUDA) as one tensor per *layer group* ``[num_host_blocks,
+group_layers, 2, block_size, num_kv_heads, head_dim]``: consecutive layers
+whose share of a block is at least ``GROUP_COPY_BYTES`` (Llama-3-8B: 4 groups
+of 8 layers, 512 KiB a block each), so a run of consecutive host blocks is
+one contiguous copy per group. ``swap(out, in_)`` moves every (device block,
+host block) pair of ``out`` device -> host and then every pair of ``in_``
+host -> device, group by group; the pairs are sorted by host block (stably: a
+host block written twice keeps the later copy) and each run of consecutive
+host blocks moves in one copy, at most ``STAGE_BYTES`` at a time through a
+device staging tensor (the pool fills the device: a transient of a long
+sequence's whole KV would not fit beside it).
+
+On CUDA the copies are asynchronous and overlap the step. Device -> host
+copies run on one side stream, host -> device on another (the link carries
+both directions at once); both first wait for the work already queued on
+the compute stream (the blocks' last writes and reads). Per group, the
+scatter of the swap-ins into the pool waits for that group's swap-outs (a
+device block swapped out and handed to another sequence in the same step is
+read before it is written; a host block spilled and restored in the same
+step is written before it is read: then the whole swap-in waits). ``swap``
+returns, per layer, the event after which that layer's blocks are in place
+(set at each group's first layer): the forward waits for it where a layer
+first touches its KV (``ForwardContext.kv``), so layer 0 attends while later
+groups still copy. Waiting on the last group's event covers every copy of
+the call (the copy-on-write copies and CUDA graph replays do). The next
+call's streams wait for the compute stream, which waited for all of them. On
+the CPU everything runs in place, in the same order.
 
 A quantized cache (``kv_cache_dtype`` int8 or fp8, ``kernels.kv_quant``) holds
 codes in the pool and a second tensor of scales ``[2, num_layers,
@@ -38,7 +53,7 @@ scales, and is ``pagellm.sizing``'s formula.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +65,7 @@ from pagellm.model.config import ModelConfig
 from pagellm.sizing import shard
 
 STAGE_BYTES = 64 << 20
+GROUP_COPY_BYTES = 512 << 10
 
 
 @dataclass(frozen=True)
@@ -106,11 +122,15 @@ class KVCache:
                                     *((self.scales[0, i], self.scales[1, i]) if spec.quantized else ()))
                        for i in range(spec.num_layers)]
         on_cuda = self.pool.device.type == "cuda"
-        self.host_pool = torch.empty(num_host_blocks, *self.pool[:, :, 0].shape, dtype=spec.dtype,
-                                     pin_memory=on_cuda)
-        self.host_scales = (torch.empty(num_host_blocks, *self.scales[:, :, 0].shape, dtype=SCALE_DTYPE,
-                                        pin_memory=on_cuda) if spec.quantized else None)
-        self._copy_stream = torch.cuda.Stream(self.pool.device) if on_cuda and num_host_blocks else None
+        self.layer_groups = layer_groups(spec.num_layers, spec.bytes_per_block // spec.num_layers)
+        rest = (2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.host_pools = [torch.empty(num_host_blocks, stop - start, *rest, dtype=spec.dtype, pin_memory=on_cuda)
+                           for start, stop in self.layer_groups]
+        self.host_scales = [torch.empty(num_host_blocks, stop - start, 2, spec.num_kv_heads, spec.block_size,
+                                        dtype=SCALE_DTYPE, pin_memory=on_cuda)
+                            for start, stop in self.layer_groups] if spec.quantized else []
+        self._streams = ((torch.cuda.Stream(self.pool.device), torch.cuda.Stream(self.pool.device))
+                         if on_cuda and num_host_blocks else None)   # (device -> host, host -> device)
 
     @property
     def nbytes(self) -> int:
@@ -118,33 +138,48 @@ class KVCache:
 
     @property
     def host_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.host_pool, self.host_scales) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.host_pools + self.host_scales)
 
-    def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> None:
-        """Copy (device, host) block pairs: ``out`` device -> host, then ``in_`` host -> device."""
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_pools[0].shape[0]
+
+    def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> list[torch.cuda.Event | None]:
+        """Copy (device, host) block pairs: ``out`` device -> host, then ``in_``
+        host -> device. On CUDA: per layer, the event the forward waits for
+        before that layer touches its KV (``[]``: nothing to wait for)."""
         if not (out or in_):
-            return
-        stream = self._copy_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if stream is not None:   # the blocks' last writes (an earlier step) come first
-                stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-            step = max(1, STAGE_BYTES // self.spec.bytes_per_block)
-            pairs = [(self.pool, self.host_pool)] + ([(self.scales, self.host_scales)] if self.spec.quantized else [])
-            for device, host_tensor in pairs:    # block ids index dim 2 of the pool and of the scales
-                for part in (out[i:i + step] for i in range(0, len(out), step)):
-                    staged = device[:, :, self._ids([d for d, _ in part])].movedim(2, 0).contiguous()
-                    for row, (_, host) in enumerate(part):
-                        host_tensor[host].copy_(staged[row], non_blocking=True)
-                for part in (in_[i:i + step] for i in range(0, len(in_), step)):
-                    staged = torch.empty(len(part), *host_tensor.shape[1:], dtype=device.dtype, device=device.device)
-                    for row, (_, host) in enumerate(part):
-                        staged[row].copy_(host_tensor[host], non_blocking=True)
-                    device[:, :, self._ids([d for d, _ in part])] = staged.movedim(0, 2)
-        if stream is not None:
-            torch.cuda.current_stream(self.pool.device).wait_stream(stream)
+            return []
+        rows = max(1, STAGE_BYTES // max(stop - start for start, stop in self.layer_groups)
+                   // (self.spec.bytes_per_block // self.spec.num_layers))
+        streams = self._streams or (None, None)
+        compute = torch.cuda.current_stream(self.pool.device) if self._streams else None
+        with _on(streams[0], compute):
+            out_plan = _CopyPlan.build(out, rows, self.pool.device)
+        with _on(streams[1], compute):
+            in_plan = _CopyPlan.build(in_, rows, self.pool.device)
+        written_and_read = bool({h for _, h in out} & {h for _, h in in_})
+        ready: list[torch.cuda.Event | None] = [None] * self.spec.num_layers
+        for group, (start, stop) in enumerate(self.layer_groups):
+            tensors = self._group_tensors(group, start, stop)
+            with _on(streams[0]):
+                for device, host in tensors:
+                    out_plan.to_host(device, host)
+                done = streams[0].record_event() if streams[0] is not None and out else None
+            with _on(streams[1]):
+                if in_:
+                    for device, host in tensors:
+                        in_plan.to_device(device, host, done if written_and_read else None, done)
+                    done = streams[1].record_event() if streams[1] is not None else None
+            ready[start] = done
+        return ready if self._streams else []
 
-    def _ids(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, device=self.pool.device)
+    def _group_tensors(self, group: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device view ``[2, layers, blocks, ...]``, host tensor ``[blocks, layers, 2, ...]``) of a layer group."""
+        pairs = [(self.pool[:, start:stop], self.host_pools[group])]
+        if self.scales is not None:
+            pairs.append((self.scales[:, start:stop], self.host_scales[group]))
+        return pairs
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate blocks ``src -> dst`` in every layer, K and V, with their scales."""
@@ -153,3 +188,77 @@ class KVCache:
             self.pool[:, :, dst] = self.pool[:, :, src]
             if self.scales is not None:
                 self.scales[:, :, dst] = self.scales[:, :, src]
+
+
+def layer_groups(num_layers: int, layer_block_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges, as many as keep each group's share of a block
+    at least ``GROUP_COPY_BYTES`` (one group when a whole block is smaller)."""
+    count = max(1, min(num_layers, layer_block_bytes * num_layers // GROUP_COPY_BYTES))
+    bounds = [num_layers * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def wait_for_swaps(ready: list[torch.cuda.Event | None]) -> None:
+    """Make the current stream wait for every copy of the ``swap`` call that returned ``ready``."""
+    last = next((event for event in reversed(ready) if event is not None), None)
+    if last is not None:
+        last.wait()
+
+
+@contextmanager
+def _on(stream: torch.cuda.Stream | None, after: torch.cuda.Stream | None = None):
+    """Run on ``stream`` (on the CPU: in place), first waiting for ``after``'s queued work."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        if after is not None:
+            stream.wait_stream(after)
+        yield
+
+
+@dataclass
+class _CopyPlan:
+    """(device, host) block pairs sorted by host block (stably) and cut into
+    chunks of at most ``rows`` blocks: each chunk's device block ids (on the
+    device) and its runs of consecutive host blocks ``(row, host block, length)``."""
+    chunks: list[tuple[torch.Tensor, list[tuple[int, int, int]]]]
+
+    @classmethod
+    def build(cls, pairs: list[tuple[int, int]], rows: int, device: torch.device) -> _CopyPlan:
+        pairs = sorted(pairs, key=lambda pair: pair[1])
+        if not pairs:
+            return cls([])
+        ids = torch.tensor([d for d, _ in pairs], pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        chunks = []
+        for first in range(0, len(pairs), rows):
+            runs: list[list[int]] = []
+            for row, (_, host) in enumerate(pairs[first:first + rows]):
+                if runs and host == runs[-1][1] + runs[-1][2]:
+                    runs[-1][2] += 1
+                else:
+                    runs.append([row, host, 1])
+            chunks.append((ids[first:first + rows], [tuple(run) for run in runs]))
+        return cls(chunks)
+
+    def to_host(self, device: torch.Tensor, host: torch.Tensor) -> None:
+        """Gather the blocks from ``device`` ``[2, layers, blocks, ...]`` and copy them to ``host`` ``[blocks, layers, 2, ...]``."""
+        for ids, runs in self.chunks:
+            staged = device.index_select(2, ids).movedim(2, 0).transpose(1, 2).contiguous()
+            for row, block, length in runs:
+                host[block:block + length].copy_(staged[row:row + length], non_blocking=True)
+
+    def to_device(self, device: torch.Tensor, host: torch.Tensor, before_read: torch.cuda.Event | None,
+                  before_write: torch.cuda.Event | None) -> None:
+        """Copy the blocks from ``host`` into staging and scatter them into ``device``,
+        the reads after ``before_read`` and the scatter after ``before_write``."""
+        current = torch.cuda.current_stream() if before_write is not None else None
+        if before_read is not None:
+            current.wait_event(before_read)
+        for index, (ids, runs) in enumerate(self.chunks):
+            staged = torch.empty(len(ids), *host.shape[1:], dtype=host.dtype, device=device.device)
+            for row, block, length in runs:
+                staged[row:row + length].copy_(host[block:block + length], non_blocking=True)
+            if index == 0 and before_write is not None:
+                current.wait_event(before_write)
+            device[:, :, ids] = staged.transpose(1, 2).movedim(0, 2)

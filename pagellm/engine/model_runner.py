@@ -36,7 +36,7 @@ import torch
 from pagellm import sizing
 from pagellm.config import EngineConfig
 from pagellm.engine.cuda_graphs import DecodeGraphs
-from pagellm.engine.kv_cache import KVCache, KVCacheSpec
+from pagellm.engine.kv_cache import KVCache, KVCacheSpec, wait_for_swaps
 from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan_num_blocks
 from pagellm.engine.sampler import SamplingTensors, sample, score_tokens
 from pagellm.engine.step import PromptScoring, ScoredToken, StepInput, StepOutput
@@ -198,16 +198,19 @@ class ModelRunner:
     def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
         """This rank's part of a step: the output on the last stage; elsewhere the
         hidden states go on to the next stage and this returns None."""
-        kv_cache.swap(step.swap_out, step.swap_in)
-        kv_cache.copy_blocks(step.block_copies)
+        ready = kv_cache.swap(step.swap_out, step.swap_in)   # asynchronous on CUDA: each layer waits for its part
+        if step.block_copies:
+            wait_for_swaps(ready)
+            kv_cache.copy_blocks(step.block_copies)
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)
         scored = None
         if (kv_cache is self.kv_cache and step.scoring is None and self.graphs is not None
                 and self.graphs.can_run(meta)):
+            wait_for_swaps(ready)
             logits = self.graphs.run(input_ids, positions, meta)[rows]
         else:
-            hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend),
+            hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend, ready),
                                 self._carried(len(step.input_ids)))
             if not self.model.is_last_stage:
                 self.groups.send_activations(*hidden)

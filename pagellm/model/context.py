@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
+import torch
+
 from pagellm.kernels.attention import AttentionBackend, AttentionMetadata, LayerKVCache
 
 
@@ -18,8 +20,12 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: Sequence[LayerKVCache]   # indexed by layer
     backend: AttentionBackend
+    kv_ready: Sequence[torch.cuda.Event | None] = ()   # per layer: wait before touching its KV (host swaps)
 
     def kv(self, layer_index: int) -> LayerKVCache:
+        """Layer ``layer_index``'s cache, once the swaps into and out of it are done (``KVCache.swap``)."""
+        if self.kv_ready and self.kv_ready[layer_index] is not None:
+            self.kv_ready[layer_index].wait()
         return self.kv_caches[layer_index]
 
     @property
