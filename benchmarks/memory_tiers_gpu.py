@@ -1,21 +1,28 @@
-"""Memory tiers on one GPU, random Llama-3-8B weights (bf16), one process:
+"""Memory tiers on one GPU, random weights, one process:
 
     PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT
 
-1. copies: host<->device bandwidth of the KV swap path (``KVCache.swap``, 512
-   blocks each way, pinned host pool) and of a plain pinned copy.
-2. swap vs recompute: 16 prompts of 4,096 tokens + 128 generated, greedy, in a
-   KV pool of half their demand; the same engine with swaps allowed
-   (``swap_min_tokens`` 512) and with recompute only; wall time, preemptions,
-   swaps, and whether the outputs match.
-3. host prefix tier: a 4,096-token prompt computed, evicted from the device by
-   other prompts, then asked again with a new last block: time of the first
-   (computed) vs the second (restored from the host) request.
-4. weight offload: batch-1 decode, 16 of 32 layers streamed from pinned host
-   memory, against the bound (streamed bytes / measured host-to-device copy
-   bandwidth + the same engine's all-resident eager step), and whether the tokens
-   match the resident engine's.
-Everything goes into ``$OUT/memory-tiers.json``; a table is printed last.
+1. identity: a small model (qwen2.5-0.5b shapes, fp32, CUDA graphs on) under
+   forced swaps (a pool of 3 sequences for 12, ``swap_min_tokens`` 1, the
+   host pool in 6 layer groups) and host prefix hits gives the greedy tokens
+   of the same model unpressured.
+2. copies (Llama-3-8B shapes, bf16 from here on): host<->device bandwidth of
+   ``KVCache.swap`` (512 blocks each way, and 256 each way at once) and of one
+   pinned copy.
+3. swap vs recompute: 8 prompts of 4,096 tokens + 256 generated, greedy, in a
+   pool of 1,040 blocks (less than half their 2,176 blocks of KV: 4 fit, and
+   their growth preempts); the same engine with its host tier (swaps and
+   spills) and without it (recompute only), on different prompts (no
+   cross-variant cache hits); wall time, preemptions, recomputed tokens.
+4. host prefix tier: a 4,096-token prefix + 16 tokens computed, asked again
+   (device hit), evicted to the host by other prompts, asked again (restored
+   from the host: its blocks come in while the blocks of the prompts that
+   evicted it spill out); three rounds, medians.
+5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
+   ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
+   bound (streamed bytes / pinned copy bandwidth + the all-resident eager step
+   measured in 2.-4.'s engine), and its peak device memory.
+``$OUT/memory-tiers.json`` is rewritten after every part; a table is printed last.
 """
 from __future__ import annotations
 
@@ -25,13 +32,17 @@ import gc
 import json
 import platform
 import random
+import statistics
 import time
 
 import torch
+import triton
 
 from pagellm import LLM, SamplingParams
+from pagellm.engine import kv_cache
 
 MODEL = "llama-3-8b"
+ONE = SamplingParams(temperature=0, max_tokens=1)
 
 
 def timed(fn) -> float:
@@ -42,71 +53,134 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def random_prompts(rng: random.Random, n: int, length: int) -> list[list[int]]:
+    return [[rng.randrange(1000, 100000) for _ in range(length)] for _ in range(n)]
+
+
+def tokens(llm: LLM, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def identity() -> dict:
+    rng = random.Random(3)
+    prompts = [random_prompts(rng, 1, rng.randrange(300, 700))[0] for _ in range(12)]
+    prefix = random_prompts(rng, 1, 512)[0]
+    shared = [prefix + suffix for suffix in random_prompts(rng, 2, 8)]
+    fillers = random_prompts(rng, 4, 700)
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    common = dict(random_weights=True, dtype="float32", max_model_len=2048, max_num_seqs=16)
+    plain = LLM("qwen2.5-0.5b", num_kv_blocks=2048, **common)
+    expected = tokens(plain, prompts, greedy), tokens(plain, shared, greedy)
+    del plain
+    gc.collect()
+    torch.cuda.empty_cache()
+    kv_cache.GROUP_COPY_BYTES = 64 << 10   # 384 KiB blocks in 6 groups of 4 layers
+    llm = LLM("qwen2.5-0.5b", num_kv_blocks=140, swap_space="1GiB", swap_min_tokens=1, **common)
+    kv_cache.GROUP_COPY_BYTES = 512 << 10
+    swapped = tokens(llm, prompts, greedy)
+    swaps = llm.engine.stats()
+    first = tokens(llm, shared[:1], greedy)
+    tokens(llm, fillers, ONE)   # evicts the shared prefix from the device
+    before = llm.engine.stats()
+    second = tokens(llm, shared[1:], greedy)
+    after = llm.engine.stats()
+    result = {"layer_groups": len(llm.engine.runner.kv_cache.layer_groups),
+              "swap_outputs_identical": f"{sum(a == b for a, b in zip(swapped, expected[0]))}/{len(prompts)}",
+              "num_preemptions": swaps["num_preemptions"], "num_swapped_out": swaps["num_swapped_out"],
+              "host_hit_outputs_identical": first + second == expected[1],
+              "host_prefix_hit_tokens": after["host_prefix_hit_tokens"] - before["host_prefix_hit_tokens"]}
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def copies(llm: LLM) -> dict:
+    """On a fresh engine (no block holds anything yet)."""
     kv = llm.engine.runner.kv_cache
-    n = min(512, kv.host_pool.shape[0], kv.num_blocks)
+    n = min(512, kv.num_host_blocks // 2, kv.num_blocks)
     pairs = [(i, i) for i in range(n)]
     nbytes = n * kv.spec.bytes_per_block
-    kv.swap(pairs, [])   # warm-up
+    kv.swap(pairs, pairs)   # warm-up
     out_s = min(timed(lambda: kv.swap(pairs, [])) for _ in range(3))
     in_s = min(timed(lambda: kv.swap([], pairs)) for _ in range(3))
+    half = [(i, n + i) for i in range(n // 2)], [(n // 2 + i, i) for i in range(n // 2)]
+    both_s = min(timed(lambda: kv.swap(*half)) for _ in range(3))
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     h2d_s = min(timed(lambda: dev.copy_(host, non_blocking=True)) for _ in range(3))
-    return {"blocks": n, "bytes": nbytes, "swap_out_gb_s": nbytes / out_s / 1e9, "swap_in_gb_s": nbytes / in_s / 1e9,
+    return {"blocks": n, "bytes": nbytes, "layer_groups": len(kv.layer_groups),
+            "swap_out_gb_s": nbytes / out_s / 1e9, "swap_in_gb_s": nbytes / in_s / 1e9,
+            "half_each_way_at_once_gb_s": nbytes / both_s / 1e9, "half_each_way_ms": both_s * 1e3,
             "pinned_h2d_gb_s": nbytes / h2d_s / 1e9}
 
 
 def swap_vs_recompute(llm: LLM) -> dict:
     rng = random.Random(0)
-    prompts = [[rng.randrange(1000, 100000) for _ in range(4096)] for _ in range(16)]
-    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     engine = llm.engine
+    host = engine.block_manager.host
+    llm.generate(random_prompts(rng, 2, 4096), SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     result = {}
-    for name, threshold in (("swap", 512), ("recompute", 10**9)):
-        engine.scheduler.config.swap_min_tokens = threshold
+    for name in ("swap", "recompute"):
+        engine.block_manager.host = host if name == "swap" else None   # recompute only: no host tier at all
+        prompts = random_prompts(rng, 8, 4096)
         before = engine.stats()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
+        seconds = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
         after = engine.stats()
-        result[name] = {"seconds": seconds, "tokens": [o.outputs[0].token_ids for o in outs],
-                        **{k: after[k] - before[k] for k in ("num_preemptions", "num_swapped_out", "kv_bytes_to_host",
-                                                             "kv_bytes_to_device", "num_prefill_tokens")}}
-    same = sum(a == b for a, b in zip(result["swap"].pop("tokens"), result["recompute"].pop("tokens")))
+        result[name] = {"seconds": seconds, **{k: after[k] - before[k] for k in (
+            "num_preemptions", "num_swapped_out", "kv_bytes_to_host", "kv_bytes_to_device", "num_prefill_tokens")}}
+    engine.block_manager.host = host
     return result | {"speedup": result["recompute"]["seconds"] / result["swap"]["seconds"],
-                     "identical_outputs": f"{same}/16", "kv_pool_blocks": engine.block_manager.num_blocks,
-                     "kv_demand_blocks": 16 * (4096 + 128) // 16}
+                     "kv_pool_blocks": engine.block_manager.num_blocks, "kv_demand_blocks": 8 * (4096 + 256) // 16}
 
 
 def prefix_restore(llm: LLM) -> dict:
     rng = random.Random(1)
-    prefix = [rng.randrange(1000, 100000) for _ in range(4096)]
-    one = SamplingParams(temperature=0, max_tokens=1)
     engine = llm.engine
-    llm.generate([[rng.randrange(1000, 100000) for _ in range(64)]], one, use_tqdm=False)   # warm
-    first_s = timed(lambda: llm.generate([prefix + [7] * 16], one, use_tqdm=False))
-    filler = [[rng.randrange(1000, 100000) for _ in range(4096)] for _ in range(engine.block_manager.num_blocks // 256 + 2)]
-    for prompt in filler:
-        llm.generate([prompt], one, use_tqdm=False)
-    before = engine.stats()
-    second_s = timed(lambda: llm.generate([prefix + [9] * 16], one, use_tqdm=False))
-    after = engine.stats()
-    return {"computed_s": first_s, "restored_s": second_s, "speedup": first_s / second_s,
-            "host_hit_tokens": after["host_prefix_hit_tokens"] - before["host_prefix_hit_tokens"],
-            "prefill_tokens": after["num_prefill_tokens"] - before["num_prefill_tokens"]}
+    run = lambda prompt: timed(lambda: llm.generate([prompt], ONE, use_tqdm=False))   # noqa: E731
+    run(random_prompts(rng, 1, 4112)[0])   # warm: the same shapes
+    rounds = []
+    for _ in range(3):
+        prefix = random_prompts(rng, 1, 4096)[0]
+        computed = run(prefix + random_prompts(rng, 1, 16)[0])
+        device_hit = run(prefix + random_prompts(rng, 1, 16)[0])
+        for prompt in random_prompts(rng, engine.block_manager.num_blocks // 256 + 2, 4096):
+            run(prompt)
+        before = engine.stats()
+        restored = run(prefix + random_prompts(rng, 1, 16)[0])
+        after = engine.stats()
+        rounds.append({"computed_s": computed, "device_hit_s": device_hit, "restored_s": restored,
+                       **{k: after[k] - before[k] for k in ("host_prefix_hit_tokens", "num_prefill_tokens",
+                                                            "kv_bytes_to_host", "kv_bytes_to_device")}})
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("computed_s", "device_hit_s", "restored_s")}
+    return {"rounds": rounds, **med, "speedup": med["computed_s"] / med["restored_s"],
+            "exposed_copy_ms": (med["restored_s"] - med["device_hit_s"]) * 1e3}
 
 
-def decode_ms(llm: LLM, prompt: list[int], n: int = 64) -> tuple[float, list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+def decode_ms(llm: LLM, prompt: list[int], n: int) -> float:
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)   # warm
-    torch.cuda.synchronize()
+    whole = timed(lambda: llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                                       use_tqdm=False))
+    first = timed(lambda: llm.generate([prompt], ONE, use_tqdm=False))   # prefill + 1 token
+    return (whole - first) / (n - 1) * 1e3
+
+
+def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -> dict:
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    out = llm.generate([prompt], params, use_tqdm=False)[0]
-    one = SamplingParams(temperature=0, max_tokens=1)
-    seconds = time.perf_counter() - start
-    first = timed(lambda: llm.generate([prompt], one, use_tqdm=False))   # prefill + 1 token
-    return (seconds - first) / (n - 1) * 1e3, out.outputs[0].token_ids
+    llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
+              max_num_batched_tokens=2048, gpu_memory="8GiB", cpu_offload_memory="auto")
+    start_s = time.perf_counter() - start
+    memory = llm.engine.memory
+    ms = decode_ms(llm, prompt, 16)
+    bound_ms = resident_eager_ms + memory.host_weights_bytes / (h2d_gb_s * 1e9) * 1e3
+    return {"start_s": start_s, "offloaded_layers": memory.offloaded_layers,
+            "host_weights_bytes": memory.host_weights_bytes, "device_weights_bytes": memory.weights_bytes,
+            "activation_bytes": memory.activation_bytes, "kv_cache_bytes": memory.kv_cache_bytes,
+            "kv_blocks": memory.num_blocks, "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "decode_ms": ms, "bound_ms": bound_ms, "ratio_to_bound": ms / bound_ms,
+            "streamed_gb_s": memory.host_weights_bytes / ((ms - resident_eager_ms) / 1e3) / 1e9}
 
 
 def main() -> None:
@@ -114,47 +188,41 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     figures: dict = {}
-    common = dict(random_weights=True, dtype="bfloat16", max_model_len=8192, enforce_eager=True)
-    llm = LLM(MODEL, kv_cache_memory="4GiB", swap_space="16GiB", **common)
-    figures["copies"] = copies(llm)
-    figures["swap_vs_recompute"] = swap_vs_recompute(llm)
-    figures["prefix_restore"] = prefix_restore(llm)
-    prompt = list(range(1000, 1128))
-    resident_ms, resident_tokens = decode_ms(llm, prompt)
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    layer_bytes = 436_224_000   # one Llama-3-8B decoder layer in bf16
-    offloaded = LLM(MODEL, kv_cache_memory="4GiB", cpu_offload_memory=16 * layer_bytes, **common)
-    memory = offloaded.engine.memory
-    offload_ms, offload_tokens = decode_ms(offloaded, prompt)
-    h2d = figures["copies"]["pinned_h2d_gb_s"] * 1e9
-    bound_ms = resident_ms + memory.host_weights_bytes / h2d * 1e3
-    figures["offload"] = {"offloaded_layers": memory.offloaded_layers, "layer_bytes": layer_bytes,
-                          "host_weights_bytes": memory.host_weights_bytes,
-                          "device_weights_bytes": memory.weights_bytes, "resident_eager_ms": resident_ms,
-                          "offload_ms": offload_ms, "bound_ms": bound_ms, "ratio_to_bound": offload_ms / bound_ms,
-                          "streamed_gb_s": memory.host_weights_bytes / ((offload_ms - resident_ms) / 1e3) / 1e9,
-                          "tokens_match_resident": offload_tokens == resident_tokens}
-    result = {"device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__,
-                                                                   "python": platform.python_version()},
+    result = {"device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                           "python": platform.python_version()},
               "command": "PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT",
               "date": datetime.date.today().isoformat(), "model": f"{MODEL} shapes, random bf16 weights",
               "figures": figures}
-    with open(f"{args.out}/memory-tiers.json", "w") as f:
-        json.dump(result, f, indent=2)
-    c, s, p, o = figures["copies"], figures["swap_vs_recompute"], figures["prefix_restore"], figures["offload"]
+
+    def record(name: str, fn, *fn_args) -> None:
+        started = time.perf_counter()
+        try:
+            figures[name] = fn(*fn_args)
+        except Exception as error:   # keep the other parts' figures
+            figures[name] = {"error": repr(error)}
+        figures[name]["section_s"] = time.perf_counter() - started
+        with open(f"{args.out}/memory-tiers.json", "w") as f:
+            json.dump(result, f, indent=2)
+        print(name, json.dumps(figures[name]), flush=True)
+
+    record("identity", identity)
+    llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,
+              swap_space="16GiB", max_num_seqs=16)
+    record("copies", copies, llm)
+    record("swap_vs_recompute", swap_vs_recompute, llm)
+    record("prefix_restore", prefix_restore, llm)
+    prompt = list(range(1000, 1128))
+    graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None   # the eager step, as offloading runs
+    record("resident", lambda: {"eager_decode_ms": decode_ms(llm, prompt, 32)})
+    llm.engine.runner.graphs = graphs
+    record("resident_graphs", lambda: {"decode_ms": decode_ms(llm, prompt, 32)})
+    del llm, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    record("offload_8gib", offload_8gib, figures["resident"].get("eager_decode_ms", 0.0),
+           figures["copies"].get("pinned_h2d_gb_s", 50.0), prompt)
     print(json.dumps(figures, indent=1))
-    print(f"swap copies: out {c['swap_out_gb_s']:.1f} GB/s, in {c['swap_in_gb_s']:.1f} GB/s, pinned copy "
-          f"{c['pinned_h2d_gb_s']:.1f} GB/s")
-    print(f"swap vs recompute: {s['swap']['seconds']:.2f} s vs {s['recompute']['seconds']:.2f} s = "
-          f"{s['speedup']:.2f}x; preemptions {s['swap']['num_preemptions']} / {s['recompute']['num_preemptions']}, "
-          f"outputs identical {s['identical_outputs']}")
-    print(f"prefix 4k: computed {p['computed_s'] * 1e3:.1f} ms, restored {p['restored_s'] * 1e3:.1f} ms = "
-          f"{p['speedup']:.1f}x (host hit {p['host_hit_tokens']} tokens)")
-    print(f"offload {o['offloaded_layers']} layers: {o['offload_ms']:.1f} ms/token vs bound {o['bound_ms']:.1f} "
-          f"(resident eager {o['resident_eager_ms']:.1f}) = {o['ratio_to_bound']:.2f}x; tokens match "
-          f"{o['tokens_match_resident']}")
 
 
 if __name__ == "__main__":
