@@ -208,7 +208,7 @@ def main() -> None:
 
     record("identity", identity)
     llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,
-              swap_space="16GiB", max_num_seqs=16)
+              swap_space="8GiB", max_num_seqs=16)
     record("copies", copies, llm)
     record("swap_vs_recompute", swap_vs_recompute, llm)
     record("prefix_restore", prefix_restore, llm)
