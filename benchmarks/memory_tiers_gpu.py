@@ -2,10 +2,12 @@
 
     PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT
 
-1. identity: a small model (qwen2.5-0.5b shapes, fp32, CUDA graphs on) under
-   forced swaps (a pool of 3 sequences for 12, ``swap_min_tokens`` 1, the
-   host pool in 6 layer groups) and host prefix hits gives the greedy tokens
-   of the same model unpressured.
+1. identity: a small model (qwen2.5-0.5b shapes) under forced swaps (a pool
+   of 3 sequences for 12, ``swap_min_tokens`` 1, the host pool in 6 or 12
+   layer groups) and host prefix hits gives the greedy tokens of the same
+   model unpressured: fp32 with the torch attention (eager; the Triton
+   kernels take fp16/bf16) and bf16 with Triton and CUDA graphs (random bf16
+   weights give near-flat logits, so a different batch shape may flip a tie).
 2. copies (Llama-3-8B shapes, bf16 from here on): host<->device bandwidth of
    ``KVCache.swap`` (512 blocks each way, and 256 each way at once) and of one
    pinned copy.
@@ -61,20 +63,20 @@ def tokens(llm: LLM, prompts, params) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def identity() -> dict:
+def identity(dtype: str, backend: str) -> dict:
     rng = random.Random(3)
     prompts = [random_prompts(rng, 1, rng.randrange(300, 700))[0] for _ in range(12)]
     prefix = random_prompts(rng, 1, 512)[0]
     shared = [prefix + suffix for suffix in random_prompts(rng, 2, 8)]
     fillers = random_prompts(rng, 4, 700)
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    common = dict(random_weights=True, dtype="float32", max_model_len=2048, max_num_seqs=16)
+    common = dict(random_weights=True, dtype=dtype, attention_backend=backend, max_model_len=2048, max_num_seqs=16)
     plain = LLM("qwen2.5-0.5b", num_kv_blocks=2048, **common)
     expected = tokens(plain, prompts, greedy), tokens(plain, shared, greedy)
     del plain
     gc.collect()
     torch.cuda.empty_cache()
-    kv_cache.GROUP_COPY_BYTES = 64 << 10   # 384 KiB blocks in 6 groups of 4 layers
+    kv_cache.GROUP_COPY_BYTES = 32 << 10   # the blocks (192 KiB in bf16, 384 in fp32) in 6 or 12 layer groups
     llm = LLM("qwen2.5-0.5b", num_kv_blocks=140, swap_space="1GiB", swap_min_tokens=1, **common)
     kv_cache.GROUP_COPY_BYTES = 512 << 10
     swapped = tokens(llm, prompts, greedy)
@@ -84,7 +86,8 @@ def identity() -> dict:
     before = llm.engine.stats()
     second = tokens(llm, shared[1:], greedy)
     after = llm.engine.stats()
-    result = {"layer_groups": len(llm.engine.runner.kv_cache.layer_groups),
+    result = {"dtype": dtype, "attention_backend": backend, "cuda_graphs": llm.engine.runner.graphs is not None,
+              "layer_groups": len(llm.engine.runner.kv_cache.layer_groups),
               "swap_outputs_identical": f"{sum(a == b for a, b in zip(swapped, expected[0]))}/{len(prompts)}",
               "num_preemptions": swaps["num_preemptions"], "num_swapped_out": swaps["num_swapped_out"],
               "host_hit_outputs_identical": first + second == expected[1],
@@ -186,6 +189,7 @@ def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--identity-only", action="store_true")
     args = parser.parse_args()
     figures: dict = {}
     result = {"device": torch.cuda.get_device_name(),
@@ -206,7 +210,10 @@ def main() -> None:
             json.dump(result, f, indent=2)
         print(name, json.dumps(figures[name]), flush=True)
 
-    record("identity", identity)
+    record("identity_fp32_torch", identity, "float32", "torch")
+    record("identity_bf16_triton", identity, "bfloat16", "triton")
+    if args.identity_only:
+        return
     llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,
               swap_space="8GiB", max_num_seqs=16)
     record("copies", copies, llm)
