@@ -2,9 +2,9 @@
 
     PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT
 
-1. identity: a small model (qwen2.5-0.5b shapes) under forced swaps (a pool
-   of 3 sequences for 12, ``swap_min_tokens`` 1, the host pool in 6 or 12
-   layer groups) and host prefix hits gives the greedy tokens of the same
+1. identity: a small model (qwen2.5-0.5b shapes) under forced swaps (12
+   prompts of 300-700 tokens + 64 in a pool of 120 blocks, 256 tokens a step,
+   ``swap_min_tokens`` 1, the host pool in 6 or 12 layer groups) and host prefix hits gives the greedy tokens of the same
    model unpressured: fp32 with the torch attention (eager; the Triton
    kernels take fp16/bf16) and bf16 with Triton and CUDA graphs (random bf16
    weights give near-flat logits, so a different batch shape may flip a tie).
@@ -69,15 +69,16 @@ def identity(dtype: str, backend: str) -> dict:
     prefix = random_prompts(rng, 1, 512)[0]
     shared = [prefix + suffix for suffix in random_prompts(rng, 2, 8)]
     fillers = random_prompts(rng, 4, 700)
-    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    common = dict(random_weights=True, dtype=dtype, attention_backend=backend, max_model_len=2048, max_num_seqs=16)
-    plain = LLM("qwen2.5-0.5b", num_kv_blocks=2048, **common)
-    expected = tokens(plain, prompts, greedy), tokens(plain, shared, greedy)
+    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    common = dict(random_weights=True, dtype=dtype, attention_backend=backend, max_model_len=2048, max_num_seqs=16,
+                  max_num_batched_tokens=256)
+    plain = LLM("qwen2.5-0.5b", num_kv_blocks=2048, **common)   # the shared prompts one call each, as below
+    expected = tokens(plain, prompts, greedy), tokens(plain, shared[:1], greedy) + tokens(plain, shared[1:], greedy)
     del plain
     gc.collect()
     torch.cuda.empty_cache()
     kv_cache.GROUP_COPY_BYTES = 32 << 10   # the blocks (192 KiB in bf16, 384 in fp32) in 6 or 12 layer groups
-    llm = LLM("qwen2.5-0.5b", num_kv_blocks=140, swap_space="1GiB", swap_min_tokens=1, **common)
+    llm = LLM("qwen2.5-0.5b", num_kv_blocks=120, swap_space="1GiB", swap_min_tokens=1, **common)
     kv_cache.GROUP_COPY_BYTES = 512 << 10
     swapped = tokens(llm, prompts, greedy)
     swaps = llm.engine.stats()
