@@ -1,0 +1,86 @@
+"""How often long prompts preempt, and what swapping saves: the engine's real
+scheduler and block manager (no model) replayed over workload shapes, with
+each step priced by a cost model taken from the H200 run of
+``memory_tiers_gpu.py`` (Llama-3-8B, bf16):
+
+    PYTHONPATH=. python3 benchmarks/swap_preemption_model.py --out DIR
+
+A step costs ``DECODE_MS`` (a graph-replayed decode step) plus ``PREFILL_US``
+per prompt or recomputed token (a 4,096-token prefix: 108 ms computed less 41
+ms for the same request with it cached) plus, with the host tier, every block
+copied either way at ``COPY_GBPS`` (not overlapped: this favours recompute).
+Each shape runs in a pool of half its KV demand and in a tighter one (as
+many whole prompts as that holds, plus 12 blocks to grow into: the GPU run's
+1,040 blocks), with the host tier (swaps, spills, restores) and without
+(recompute only), the prefix cache on and off; ``$DIR/swap-preemption-model.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+
+from pagellm.engine.block_manager import BlockManager
+from pagellm.engine.host_blocks import HostBlockPool
+from pagellm.engine.scheduler import Scheduler, SchedulerConfig
+from pagellm.engine.sequence import Sequence
+from pagellm.sampling_params import SamplingParams
+
+BLOCK, BLOCK_BYTES = 16, 2 << 20            # Llama-3-8B bf16: 128 KiB a token
+DECODE_MS, PREFILL_US, COPY_GBPS = 5.5, 16.4, 46.0
+SHAPES = [(n, prompt, out) for n, prompt, out in
+          [(8, 4096, 256), (8, 4096, 512), (8, 4096, 1024), (16, 4096, 128), (16, 4096, 256), (16, 4096, 512),
+           (16, 4096, 1024), (32, 4096, 256), (32, 4096, 512), (16, 6144, 512), (12, 4096, 1024), (8, 6144, 1024)]]
+
+
+def replay(n: int, prompt: int, out: int, pool: int, host_tier: bool, prefix_caching: bool) -> dict:
+    rng = random.Random(0)
+    host = HostBlockPool(8 * pool) if host_tier else None
+    scheduler = Scheduler(SchedulerConfig(256, 8192, prompt + out, 512),
+                          BlockManager(pool, BLOCK, prefix_caching, host=host))
+    for i in range(n):
+        tokens = [rng.randrange(1000, 100000) for _ in range(prompt)]
+        scheduler.add(Sequence(i, str(i), 0, tokens, SamplingParams(max_tokens=out, ignore_eos=True), 0, 0.0))
+    ms, copied = 0.0, 0
+    while scheduler.waiting or scheduler.running:
+        batch = scheduler.schedule()
+        swap_out, swap_in = host.take_swaps() if host else ([], [])
+        copied += len(swap_out) + len(swap_in)
+        computed = sum(k for k in batch.num_new_tokens if k > 1)
+        ms += DECODE_MS + computed * PREFILL_US / 1e3 + (len(swap_out) + len(swap_in)) * BLOCK_BYTES / COPY_GBPS / 1e6
+        for seq, k in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += k
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.append_token(rng.randrange(1000, 100000))
+                if seq.num_output_tokens >= out:
+                    scheduler.finish(seq)
+    return {"seconds": ms / 1e3, "preemptions": scheduler.stats.num_preemptions,
+            "computed_prompt_tokens": scheduler.stats.num_prefill_tokens, "blocks_copied": copied}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = []
+    for (n, prompt, out), prefix_caching in itertools.product(SHAPES, (True, False)):
+        half = n * (prompt + out) // BLOCK // 2
+        tight = half // (prompt // BLOCK + 1) * (prompt // BLOCK + 1) + 12   # prompts + 12 blocks to grow into
+        for pool in (half, tight):
+            swap = replay(n, prompt, out, pool, True, prefix_caching)
+            recompute = replay(n, prompt, out, pool, False, prefix_caching)
+            rows.append({"requests": n, "prompt": prompt, "output": out, "pool_blocks": pool, "half_demand": half,
+                         "prefix_caching": prefix_caching, "swap": swap, "recompute": recompute,
+                         "speedup": recompute["seconds"] / swap["seconds"]})
+            print(f"{n:3d} x ({prompt} + {out:4d}) in {pool:5d} blocks, prefix cache {prefix_caching!s:5}: "
+                  f"preemptions {swap['preemptions']} / {recompute['preemptions']}, "
+                  f"{swap['seconds']:.2f} s vs {recompute['seconds']:.2f} s = {rows[-1]['speedup']:.2f}x", flush=True)
+    model = {"decode_ms": DECODE_MS, "prefill_us_per_token": PREFILL_US, "copy_gb_s": COPY_GBPS}
+    with open(f"{args.out}/swap-preemption-model.json", "w") as f:
+        json.dump({"command": "PYTHONPATH=. python3 benchmarks/swap_preemption_model.py --out DIR",
+                   "cost_model": model, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
