@@ -54,29 +54,30 @@ def test_grouped_run_copies_do_what_one_pair_at_a_time_does(storage, monkeypatch
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: the copies run on side streams there"))])
 def test_each_layer_of_the_step_waits_for_its_own_swaps(device, monkeypatch):
-    """A step's forward, layer by layer, behind asynchronous swaps (64 MiB each
-    way, so an unordered write would overtake the copies): it overwrites blocks
+    """A step's forward, layer by layer, behind asynchronous swaps (on CUDA 64
+    MiB each way, so an unordered write would overtake the copies): it overwrites blocks
     just swapped out (their old K/V must reach the host first) and reads blocks
     just swapped in (their host contents must be there)."""
     spec = kv_cache.KVCacheSpec(num_layers=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16,
                                 has_null_block=False)   # 64 KiB a layer, 512 KiB a block
     monkeypatch.setattr(kv_cache, "GROUP_COPY_BYTES", 128 << 10)
-    kv = kv_cache.KVCache(spec, num_blocks=260, device=device, num_host_blocks=256)
+    n = 128 if device == "cuda" else 8   # blocks each way
+    kv = kv_cache.KVCache(spec, num_blocks=2 * n + 4, device=device, num_host_blocks=2 * n)
     assert kv.layer_groups == [(0, 2), (2, 4), (4, 6), (6, 8)]
     kv.pool.normal_()
     for host in kv.host_pools:
         host.normal_()
-    out = [(d, h) for d, h in zip(range(0, 128), range(128, 256))]
-    in_ = [(d, h) for d, h in zip(range(128, 256), range(0, 128))]
-    old = kv.pool[:, :, :128].clone()
+    out = list(zip(range(n), range(n, 2 * n)))
+    in_ = list(zip(range(n, 2 * n), range(n)))
+    old = kv.pool[:, :, :n].clone()
     incoming = torch.stack([host_parts(kv, h)[0] for _, h in in_], dim=2).to(device)
     ready = kv.swap(out, in_)
     assert sum(event is not None for event in ready) == (4 if device == "cuda" else 0)
     seen = torch.empty_like(incoming)
     for layer in range(spec.num_layers):   # what the attention layers do, through ForwardContext.kv
         ForwardContext(None, kv.layers, None, ready).kv(layer)
-        kv.pool[:, layer, :128] = -1.0
-        seen[:, layer] = kv.pool[:, layer, 128:256]
+        kv.pool[:, layer, :n] = -1.0
+        seen[:, layer] = kv.pool[:, layer, n:2 * n]
     if device == "cuda":
         torch.cuda.synchronize()   # before the CPU reads the host pool
     assert torch.equal(torch.stack([host_parts(kv, h)[0] for _, h in out], dim=2), old.cpu())
