@@ -82,3 +82,29 @@ def test_a_rank_loads_the_same_slices_from_unread_safetensors(tmp_path):
     torch.testing.assert_close(qkv.weight[:32], tensors["qkv"][32:64], rtol=0, atol=0)
     torch.testing.assert_close(qkv.weight[32:48], tensors["qkv"][64:80], rtol=0, atol=0)
     torch.testing.assert_close(o.weight, tensors["o"][:, 32:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dense", "int8"])
+def test_vocab_slices_padded_when_the_ranks_do_not_divide_the_vocabulary(method):
+    """10 rows over 3 ranks: 4, 4 and 2 real rows + 2 zero rows; the ranks' logits,
+    side by side and cut to 10, are the one-process LM head's; each rank embeds the
+    ids it holds and gives zeros for the rest."""
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden = 10, IN
+    weight, x, ids = torch.randn(vocab, hidden, generator=g), torch.randn(3, hidden, generator=g), torch.arange(vocab)
+
+    def make(tp):
+        head = LayerFactory(torch.float32, lambda prefix: METHODS[method](), tp).vocab("lm_head", hidden, vocab)
+        head.weight_loaders["weight"](weight, None)
+        return head
+
+    whole = make(TensorGroup())
+    ranks = [make(TensorGroup(rank, 3)) for rank in range(3)]
+    with torch.no_grad():
+        logits = torch.cat([head.method.apply(head, x) for head in ranks], dim=-1)
+        assert logits.shape[-1] == 12
+        torch.testing.assert_close(logits[:, :vocab], whole(x))
+        assert torch.count_nonzero(logits[:, vocab:]) == 0
+        rows = sum(head.method.embed(head, (ids - head.row_ranges[0][0]).clamp(0, 3)) *
+                   ((ids >= head.row_ranges[0][0]) & (ids < head.row_ranges[0][0] + 4))[:, None] for head in ranks)
+        torch.testing.assert_close(rows, whole.embed(ids), rtol=0, atol=0)

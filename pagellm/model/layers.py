@@ -228,14 +228,28 @@ class RowParallelLinear(Linear):
 
 class VocabParallelEmbedding(ColumnParallelLinear):
     """The token embedding and the LM head (one module when tied): each rank
-    keeps 1/tp of the vocabulary rows. Looking up ids other ranks hold gives
-    zeros, so an all-reduce assembles the embedding; the LM head's partial
-    logits are gathered side by side."""
+    keeps ``ceil(vocab / tp)`` of the vocabulary rows, the last rank's padded
+    with zero rows when the ranks do not divide the vocabulary. Looking up ids
+    other ranks hold gives zeros, so an all-reduce assembles the embedding; the
+    LM head's partial logits are gathered side by side and the padding cut off."""
 
     def __init__(self, hidden_size: int, vocab_size: int, method: LinearMethod, params_dtype: torch.dtype,
                  tp: TensorGroup) -> None:
-        count = _split(vocab_size, tp.size, "vocabulary rows")
+        self.vocab_size = vocab_size
+        count = -(-vocab_size // tp.size)
         super().__init__(hidden_size, [(tp.rank * count, count)], False, method, params_dtype, tp)
+
+    def shard_of(self, loaded: torch.Tensor, shard_id: int | None, output_dim: int = 0) -> torch.Tensor:
+        start, count = self.row_ranges[0]
+        rows = loaded.shape[output_dim]
+        kept = max(0, min(count, rows - start))
+        part = loaded.narrow(output_dim, min(start, rows), kept)
+        if kept == count:
+            return part
+        part = read(part)
+        padding = list(part.shape)
+        padding[output_dim] = count - kept
+        return torch.cat([part, part.new_zeros(padding)], dim=output_dim)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -247,7 +261,8 @@ class VocabParallelEmbedding(ColumnParallelLinear):
         return self.tp.all_reduce(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(super().forward(x))
+        logits = self.tp.all_gather(super().forward(x))
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
 
 
 def _split(size: int, parts: int, what: str) -> int:
