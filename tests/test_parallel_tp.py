@@ -2,7 +2,9 @@
 process, token for token, for every tiny architecture (MQA: fewer KV heads
 than ranks, so each is replicated), int8 weights, an int8 KV cache (each rank
 quantizes and smooths its own KV heads, as one process does them), a vocabulary
-the ranks do not divide (the last slice padded), a tiny GGUF's Q8_0 blocks
+the ranks do not divide (the last slice padded), a calibrated int4-awq checkpoint written by `pagellm
+quantize` (each rank cuts its columns of the input smoothing; w8a8's sharded layers are
+checked in test_parallel_layers), a tiny GGUF's Q8_0 blocks
 and the real Qwen2.5-Coder-0.5B GGUF; under a small KV pool and token budget,
 so chunked prefill and preemption happen on every rank alike. (The real
 model's one-process reference is HF transformers, whose greedy tokens
@@ -14,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from pagellm import LLM, SamplingParams
+from pagellm import LLM, SamplingParams, cli
 from pagellm.analysis.memory import memory_breakdown
 from pagellm.engine.memory import precision_of
 from pagellm.model.checkpoint import open_checkpoint
@@ -39,6 +41,11 @@ def _jobs(tmp_path_factory, qwen_path) -> list[Job]:
                                  vocab_size=TINY["vocab_size"] + 1))   # 321 rows: rank 1's slice is padded
     jobs += [Job("llama-odd-vocab", odd, batch, MAX_TOKENS, dict(SMALL_POOL)),
              Job("llama-odd-vocab-int8", odd, batch, MAX_TOKENS, dict(SMALL_POOL, quantization="int8"))]
+    wide = make_tiny_hf_model(tmp_path_factory.mktemp("wide"), arch="qwen2", num_kv_heads=2, hidden_size=256,
+                              intermediate_size=512)   # whole int4 groups of 128 on each rank
+    saved = tmp_path_factory.mktemp("int4-awq")   # calibrated once on one process, then served sharded
+    assert cli.main(["quantize", str(wide), str(saved), "--method", "int4-awq", "--dtype", "float32"]) == 0
+    jobs.append(Job("qwen2-int4-awq-saved", str(saved), batch, MAX_TOKENS, dict(SMALL_POOL)))
     gguf = write_tiny_gguf(make_tiny_hf_model(tmp_path_factory.mktemp("gguf"), arch="llama", num_kv_heads=2),
                            tmp_path_factory.mktemp("gguf-file") / "tiny-q8.gguf", GGMLQuantizationType.Q8_0)
     jobs.append(Job("llama-gguf-q8_0", str(gguf), batch, MAX_TOKENS, dict(SMALL_POOL, quantization="gguf")))
@@ -77,7 +84,8 @@ def outputs(tmp_path_factory, request):
 
 
 @pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "qwen2-bias-kv-int8", "llama-mqa-kv-int8",
-                                  "llama-odd-vocab", "llama-odd-vocab-int8", "llama-gguf-q8_0", REAL])
+                                  "llama-odd-vocab", "llama-odd-vocab-int8", "qwen2-int4-awq-saved",
+                                  "llama-gguf-q8_0", REAL])
 def test_tp2_greedy_matches_one_process(outputs, name):
     parallel, single, _ = outputs
     if name not in single:

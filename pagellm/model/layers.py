@@ -143,6 +143,10 @@ class Linear(nn.Module):
         output rows along ``output_dim``) this rank holds: all of it."""
         return loaded
 
+    def input_part(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a vector over the input columns (a calibrated input smoothing): all of it."""
+        return values
+
     def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
                   output_dim: int = 0) -> None:
         """Copy this rank's part of ``loaded`` into the rows of output shard
@@ -215,6 +219,9 @@ class RowParallelLinear(Linear):
         input_dim = 1 - output_dim
         width = _split(loaded.shape[input_dim], self.tp.size, "stored columns")
         return loaded.narrow(input_dim, self.tp.rank * width, width)
+
+    def input_part(self, values: torch.Tensor) -> torch.Tensor:
+        return values.narrow(0, self.tp.rank * self.input_size, self.input_size)
 
     def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
                   output_dim: int = 0) -> None:

@@ -52,8 +52,8 @@ class _InputSmoothing:
         param = nn.Parameter(torch.ones(layer.input_size, dtype=torch.float32), requires_grad=False)
         layer.register_parameter("input_scale", param)
         if self.smoothing is not None:
-            param.data.copy_(1.0 / self.smoothing.float())
-        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(read(tensor))
+            param.data.copy_(1.0 / layer.input_part(self.smoothing.float()))
+        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(layer.input_part(read(tensor)))
 
     def _smooth_weight(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.smoothing is None else tensor.float() * self.smoothing.to(tensor.device).float()
