@@ -166,7 +166,7 @@ class Checks:
                 ta.prefill_attention(q, k_cache, v_cache, meta, scale, window, out)
             self.record(f"{name} splits={num_splits or 'auto'}", rel_err(out, ref), TOLERANCE[dtype],
                         torch_lowp_err=f"{lowp:.1e}")
-        out = ta.TritonAttention().attend(q, k_cache, v_cache, meta, scale, window)
+        out = ta.TritonAttention().attend(q, LayerKVCache(k_cache, v_cache), meta, scale, window)
         self.record(f"{name} attend", rel_err(out, ref), TOLERANCE[dtype])
 
     def attention_matrix(self):
@@ -225,7 +225,7 @@ class Checks:
             for pos in stale:
                 k_cache[table[b, pos // block_size], pos % block_size] = float("nan")
                 v_cache[table[b, pos // block_size], pos % block_size] = float("nan")
-        out = ta.TritonAttention().attend(q, k_cache, v_cache, meta, scale, window)
+        out = ta.TritonAttention().attend(q, LayerKVCache(k_cache, v_cache), meta, scale, window)
         self.record(f"stale NaN slots win{window}", rel_err(out, ref), TOLERANCE[dtype])
 
     def cuda_graph_decode(self):

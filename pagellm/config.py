@@ -111,9 +111,6 @@ class EngineConfig:
             raise ValueError("speculative decoding runs on one process: it is not supported yet with "
                              "tensor_parallel_size or pipeline_parallel_size > 1")
         kv_format(self.kv_cache_dtype)
-        if self.kv_cache_dtype != "auto" and self.world_size > 1:
-            raise ValueError("a quantized KV cache (its key smoothing) is not split across ranks yet: use "
-                             "kv_cache_dtype='auto' with tensor_parallel_size or pipeline_parallel_size > 1")
 
     @property
     def world_size(self) -> int:

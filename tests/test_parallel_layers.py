@@ -10,7 +10,8 @@ import torch
 
 from pagellm.distributed.groups import TensorGroup
 from pagellm.model.layers import DENSE, LayerFactory
-from pagellm.quant.methods import Int4LinearMethod, Int8LinearMethod
+from pagellm.kernels import torch_quant
+from pagellm.quant.methods import Int4LinearMethod, Int8LinearMethod, W8A8LinearMethod
 
 METHODS = {"dense": lambda: DENSE, "int8": Int8LinearMethod, "int4": lambda: Int4LinearMethod(group_size=16)}
 IN, OUT = 64, 48
@@ -82,3 +83,59 @@ def test_a_rank_loads_the_same_slices_from_unread_safetensors(tmp_path):
     torch.testing.assert_close(qkv.weight[:32], tensors["qkv"][32:64], rtol=0, atol=0)
     torch.testing.assert_close(qkv.weight[32:48], tensors["qkv"][64:80], rtol=0, atol=0)
     torch.testing.assert_close(o.weight, tensors["o"][:, 32:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dense", "int8"])
+def test_vocab_slices_padded_when_the_ranks_do_not_divide_the_vocabulary(method):
+    """10 rows over 3 ranks: 4, 4 and 2 real rows + 2 zero rows; the ranks' logits,
+    side by side and cut to 10, are the one-process LM head's; each rank embeds the
+    ids it holds and gives zeros for the rest."""
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden = 10, IN
+    weight, x, ids = torch.randn(vocab, hidden, generator=g), torch.randn(3, hidden, generator=g), torch.arange(vocab)
+
+    def make(tp):
+        head = LayerFactory(torch.float32, lambda prefix: METHODS[method](), tp).vocab("lm_head", hidden, vocab)
+        head.weight_loaders["weight"](weight, None)
+        return head
+
+    whole = make(TensorGroup())
+    ranks = [make(TensorGroup(rank, 3)) for rank in range(3)]
+    with torch.no_grad():
+        logits = torch.cat([head.method.apply(head, x) for head in ranks], dim=-1)
+        assert logits.shape[-1] == 12
+        torch.testing.assert_close(logits[:, :vocab], whole(x))
+        assert torch.count_nonzero(logits[:, vocab:]) == 0
+        rows = sum(head.method.embed(head, (ids - head.row_ranges[0][0]).clamp(0, 3)) *
+                   ((ids >= head.row_ranges[0][0]) & (ids < head.row_ranges[0][0] + 4))[:, None] for head in ranks)
+        torch.testing.assert_close(rows, whole.embed(ids), rtol=0, atol=0)
+
+
+def test_w8a8_ranks_quantize_their_own_input_slices():
+    """A calibrated (smoothed) w8a8 down projection over 2 ranks: each rank holds
+    its columns of the input smoothing and of the whole-row int8 codes, and
+    quantizes its slice of each token with its own scale (as vLLM does), so its
+    partial product is the naive one below, and the partials sum to the
+    one-process layer within int8 noise."""
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(IN, 2 * OUT, generator=g), torch.randn(5, 2 * OUT, generator=g)
+    s = torch.rand(2 * OUT, generator=g) + 0.5
+
+    def make(tp):
+        row = LayerFactory(torch.float32, lambda prefix: W8A8LinearMethod(smoothing=s), tp).row(
+            "layers.0.mlp.down_proj", 2 * OUT, IN)
+        row.weight_loaders["weight"](weight, None)
+        return row
+
+    q, scale = torch_quant.quantize_int8(weight * s)
+    partials = []
+    with torch.no_grad():
+        for rank in range(2):
+            row, cols = make(TensorGroup(rank, 2)), slice(rank * OUT, (rank + 1) * OUT)
+            partial = row.method.apply(row, x[:, cols])
+            qx, xscale = torch_quant.quantize_int8(x[:, cols] / s[cols])
+            naive = (qx.double() @ q[:, cols].double().t()) * xscale.double()[:, None] * scale.double()
+            torch.testing.assert_close(partial, naive.float(), rtol=1e-5, atol=1e-4)
+            partials.append(partial)
+        whole = make(TensorGroup())(x)
+        assert (sum(partials) - whole).abs().max() < 0.02 * whole.abs().max()

@@ -2,7 +2,8 @@
 stage runs its contiguous layers with its own KV pool and passes hidden
 states on; greedy tokens match one process under chunked prefill and
 preemption. Tiny models of 4 layers (so each stage holds 2), untied and tied
-(the last stage keeps its own copy of the embedding as LM head)."""
+(the last stage keeps its own copy of the embedding as LM head), and an int8
+KV cache whose scales live in each stage's pool."""
 from __future__ import annotations
 
 import pytest
@@ -23,6 +24,7 @@ def outputs(tmp_path_factory):
     batch = prompts(TINY["vocab_size"])
     jobs = [Job(name, str(make_tiny_hf_model(tmp_path_factory.mktemp(name), num_hidden_layers=4, **arch)),
                 batch, MAX_TOKENS, dict(SMALL_POOL)) for name, arch in MODELS.items()]
+    jobs.append(Job("qwen2-bias-kv-int8", jobs[0].model, batch, MAX_TOKENS, dict(SMALL_POOL, kv_cache_dtype="int8")))
     parallel = run_jobs(4, [Job(j.name, j.model, j.prompts, j.max_tokens,
                                 dict(j.settings, tensor_parallel_size=2, pipeline_parallel_size=2)) for j in jobs])
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -31,7 +33,7 @@ def outputs(tmp_path_factory):
     return parallel, single
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [*MODELS, "qwen2-bias-kv-int8"])
 def test_tp2_pp2_greedy_matches_one_process(outputs, name):
     parallel, single = outputs
     assert parallel[name]["tokens"] == single[name]

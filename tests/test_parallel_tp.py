@@ -1,6 +1,10 @@
 """Tensor parallelism over 2 gloo processes gives the greedy tokens of one
 process, token for token, for every tiny architecture (MQA: fewer KV heads
-than ranks, so each is replicated), int8 weights, a tiny GGUF's Q8_0 blocks
+than ranks, so each is replicated), int8 weights, an int8 KV cache (each rank
+quantizes and smooths its own KV heads, as one process does them), a vocabulary
+the ranks do not divide (the last slice padded), a calibrated int4-awq checkpoint written by `pagellm
+quantize` (each rank cuts its columns of the input smoothing; w8a8's sharded layers are
+checked in test_parallel_layers), a tiny GGUF's Q8_0 blocks
 and the real Qwen2.5-Coder-0.5B GGUF; under a small KV pool and token budget,
 so chunked prefill and preemption happen on every rank alike. (The real
 model's one-process reference is HF transformers, whose greedy tokens
@@ -12,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from pagellm import LLM, SamplingParams
+from pagellm import LLM, SamplingParams, cli
 from pagellm.analysis.memory import memory_breakdown
 from pagellm.engine.memory import precision_of
 from pagellm.model.checkpoint import open_checkpoint
@@ -30,6 +34,18 @@ def _jobs(tmp_path_factory, qwen_path) -> list[Job]:
                 dict(SMALL_POOL)) for name, arch in ARCHS.items()]
     qwen2 = jobs[list(ARCHS).index("qwen2-bias")].model
     jobs.append(Job("qwen2-bias-int8", qwen2, batch, MAX_TOKENS, dict(SMALL_POOL, quantization="int8")))
+    for name in ("qwen2-bias", "llama-mqa"):   # KV heads split across ranks, and one KV head replicated
+        model = jobs[list(ARCHS).index(name)].model
+        jobs.append(Job(f"{name}-kv-int8", model, batch, MAX_TOKENS, dict(SMALL_POOL, kv_cache_dtype="int8")))
+    odd = str(make_tiny_hf_model(tmp_path_factory.mktemp("odd-vocab"), arch="llama", num_kv_heads=2,
+                                 vocab_size=TINY["vocab_size"] + 1))   # 321 rows: rank 1's slice is padded
+    jobs += [Job("llama-odd-vocab", odd, batch, MAX_TOKENS, dict(SMALL_POOL)),
+             Job("llama-odd-vocab-int8", odd, batch, MAX_TOKENS, dict(SMALL_POOL, quantization="int8"))]
+    wide = make_tiny_hf_model(tmp_path_factory.mktemp("wide"), arch="qwen2", num_kv_heads=2, hidden_size=256,
+                              intermediate_size=512)   # whole int4 groups of 128 on each rank
+    saved = tmp_path_factory.mktemp("int4-awq")   # calibrated once on one process, then served sharded
+    assert cli.main(["quantize", str(wide), str(saved), "--method", "int4-awq", "--dtype", "float32"]) == 0
+    jobs.append(Job("qwen2-int4-awq-saved", str(saved), batch, MAX_TOKENS, dict(SMALL_POOL)))
     gguf = write_tiny_gguf(make_tiny_hf_model(tmp_path_factory.mktemp("gguf"), arch="llama", num_kv_heads=2),
                            tmp_path_factory.mktemp("gguf-file") / "tiny-q8.gguf", GGMLQuantizationType.Q8_0)
     jobs.append(Job("llama-gguf-q8_0", str(gguf), batch, MAX_TOKENS, dict(SMALL_POOL, quantization="gguf")))
@@ -67,7 +83,9 @@ def outputs(tmp_path_factory, request):
     return parallel, single, {job.name: job.model for job in jobs}
 
 
-@pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "llama-gguf-q8_0", REAL])
+@pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "qwen2-bias-kv-int8", "llama-mqa-kv-int8",
+                                  "llama-odd-vocab", "llama-odd-vocab-int8", "qwen2-int4-awq-saved",
+                                  "llama-gguf-q8_0", REAL])
 def test_tp2_greedy_matches_one_process(outputs, name):
     parallel, single, _ = outputs
     if name not in single:

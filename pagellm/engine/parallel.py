@@ -42,7 +42,7 @@ from pagellm.distributed.groups import CollectiveError, ParallelGroups, close_pa
 from pagellm.engine.model_runner import ModelRunner
 from pagellm.engine.step import profile_step_input
 from pagellm.quant import (CALIBRATED_FORMATS, check_quantization_fits, keeps_blocks, quantization_policy,
-                           resolve_quantization)
+                           resolve_quantization, saved_format)
 
 logger = logging.getLogger("pagellm")
 
@@ -76,9 +76,10 @@ def start_runner(config: EngineConfig, model_config, checkpoint, weights, max_mo
     if groups and config.cpu_offload_memory is not None:
         raise ValueError("cpu_offload_memory streams layers on one process; it is not combined with tensor or "
                          "pipeline parallelism")
-    if groups and groups.tensor.size > 1 and quantization in CALIBRATED_FORMATS:
-        raise ValueError(f"quantization {quantization!r} calibrates on one process; it is not sharded yet "
-                         f"(use int8, int4 or gguf with tensor_parallel_size > 1)")
+    if groups and groups.tensor.size > 1 and quantization in CALIBRATED_FORMATS and saved_format(checkpoint) is None:
+        raise ValueError(f"quantization {quantization!r} calibrates on one process: write the calibrated checkpoint "
+                         f"once with `pagellm quantize MODEL OUT --method {quantization}` and serve OUT with "
+                         f"tensor_parallel_size > 1")
     runner = ModelRunner(config, model_config, weights, max_model_len,
                          quantization_policy(quantization, checkpoint, config), groups)
     if groups:

@@ -49,8 +49,10 @@ def smoothing_factors(estimates: torch.Tensor, alpha: float = KEY_SMOOTHING_ALPH
 
 
 def smooth_keys(model: LlamaForCausalLM, alpha: float = KEY_SMOOTHING_ALPHA) -> None:
-    """Fold per-channel key smoothing into every layer's q|k|v projection."""
-    for layer in model.layers:
+    """Fold per-channel key smoothing into the q|k|v projection of every layer the model
+    holds (a pipeline stage holds its own range; a tensor-parallel rank its own heads,
+    whose factors are those one process gives them: they depend on the head alone)."""
+    for layer in model.layers[model.layer_range[0]:model.layer_range[1]]:
         attn = layer.self_attn
         s = smoothing_factors(key_channel_estimates(attn, layer.input_layernorm.weight), alpha)
         group = attn.num_heads // attn.num_kv_heads

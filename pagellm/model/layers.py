@@ -143,6 +143,10 @@ class Linear(nn.Module):
         output rows along ``output_dim``) this rank holds: all of it."""
         return loaded
 
+    def input_part(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a vector over the input columns (a calibrated input smoothing): all of it."""
+        return values
+
     def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
                   output_dim: int = 0) -> None:
         """Copy this rank's part of ``loaded`` into the rows of output shard
@@ -216,6 +220,9 @@ class RowParallelLinear(Linear):
         width = _split(loaded.shape[input_dim], self.tp.size, "stored columns")
         return loaded.narrow(input_dim, self.tp.rank * width, width)
 
+    def input_part(self, values: torch.Tensor) -> torch.Tensor:
+        return values.narrow(0, self.tp.rank * self.input_size, self.input_size)
+
     def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None,
                   output_dim: int = 0) -> None:
         if param is self.bias and self.tp.rank:   # added once, by rank 0, before the sum over ranks
@@ -228,14 +235,28 @@ class RowParallelLinear(Linear):
 
 class VocabParallelEmbedding(ColumnParallelLinear):
     """The token embedding and the LM head (one module when tied): each rank
-    keeps 1/tp of the vocabulary rows. Looking up ids other ranks hold gives
-    zeros, so an all-reduce assembles the embedding; the LM head's partial
-    logits are gathered side by side."""
+    keeps ``ceil(vocab / tp)`` of the vocabulary rows, the last rank's padded
+    with zero rows when the ranks do not divide the vocabulary. Looking up ids
+    other ranks hold gives zeros, so an all-reduce assembles the embedding; the
+    LM head's partial logits are gathered side by side and the padding cut off."""
 
     def __init__(self, hidden_size: int, vocab_size: int, method: LinearMethod, params_dtype: torch.dtype,
                  tp: TensorGroup) -> None:
-        count = _split(vocab_size, tp.size, "vocabulary rows")
+        self.vocab_size = vocab_size
+        count = -(-vocab_size // tp.size)
         super().__init__(hidden_size, [(tp.rank * count, count)], False, method, params_dtype, tp)
+
+    def shard_of(self, loaded: torch.Tensor, shard_id: int | None, output_dim: int = 0) -> torch.Tensor:
+        start, count = self.row_ranges[0]
+        rows = loaded.shape[output_dim]
+        kept = max(0, min(count, rows - start))
+        part = loaded.narrow(output_dim, min(start, rows), kept)
+        if kept == count:
+            return part
+        part = read(part)
+        padding = list(part.shape)
+        padding[output_dim] = count - kept
+        return torch.cat([part, part.new_zeros(padding)], dim=output_dim)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -247,7 +268,8 @@ class VocabParallelEmbedding(ColumnParallelLinear):
         return self.tp.all_reduce(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(super().forward(x))
+        logits = self.tp.all_gather(super().forward(x))
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
 
 
 def _split(size: int, parts: int, what: str) -> int:

@@ -11,7 +11,9 @@ and to the torch reference otherwise.
 from __future__ import annotations
 
 import functools
+import warnings
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
@@ -52,8 +54,8 @@ class _InputSmoothing:
         param = nn.Parameter(torch.ones(layer.input_size, dtype=torch.float32), requires_grad=False)
         layer.register_parameter("input_scale", param)
         if self.smoothing is not None:
-            param.data.copy_(1.0 / self.smoothing.float())
-        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(read(tensor))
+            param.data.copy_(1.0 / layer.input_part(self.smoothing.float()))
+        layer.weight_loaders["input_scale"] = lambda tensor, shard_id: param.data.copy_(layer.input_part(read(tensor)))
 
     def _smooth_weight(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.smoothing is None else tensor.float() * self.smoothing.to(tensor.device).float()
@@ -135,6 +137,13 @@ class Int4LinearMethod(_InputSmoothing, _ScaledRows):
         return dequantize_int4(layer.qweight[ids], layer.scales[ids], layer.zeros[ids], layer.params_dtype)
 
 
+def _mapped(blocks: np.ndarray) -> torch.Tensor:
+    """The file's memory-mapped blocks as a tensor, not copied (only ever copied from)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # torch warns that the read-only map is not writable
+        return torch.from_numpy(blocks)
+
+
 class GGUFLinearMethod:
     """A GGUF file's own blocks, one ``uint8 [rows, row bytes]`` tensor per
     shard (``qweight_i``; float types as ``weight_i``), since the shards of a
@@ -163,8 +172,8 @@ class GGUFLinearMethod:
         else:
             if getattr(tensor, "tensor_type", None) != qtype:
                 raise ValueError(f"expected the file's {qtype.name} blocks")
-            target, value = getattr(layer, f"qweight_{index}"), torch.from_numpy(tensor.data.copy())
-        value = layer.shard_of(value, shard_id)
+            target, value = getattr(layer, f"qweight_{index}"), _mapped(tensor.data)
+        value = layer.shard_of(value, shard_id)   # a rank copies only its part of the file's blocks
         if target.shape != value.shape:
             raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
         target.data.copy_(value)
