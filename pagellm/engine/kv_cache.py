@@ -48,6 +48,7 @@ from pagellm.kernels.attention import LayerKVCache
 from pagellm.kernels.kv_quant import SCALE_DTYPE, format_of, kv_format
 from pagellm.model.config import ModelConfig
 from pagellm.sizing import shard
+from pagellm.utils.device import device_tensor
 
 STAGE_BYTES = 64 << 20
 
@@ -144,12 +145,12 @@ class KVCache:
             torch.cuda.current_stream(self.pool.device).wait_stream(stream)
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, device=self.pool.device)
+        return device_tensor(ids, torch.int64, self.pool.device)   # without waiting for the step in flight
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate blocks ``src -> dst`` in every layer, K and V, with their scales."""
         if pairs:
-            src, dst = (torch.tensor(ids, device=self.pool.device) for ids in zip(*pairs))
+            src, dst = (self._ids(list(ids)) for ids in zip(*pairs))
             self.pool[:, :, dst] = self.pool[:, :, src]
             if self.scales is not None:
                 self.scales[:, :, dst] = self.scales[:, :, src]
