@@ -54,7 +54,7 @@ from pagellm.engine.detokenizer import IncrementalDetokenizer
 from pagellm.engine.host_blocks import HostBlockPool, HostTierStats
 from pagellm.engine.parallel import Workers, open_model, start_runner
 from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from pagellm.engine.sequence import Sequence
+from pagellm.engine.sequence import Sequence, SequenceStatus
 from pagellm.engine.model_runner import PendingOutput
 from pagellm.engine.step import PreviousStep, StepOutput, build_step_input
 from pagellm.engine.structured import GrammarCompiler
@@ -347,8 +347,8 @@ class LLMEngine:
                 except Exception as exc:   # e.g. a grammar refusing a token: that request's fault alone
                     failed[seq.request_id] = exc
                 changed[state.request_id] = state
-        for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks
-            if not seq.finished:
+        for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks; not if preempted since
+            if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.free_outside_window(seq)
                 if seq in batch.lookahead:
                     self.block_manager.release_unverified(seq)
