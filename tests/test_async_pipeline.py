@@ -108,7 +108,7 @@ def test_aborts_while_a_step_is_in_flight(tiny_llama):
         for _ in range(6):
             for out in engine.step():
                 outputs[out.request_id] = out.outputs[0].token_ids
-        assert (engine._in_flight is not None) == overlap
+        assert engine.step_in_flight == overlap
         aborted = {"0", "3", "5"}
         for request_id in aborted:
             engine.abort_request(request_id)

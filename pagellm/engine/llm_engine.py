@@ -300,6 +300,11 @@ class LLMEngine:
         return outputs
 
     @property
+    def step_in_flight(self) -> bool:
+        """A launched step's tokens are still to be read (the device may be busy)."""
+        return self._in_flight is not None
+
+    @property
     def _overlapping(self) -> bool:
         return self.overlap and not self._host_token_requests
 
