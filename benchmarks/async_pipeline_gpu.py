@@ -36,25 +36,50 @@ from pagellm.config import EngineConfig
 
 
 def identity(model: str, small: bool) -> dict:
+    """Pipeline on == off: exactly for a greedy batch whose steps have the same shapes either way; for
+    a mix with an n > 1 request (its samples fork one step later with the pipeline, so other steps
+    run: bf16 rounding may then flip near-ties of random weights) a divergence is allowed only where
+    the synchronous run's top two tokens are within TIE nats."""
     cuda = torch.cuda.is_available()
-    llm = LLM(model, random_weights=True, dtype="bfloat16" if cuda else "float32",
+    llm = LLM(model, random_weights=True, dtype="bfloat16" if cuda else "float32", enable_prefix_caching=False,
               kv_cache_memory="2GiB", max_model_len=1024 if not small else 256, max_num_batched_tokens=512)
     rng = random.Random(0)
     lens = [1, 7, 33, 100, 250, 17, 600, 3] if not small else [5, 9, 30]
     prompts = [[rng.randrange(llm.engine.model_config.vocab_size) for _ in range(n)] for n in lens]
-    params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)] * (len(lens) - 1) + [
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    mixed = [greedy] * (len(lens) - 1) + [
         SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=3, n=3, max_tokens=40, ignore_eos=True)]
-    outputs = {}
-    for overlap in (False, True):
-        llm.engine.overlap = overlap
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        outputs[overlap] = [[c.token_ids for c in o.outputs] for o in outs]
-    syncs = count_syncs(llm.engine) if cuda else None
-    runner = llm.engine.runner
-    same = outputs[True] == outputs[False]
-    return {"same_tokens": same, "requests": len(prompts), "sync_warnings_per_decode_step": syncs,
-            "backend": runner.backend.name, "cuda_graphs": runner.graphs is not None,
-            "verdict": "PASS" if same else "FAIL"}
+    report = {"backend": llm.engine.runner.backend.name, "cuda_graphs": llm.engine.runner.graphs is not None}
+    for name, params in (("greedy", [greedy] * len(lens)), ("mixed_n3", mixed)):
+        outs = {}
+        for overlap in (False, True):
+            llm.engine.overlap = overlap
+            outs[overlap] = [o.outputs for o in llm.generate(prompts, params, use_tqdm=False)]
+        report[name] = compare(outs[False], outs[True])
+    report["sync_warnings_per_decode_step"] = count_syncs(llm.engine) if cuda else None
+    exact, tie_only = report["greedy"]["exact"], report["mixed_n3"]["max_gap_at_divergence"] <= TIE
+    report["verdict"] = "PASS" if exact and tie_only else "FAIL"
+    return report
+
+
+TIE = 0.05
+
+
+def compare(ref: list, got: list) -> dict:
+    """Requests identical, and at each divergence of a logprobs-reporting one, the reference's gap."""
+    same, gaps = 0, []
+    for ref_samples, got_samples in zip(ref, got):
+        for r, g in zip(ref_samples, got_samples):
+            if r.token_ids == g.token_ids:
+                same += 1
+                continue
+            i = next(j for j, (a, b) in enumerate(zip(r.token_ids, g.token_ids)) if a != b)
+            entry = r.logprobs[i] if r.logprobs else {}
+            a, b = entry.get(r.token_ids[i]), entry.get(g.token_ids[i])
+            gaps.append(abs(a.logprob - b.logprob) if a is not None and b is not None else float("inf"))
+    total = sum(len(samples) for samples in ref)
+    return {"identical": same, "sequences": total, "exact": same == total, "gaps_at_divergence": gaps,
+            "max_gap_at_divergence": max(gaps, default=0.0)}
 
 
 def count_syncs(engine: LLMEngine, steps: int = 20) -> float:
@@ -118,6 +143,7 @@ def main() -> None:
     parser.add_argument("--identity-model", default="qwen2.5-0.5b")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--chunks", default="8192,2048,1024")
+    parser.add_argument("--no-off", action="store_true", help="no pipeline-off variant")
     parser.add_argument("--budget", type=float, default=300.0)
     args = parser.parse_args()
     start = time.perf_counter()
@@ -141,9 +167,11 @@ def main() -> None:
     peaks = measure_peaks(device, engine.runner.dtype, matmul=device.type == "cuda")
     report["peaks"] = peaks
     n, inputs, outputs = (256, (100, 1024), (100, 1024)) if not small else (8, (10, 60), (10, 60))
-    workload(engine, peaks, 16, (100, 200), (8, 16), True, 8192, seed=1)   # warm-up
     variants = [(True, int(c)) for c in args.chunks.split(",")]
-    variants.insert(1, (False, variants[0][1]))
+    # Warm-up: the whole workload once (a 16-request warm-up left the first timed run ~25% slow, 2 s TTFT).
+    workload(engine, peaks, n, inputs, (8, 16), True, variants[0][1], seed=1)
+    if not args.no_off:
+        variants.insert(1, (False, variants[0][1]))
     report["workload_256"] = []
     for overlap, chunk in variants:
         if time.perf_counter() - start > args.budget:
