@@ -68,6 +68,10 @@ class EngineConfig:
                                          "to the host pool (when it has room), a shorter one is recomputed")
     attention_backend: str = _setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
     enforce_eager: bool = _setting(False, "no CUDA graphs")
+    async_scheduling: bool = _setting(
+        True, "overlap the host's work with the device: step N+1 is scheduled and launched while step N runs, "
+              "its sampled tokens fed from the device (one process only; steps with structured outputs, "
+              "penalties, prompt log-probs or speculative decoding run synchronously)")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
     seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
     tensor_parallel_size: int = _setting(1, "processes (GPUs) that split each layer (Megatron-style)")

@@ -34,13 +34,15 @@ class RemoteReplica:
         self.remote = ModelRunner(config, checkpoint.config, checkpoint.tensors(), local.max_model_len)
         self.remote.allocate_kv_cache(local.memory.activation_bytes, False)
         self.steps = 0
+        self.deferred = 0
 
-    def execute(self, step):
+    def launch(self, step):
         wire = pickle.dumps(step)
         assert b"pagellm.engine.sequence" not in wire    # the worker never sees a Sequence
-        answer = self.local.execute(step)
-        assert self.remote.execute(pickle.loads(wire)) == answer
+        answer = self.local.launch(step)
+        assert self.remote.execute(pickle.loads(wire)) == answer.result()
         self.steps += 1
+        self.deferred += step.deferred is not None   # tokens fed from the worker's own draws
         return answer
 
 
@@ -58,6 +60,11 @@ def test_a_pickled_step_input_gives_the_same_tokens(tiny_llama):
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert replica.steps > 10 and llm.engine.scheduler.stats.num_preemptions > 0   # a small pool: preemption
     assert outputs[0].outputs[0].token_ids == hf_greedy(hf_model(tiny_llama), PROMPTS[0], 10)
+    assert replica.deferred == 0   # penalties need the host's tokens: every step ran synchronously
+    unpenalised = [params[0], params[1], params[3], params[1]]
+    again = llm.generate(PROMPTS, unpenalised, use_tqdm=False)   # the pipeline: deferred tokens cross the seam
+    assert replica.deferred > 5
+    assert [o.outputs[0].token_ids for o in again[:2]] == [o.outputs[0].token_ids for o in outputs[:2]]
 
 
 class TransposedMethod:

@@ -87,18 +87,15 @@ class Run:
         try:
             while engine.has_unfinished_requests():
                 start = self.clock()
+                pipelined = engine.step_in_flight   # [start, end] then spans one device step in steady state
                 outputs = engine.step()
                 end = self.clock()
                 off = time.perf_counter()
                 num_seqs, num_tokens, decode_only, kv_read = recorder.take()
-                if num_seqs == 0:
-                    idle += 1
-                    if idle > max_idle_steps:
-                        raise RuntimeError("the engine scheduled nothing for many steps with requests pending")
-                    continue
-                idle = 0
-                record = StepRecord(start, end, num_seqs, num_tokens, decode_only, kv_read, clean=synced)
-                for out in outputs:
+                idle = 0 if num_seqs or outputs else idle + 1
+                if idle > max_idle_steps:
+                    raise RuntimeError("the engine scheduled nothing for many steps with requests pending")
+                for out in outputs:   # a step that schedules nothing may still read the one in flight
                     rid = out.request_id
                     if rid not in self.token_times:
                         continue
@@ -108,12 +105,16 @@ class Run:
                     if out.finished:
                         self.finish[rid] = end
                         self.num_output[rid] = n
+                if num_seqs == 0:
+                    continue
+                record = StepRecord(start, end, num_seqs, num_tokens, decode_only, kv_read, clean=synced or pipelined)
                 if self.record_kv:
                     record.kv_used_blocks, record.kv_allocated_slots, record.kv_holding_slots = kv_occupancy(engine)
                 self.steps.append(record)
                 # A step that sampled ended with a host sync (the sampler's .tolist()): the device is idle
-                # while we do bookkeeping, so that time stays off the clock. Otherwise it stays on.
-                synced = bool(outputs)
+                # while we do bookkeeping, so that time stays off the clock. Otherwise (no outputs, or the
+                # asynchronous pipeline left the next step running) it stays on.
+                synced = bool(outputs) and not engine.step_in_flight
                 if synced:
                     self.excluded += time.perf_counter() - off
         finally:

@@ -50,7 +50,8 @@ class StepRecord:
     num_tokens: int               # tokens computed this step
     decode_only: bool             # every scheduled sequence computed exactly its newest token
     kv_tokens_read: int           # decode-only: sum of context lengths (cached + new)
-    clean: bool                   # the previous step ended synchronised, so [start, end] is this step's alone
+    clean: bool                   # the previous step ended synchronised, so [start, end] is this step's alone,
+                                  # or left a step in flight (the pipeline: a step's read to the next one's)
     kv_used_blocks: int = 0
     kv_allocated_slots: int = 0
     kv_holding_slots: int = 0

@@ -266,9 +266,11 @@ class BlockManager:
 
     def _publish_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Name the blocks that ``seq``'s first ``num_tokens`` tokens fill so
-        other sequences can reuse them."""
+        other sequences can reuse them; a block holding a placeholder (a token
+        still on the device) waits for the next allocation."""
         if not self.enable_prefix_caching:
             return
+        num_tokens = min(num_tokens, seq.num_known_tokens)
         # Blocks before the last memoised hash were published (or matched) already.
         start = max(0, len(seq.block_hashes) - 1)
         for index in range(start, num_tokens // self.block_size):

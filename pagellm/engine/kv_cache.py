@@ -63,6 +63,7 @@ from pagellm.kernels.attention import LayerKVCache
 from pagellm.kernels.kv_quant import SCALE_DTYPE, format_of, kv_format
 from pagellm.model.config import ModelConfig
 from pagellm.sizing import shard
+from pagellm.utils.device import device_tensor
 
 STAGE_BYTES = 64 << 20
 GROUP_COPY_BYTES = 512 << 10
@@ -181,10 +182,13 @@ class KVCache:
             pairs.append((self.scales[:, start:stop], self.host_scales[group]))
         return pairs
 
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return device_tensor(ids, torch.int64, self.pool.device)   # without waiting for the step in flight
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate blocks ``src -> dst`` in every layer, K and V, with their scales."""
         if pairs:
-            src, dst = (torch.tensor(ids, device=self.pool.device) for ids in zip(*pairs))
+            src, dst = (self._ids(list(ids)) for ids in zip(*pairs))
             self.pool[:, :, dst] = self.pool[:, :, src]
             if self.scales is not None:
                 self.scales[:, :, dst] = self.scales[:, :, src]
@@ -229,7 +233,7 @@ class _CopyPlan:
         pairs = sorted(pairs, key=lambda pair: pair[1])
         if not pairs:
             return cls([])
-        ids = torch.tensor([d for d, _ in pairs], pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        ids = device_tensor([d for d, _ in pairs], torch.int64, device)
         chunks = []
         for first in range(0, len(pairs), rows):
             runs: list[list[int]] = []

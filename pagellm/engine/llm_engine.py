@@ -16,6 +16,28 @@ and the rest of the step goes on. Re-running is safe: a step only writes the
 K/V of its own new tokens (the same values again) and sampling is a pure
 function of each sequence's seed and progress, so the survivors draw the
 tokens they would have drawn in the whole step.
+
+The asynchronous step pipeline (``async_scheduling``, on by default): ``step``
+schedules and launches step N+1 while the device still runs step N, and only
+then reads step N's tokens (one wait per step, on an event behind N's copy of
+its tokens to the host), appends them, detokenizes and checks stops. A
+sequence that samples in a step gets a placeholder token at launch
+(``Sequence.num_pending``) and its computed count advances then; the next step
+feeds it the token from the device (``StepInput.deferred``). Every device
+write of step N precedes those of step N+1 (one stream), so blocks freed
+while a step is in flight (an abort, a stop, a preemption, a swap) are reused
+only after it wrote them. A sequence found finished when N's tokens are read
+has been launched once more in N+1: that token is discarded (one wasted slot;
+none for a length limit, which the scheduler sees coming). The rule for the
+synchronous fallback: a step waits for the previous one's tokens before it is
+scheduled while any request in the engine needs the host's tokens for its
+next step (structured outputs: the grammar mask; penalties: the token
+history; prompt log-probs: which positions are scored), with speculative
+decoding (proposals are made from the tokens), under tensor/pipeline
+parallelism (the ranks would need the draws: not done yet), and for the step
+after one that had to be split to isolate a failure. Greedy and seeded tokens
+are the same either way (draws depend on each sequence's own seed and
+position only).
 """
 from __future__ import annotations
 
@@ -32,8 +54,9 @@ from pagellm.engine.detokenizer import IncrementalDetokenizer
 from pagellm.engine.host_blocks import HostBlockPool, HostTierStats
 from pagellm.engine.parallel import Workers, open_model, start_runner
 from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from pagellm.engine.sequence import Sequence
-from pagellm.engine.step import StepOutput, build_step_input
+from pagellm.engine.sequence import Sequence, SequenceStatus
+from pagellm.engine.model_runner import PendingOutput
+from pagellm.engine.step import PreviousStep, StepOutput, build_step_input
 from pagellm.engine.structured import GrammarCompiler
 from pagellm.inputs import Prompt, TokenizedPrompt
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -64,6 +87,16 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+@dataclass
+class LaunchedStep:
+    """A step on the device whose tokens the host has not read yet."""
+    batch: ScheduledBatch
+    done: list[tuple[Sequence, PendingOutput, int]]   # per sequence: its step output and its index there
+    failed: dict[str, Exception]
+    outputs: list[RequestOutput]         # of the requests that failed at launch
+    previous: PreviousStep | None        # how the next step finds its draws on the device; None: read them first
 
 
 class StepObserver(Protocol):
@@ -116,6 +149,10 @@ class LLMEngine:
         self._seed_source = random.Random(config.seed)
         self.observers: list[StepObserver] = []
         self._pin_memory = self.runner.device.type == "cuda"
+        self.overlap = config.async_scheduling and not speculating and config.world_size == 1
+        self._host_token_requests: set[str] = set()   # requests whose steps need the host's tokens (sync)
+        self._step_ids = itertools.count()
+        self._in_flight: LaunchedStep | None = None
         # Start-up beyond reading weights: activation profile, KV pool, CUDA graph capture.
         self.startup_seconds = {"load_weights": loaded - start, "ready_after_load": time.perf_counter() - loaded}
         logger.info(self.runner.memory.summary())
@@ -189,6 +226,8 @@ class LLMEngine:
                          grammar=grammar.matcher() if grammar else None) for i in range(params.n)]
         detokenizers = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop_strings,
                                                params.include_stop_str_in_output) for _ in seqs]
+        if params.structured_outputs or params.has_penalties or params.prompt_logprobs is not None:
+            self._host_token_requests.add(request_id)
         self.requests[request_id] = RequestState(request_id, text, ids, params, seqs, detokenizers, now,
                                                  stream=stream, unforked=seqs[1:])
         self._num_unforked += len(seqs) - 1
@@ -213,9 +252,13 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """End a request (unknown ids are ignored): O(its number of sequences)."""
-        state = self.requests.pop(request_id, None)
+        state = self._pop_request(request_id)
         if state is not None:
             self._end(state, "abort")
+
+    def _pop_request(self, request_id: str) -> RequestState | None:
+        self._host_token_requests.discard(request_id)
+        return self.requests.pop(request_id, None)
 
     def _end(self, state: RequestState, reason: str) -> None:
         """Finish every unfinished sequence of a request that was removed from ``requests``."""
@@ -237,23 +280,64 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch the next step, then read the tokens of the step
+        launched before (the asynchronous pipeline) or of this one (synchronous)."""
+        outputs = []
+        if self._in_flight is not None and not self._overlapping:
+            outputs += self._complete(self._in_flight)   # the next step needs these tokens on the host
+            self._in_flight = None
         batch = self.scheduler.schedule()
         for observer in self.observers:
             observer.on_schedule(batch)
-        if not batch:
-            return []
+        launched = self._launch(batch) if batch else None
+        if self._in_flight is not None:
+            outputs += self._complete(self._in_flight)
+            self._in_flight = None
+        if launched is not None and launched.previous is not None:
+            self._in_flight = launched
+        elif launched is not None:
+            outputs += self._complete(launched)
+        return outputs
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A launched step's tokens are still to be read (the device may be busy)."""
+        return self._in_flight is not None
+
+    @property
+    def _overlapping(self) -> bool:
+        return self.overlap and not self._host_token_requests
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Run a batch up to the device: every sequence that samples gets a placeholder for its token."""
         if batch.lookahead:
             self.proposer.propose(batch)
         host = self.block_manager.host
+        step_id = next(self._step_ids) if self._overlapping else None
+        previous = self._in_flight.previous if self._in_flight is not None else None
         done, failed = self._execute(batch, self.block_manager.take_pending_copies(),
-                                     host.take_swaps() if host is not None else ([], []))
-        now = time.monotonic()
+                                     host.take_swaps() if host is not None else ([], []), previous, step_id)
+        rows: dict[Sequence, int] = {}
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                rows[seq] = len(rows)
+                seq.add_placeholder()
+        outputs = [self._fail(request_id, exc) for request_id, exc in failed.items()]
+        whole = not failed and all(pending is done[0][1] for _, pending, _ in done)
+        return LaunchedStep(batch, done, failed, outputs,
+                            PreviousStep(step_id, rows) if step_id is not None and whole else None)
+
+    def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens and append them; a sequence that ended
+        (or whose request did) since the launch drops its token."""
+        batch, failed = launched.batch, {}
+        now = time.monotonic()
         changed: dict[str, RequestState] = {}
-        for seq, result, index in done:
-            if seq.request_id in failed:
+        for seq, pending, index in launched.done:
+            if seq.finished or seq.request_id in launched.failed:
                 continue
+            result = pending.result()
             if result.scored is not None and result.scored[index]:
                 seq.prompt_logprobs.extend(self._logprob_entry(target, s.logprob, s.top[:seq.params.prompt_logprobs],
                                                                s.rank)
@@ -268,33 +352,36 @@ class LLMEngine:
                 except Exception as exc:   # e.g. a grammar refusing a token: that request's fault alone
                     failed[seq.request_id] = exc
                 changed[state.request_id] = state
-        for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks
-            if not seq.finished:
+        for seq in batch.seqs:   # after forking: a fork still needs its parent's blocks; not if preempted since
+            if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.free_outside_window(seq)
                 if seq in batch.lookahead:
                     self.block_manager.release_unverified(seq)
         if self.proposer is not None:
             self.proposer.retain(self.scheduler.running)
-        outputs = [self._fail(request_id, exc) for request_id, exc in failed.items()]
+        outputs = launched.outputs + [self._fail(request_id, exc) for request_id, exc in failed.items()]
         outputs += [self._finish_or_report(state, now) for request_id, state in changed.items()
                     if request_id not in failed and (state.stream or state.finished)]
         for observer in self.observers:
             observer.on_step(batch, outputs)
         return outputs
 
-    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]], swaps: tuple[list, list] = ([], [])
-                 ) -> tuple[list[tuple[Sequence, StepOutput, int]], dict[str, Exception]]:
-        """Run a batch on the worker: per sequence (sequence, step output, its index
-        there), and the requests whose sequences failed even alone. A batch that
-        raises is run again in halves, each with the block copies into its own
-        blocks (copying again is harmless: the step rewrites what follows); the
-        host swaps ran before the forward that raised and are not repeated."""
+    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]], swaps: tuple[list, list] = ([], []),
+                  previous: PreviousStep | None = None, step_id: int | None = None
+                  ) -> tuple[list[tuple[Sequence, PendingOutput, int]], dict[str, Exception]]:
+        """Launch a batch on the worker: per sequence (sequence, pending step
+        output, its index there), and the requests whose sequences failed even
+        alone. A batch that raises is run again in halves, each with the block
+        copies into its own blocks (copying again is harmless: the step rewrites
+        what follows); the host swaps ran before the forward that raised and are
+        not repeated."""
         try:   # under pipeline parallelism, a micro-batch per stage keeps every stage busy (swaps go first)
             parts = _split(batch, copies, self.config.pipeline_parallel_size)
-            result = self.runner.execute(*[build_step_input(part, self.config.block_size, part_copies,
-                                                            pin_memory=self._pin_memory,
-                                                            swaps=swaps if i == 0 else ([], []))
-                                           for i, (part, part_copies) in enumerate(parts)])
+            result = self.runner.launch(*[build_step_input(part, self.config.block_size, part_copies,
+                                                           pin_memory=self._pin_memory,
+                                                           swaps=swaps if i == 0 else ([], []),
+                                                           previous=previous, step_id=step_id)
+                                          for i, (part, part_copies) in enumerate(parts)])
             return [(seq, result, index) for index, seq in enumerate(batch.seqs)], {}
         except Exception as exc:
             if self.workers is not None and (failure := self.workers.failure(exc)) is not None:
@@ -304,14 +391,14 @@ class LLMEngine:
                 return [], {batch.seqs[0].request_id: exc}
         done, failed = [], {}
         for half, half_copies in _split(batch, copies, 2):
-            half_done, half_failed = self._execute(half, half_copies)
+            half_done, half_failed = self._execute(half, half_copies, previous=previous)
             done += half_done
             failed |= half_failed
         return done, failed
 
     def _fail(self, request_id: str, error: Exception) -> RequestOutput:
         """End a request the engine could not run; its blocks leave the prefix cache (their K/V may be unwritten)."""
-        state = self.requests.pop(request_id)
+        state = self._pop_request(request_id)
         state.error = f"{type(error).__name__}: {error}"
         for seq in state.seqs:
             self.block_manager.forget(seq)
@@ -360,16 +447,17 @@ class LLMEngine:
     def _stop_reason(self, seq: Sequence, token: int, stop_string: str | None
                      ) -> tuple[str, int | str | None] | None:
         params = seq.params
+        num_output = seq.num_known_tokens - seq.num_prompt_tokens   # a later placeholder does not count
         if seq.grammar is not None and seq.grammar.terminated:
             return "stop", None
-        if seq.num_output_tokens >= params.min_tokens:
+        if num_output >= params.min_tokens:
             if token in self.eos_token_ids and not params.ignore_eos:
                 return "stop", None
             if token in params.stop_token_ids:
                 return "stop", token
             if stop_string is not None:
                 return "stop", stop_string
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or seq.num_known_tokens >= self.max_model_len:
             return "length", None
         return None
 
@@ -391,7 +479,7 @@ class LLMEngine:
         finished = state.finished
         if finished:
             state.finished_time = now
-            del self.requests[state.request_id]
+            self._pop_request(state.request_id)
         return self.make_output(state)
 
     def make_output(self, state: RequestState) -> RequestOutput:

@@ -12,7 +12,14 @@ three calls, as each needs the last one's answer:
    elsewhere;
 2. ``allocate_kv_cache(activation_bytes)``: size the pool from the budget,
    allocate it (``KVCache``) and capture the decode CUDA graphs;
-3. ``execute(step)`` for every step.
+3. ``launch(step)`` for every step: it queues the step's kernels and returns
+   a ``PendingOutput`` at once; its ``result()`` waits for the device (one
+   event) and reads the sampled tokens, which were copied to pinned host
+   memory behind the step. The step's token ids and positions go into
+   device buffers allocated once (``InputBuffers``); a step with a
+   ``step_id`` keeps its sampled ids on the device, where the next step's
+   ``deferred`` tokens are taken from (the asynchronous step pipeline of
+   ``llm_engine``). ``execute(step)`` is ``launch(step).result()``.
 
 Under tensor/pipeline parallelism (``groups``) every rank runs one, on its
 slice of the model and its own KV pool, in lockstep: rank 0's runner (the
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,7 +45,7 @@ from pagellm.config import EngineConfig
 from pagellm.engine.cuda_graphs import DecodeGraphs
 from pagellm.engine.kv_cache import KVCache, KVCacheSpec, wait_for_swaps
 from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan_num_blocks
-from pagellm.engine.sampler import SamplingTensors, sample, score_tokens
+from pagellm.engine.sampler import Draws, SamplingTensors, draw_tokens, score_tokens
 from pagellm.engine.step import PromptScoring, ScoredToken, StepInput, StepOutput
 from pagellm.distributed.groups import SINGLE, ParallelGroups, layer_range
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
@@ -48,12 +55,67 @@ from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
 from pagellm.model.layers import LinearMethod, RotaryEmbedding, dense_everywhere
 from pagellm.model.offload import LayerOffload
-from pagellm.model.layers import LinearMethod, dense_everywhere
 from pagellm.spec.verify import verify
 from pagellm.utils.math import cdiv
 from pagellm.utils.units import parse_bytes
 
 logger = logging.getLogger("pagellm")
+KEPT_DRAWS = 2   # steps whose sampled ids stay on the device for a later step's deferred tokens
+
+
+@dataclass
+class _Sampled:
+    """A step's draws on their way to the host (valid once its event has passed)."""
+    draws: Draws
+    num_logits: list[int]
+    scored: list[list[ScoredToken]] | None
+
+    def output(self) -> StepOutput:
+        return replace(StepOutput.from_rows(self.draws.output(), self.num_logits), scored=self.scored)
+
+
+@dataclass
+class PendingOutput:
+    """A launched step's output: ``result()`` waits for the device once, then
+    gives the ``StepOutput`` (None on a rank that receives none)."""
+    parts: list[StepOutput | _Sampled] | None
+    event: torch.cuda.Event | None = None
+    _output: StepOutput | None = None
+
+    def result(self) -> StepOutput | None:
+        if self._output is None and self.parts is not None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._output = StepOutput.concat([p.output() if isinstance(p, _Sampled) else p for p in self.parts])
+        return self._output
+
+
+@dataclass
+class InputBuffers:
+    """Each step's token ids and positions on the device: allocated once, written
+    in place (asynchronously from pinned memory), grown for a bigger step."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_tokens: int, device: torch.device) -> InputBuffers:
+        return cls(*(torch.zeros(num_tokens, dtype=torch.int64, device=device) for _ in range(2)))
+
+    def load(self, step: StepInput, kept: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's (token ids, positions), its deferred tokens taken from the ``kept`` draws."""
+        n = len(step.input_ids)
+        if n > len(self.input_ids):
+            grown = InputBuffers.allocate(n, self.input_ids.device)
+            self.input_ids, self.positions = grown.input_ids, grown.positions
+        device = self.input_ids.device
+        input_ids, positions = self.input_ids[:n], self.positions[:n]
+        input_ids.copy_(step.input_ids, non_blocking=True)
+        positions.copy_(step.positions, non_blocking=True)
+        deferred = step.deferred
+        if deferred is not None:
+            rows = deferred.rows.to(device, non_blocking=True)
+            input_ids[deferred.positions.to(device, non_blocking=True)] = kept[deferred.source_step][rows]
+        return input_ids, positions
 
 
 class ModelRunner:
@@ -101,6 +163,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.memory: MemoryReport | None = None
         self.rank_memory: list[MemoryReport] = []   # on rank 0: every rank's report, in rank order
+        self.buffers = InputBuffers.allocate(engine.batched_tokens, self.device)
+        self.kept_draws: dict[int, torch.Tensor] = {}   # step id -> its sampled ids, on the device
 
     # ---- start-up ------------------------------------------------------------
     def _layers_to_offload(self) -> int:
@@ -179,23 +243,37 @@ class ModelRunner:
     def execute(self, *steps: StepInput) -> StepOutput | None:
         """One step, given as one or more micro-batches (consecutive sequences):
         the output of all their sequences, in order."""
+        return self.launch(*steps).result()
+
+    def launch(self, *steps: StepInput) -> PendingOutput:
+        """Queue a step on the device and return without waiting for it (on one
+        process; under tensor/pipeline parallelism the output is gathered first)."""
         if self.groups and self.groups.rank == 0:
             self.groups.broadcast(("step", *steps))
         with torch.inference_mode():
-            outputs = [self._run(step, self.kv_cache) for step in steps]
-        return self._deliver(StepOutput.concat(outputs) if self.model.is_last_stage else None)
+            parts = [self._run(step, self.kv_cache) for step in steps]
+        pending = PendingOutput(parts if self.model.is_last_stage else None, self._record_event())
+        if self.groups is None:
+            return pending
+        return PendingOutput(None, _output=self._deliver(pending.result()))
+
+    def _record_event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step's token ids, positions and attention metadata on the device
         (asynchronous copies when the engine built the step in pinned memory)."""
-        return (step.input_ids.to(self.device, non_blocking=True), step.positions.to(self.device, non_blocking=True),
-                step.attention.to(self.device))
+        return (*self.buffers.load(step, self.kept_draws), step.attention.to(self.device))
 
     @torch.inference_mode()
     def _execute(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
-        return self._deliver(self._run(step, kv_cache))
+        return self._deliver(PendingOutput([self._run(step, kv_cache)], self._record_event()).result())
 
-    def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | None:
+    def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | _Sampled | None:
         """This rank's part of a step: the output on the last stage; elsewhere the
         hidden states go on to the next stage and this returns None."""
         ready = kv_cache.swap(step.swap_out, step.swap_in)   # asynchronous on CUDA: each layer waits for its part
@@ -220,10 +298,19 @@ class ModelRunner:
         if not step.sampling.params:
             return StepOutput([[] for _ in step.num_logits], scored=scored)
         tensors = SamplingTensors.from_metadata(step.sampling, self.config.vocab_size, self.device)
-        draws = sample(logits, tensors)
+        draws = draw_tokens(logits, tensors)
+        if step.step_id is not None:
+            self._keep(step.step_id, draws.token_ids)
         if step.verification is not None:
-            return replace(verify(logits, tensors, draws, step.num_logits, step.verification), scored=scored)
-        return replace(StepOutput.from_rows(draws, step.num_logits), scored=scored)
+            return replace(verify(logits, tensors, draws.output(), step.num_logits, step.verification),
+                           scored=scored)
+        return _Sampled(draws.to_host(), step.num_logits, scored)
+
+    def _keep(self, step_id: int, token_ids: torch.Tensor) -> None:
+        """Hold a step's sampled ids on the device for the next step's deferred tokens."""
+        self.kept_draws[step_id] = token_ids
+        while len(self.kept_draws) > KEPT_DRAWS:
+            del self.kept_draws[next(iter(self.kept_draws))]
 
     def _carried(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A later pipeline stage's input: the previous stage's hidden states and residual."""

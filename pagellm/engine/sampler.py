@@ -5,6 +5,12 @@ Exp(1)) where E comes from a counter-based hash of (seed, sample index, output
 position, token id). A request's randomness is therefore a pure function of its
 own seed and progress: the same seed gives the same tokens whatever else shares
 the batch, after preemption and recomputation, and on any device.
+
+Nothing here waits for the device: per-row settings and token histories reach
+it as one pinned-memory copy each (``device_tensor``, asynchronous), the rows
+are filtered, penalised and drawn with batched tensor ops, and the draws stay
+on the device (``Draws``) until the caller asks for them on the host, so the
+asynchronous step pipeline can feed them to the next step first.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 
 from pagellm.sampling_params import SamplingParams
 from pagellm import sizing
+from pagellm.utils.device import device_tensor
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -55,7 +62,7 @@ class SamplingTensors:
         params = meta.params
 
         def tensor(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return device_tensor(values, dtype, device)
 
         t = cls(all_greedy=all(p.greedy for p in params),
                 needs_filtering=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
@@ -75,7 +82,7 @@ class SamplingTensors:
             t.frequency_penalty = tensor([p.frequency_penalty for p in params])
             t.prompt_token_ids, t.output_token_ids = meta.prompt_token_ids, meta.output_token_ids
         if meta.token_bitmask is not None:
-            t.token_bitmask = meta.token_bitmask.to(device)
+            t.token_bitmask = meta.token_bitmask.to(device, non_blocking=True)
         return t
 
     def rows(self, start: int, end: int) -> SamplingTensors:
@@ -96,11 +103,16 @@ def token_histograms(prompt_token_ids: list[list[int]], output_token_ids: list[l
     rows = len(prompt_token_ids)
     seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
     counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
-    for row, (prompt, output) in enumerate(zip(prompt_token_ids, output_token_ids)):  # one scatter per row
-        seen[row, torch.tensor(prompt + output, device=device)] = True
-        if output:
-            out = torch.tensor(output, device=device)
-            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+    seen_rows = [row for row, (p, o) in enumerate(zip(prompt_token_ids, output_token_ids)) for _ in range(len(p) + len(o))]
+    out_rows = [row for row, o in enumerate(output_token_ids) for _ in o]
+    seen_ids = [t for p, o in zip(prompt_token_ids, output_token_ids) for t in (*p, *o)]
+    out_ids = [t for o in output_token_ids for t in o]
+    flat = device_tensor([seen_rows, seen_ids], torch.int64, device) if seen_ids else None
+    if flat is not None:   # one scatter for the whole batch
+        seen[flat[0], flat[1]] = True
+    if out_ids:
+        flat = device_tensor([out_rows, out_ids], torch.int64, device)
+        counts.index_put_((flat[0], flat[1]), torch.ones(len(out_ids), device=device), accumulate=True)
     return seen, counts
 
 
@@ -174,23 +186,48 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+@dataclass
+class Draws:
+    """The sampler's answer as tensors: on the device until ``to_host``."""
+    token_ids: torch.Tensor                # [N] int64
+    logprobs: torch.Tensor | None = None   # [N] fp32, of the chosen tokens
+    top_values: torch.Tensor | None = None   # [N, k] fp32
+    top_ids: torch.Tensor | None = None      # [N, k] int64
+
+    def to_host(self) -> Draws:
+        """Host copies, started without waiting (pinned memory on CUDA); read
+        them only after the device got past this point (an event)."""
+        return Draws(*(x.to("cpu", non_blocking=True) if x is not None else None
+                       for x in (self.token_ids, self.logprobs, self.top_values, self.top_ids)))
+
+    def output(self) -> SamplerOutput:
+        """As lists (this waits for the device when the tensors live there)."""
+        top = None
+        if self.top_ids is not None:
+            top = [list(zip(i, v)) for i, v in zip(self.top_ids.tolist(), self.top_values.tolist())]
+        return SamplerOutput(self.token_ids.tolist(), self.logprobs.tolist() if self.logprobs is not None else None,
+                             top)
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-    """``logits [N, V]`` fp32 -> one token per row.
+    """``logits [N, V]`` fp32 -> one token per row, on the host."""
+    return draw_tokens(logits, t).output()
+
+
+def draw_tokens(logits: torch.Tensor, t: SamplingTensors) -> Draws:
+    """``logits [N, V]`` fp32 -> one token per row, left on the device.
 
     Rows go through in chunks of ``sizing.sampler_chunk_rows(V)``, which
     bounds the working memory of the heavy paths whatever the batch size; a
     row's draw depends only on its own keys, so chunking changes no token."""
     if t.all_greedy and not t.needs_penalties and not t.wants_logprobs and t.token_bitmask is None:
-        return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None)
+        return Draws(logits.argmax(dim=-1))
     step = sizing.sampler_chunk_rows(logits.shape[-1])
     chunks = [_sample_rows(logits[start:start + step], t.rows(start, start + step))
               for start in range(0, logits.shape[0], step)]
     tokens, chosen, top_values, top_ids = (torch.cat(parts) if parts[0] is not None else None
                                            for parts in zip(*chunks))
-    if chosen is None:
-        return SamplerOutput(tokens.tolist(), None, None)
-    top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())] if t.max_logprobs else None
-    return SamplerOutput(tokens.tolist(), chosen.tolist(), top)
+    return Draws(tokens, chosen, top_values if t.max_logprobs else None, top_ids if t.max_logprobs else None)
 
 
 def sampling_probs(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:

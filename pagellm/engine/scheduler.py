@@ -34,6 +34,13 @@ run and only when the pool has room: a proposal never preempts anyone. The
 slots are allocated but never published to the prefix cache; those of rejected
 tokens are given back after the step (``BlockManager.release_unverified``).
 
+Under the asynchronous step pipeline a running sequence may end with a
+placeholder (its token of the step in flight): it is scheduled as a decode of
+that token like any other, unless the placeholder used up its length budget
+(``Sequence.reached_length``), so a sequence that ends by length wastes no
+slot; one that ends by a stop token wastes one (the engine learns of the stop
+only after the next step is launched, and discards that token).
+
 The waiting queue is keyed by sequence id (an ordered dict), so finishing or
 aborting any sequence costs O(1) wherever it is queued.
 """
@@ -113,6 +120,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.reached_length(self.config.max_model_len):   # its last token is still on the device
+                index += 1
+                continue
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             lookahead = self._lookahead(seq, budget - num_tokens)
             while not self.block_manager.can_allocate(seq, num_tokens + lookahead):
@@ -205,4 +215,5 @@ class Scheduler:
         else:
             self.waiting.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
+        seq.drop_placeholders()
         self.block_manager.free(seq)

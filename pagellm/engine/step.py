@@ -24,6 +24,14 @@ it gets back the accepted proposals plus one token of the target's own. Separate
 rows whose logits score the prompt's own next tokens (prompt log-probs): the
 worker reports the log-probability of each target token, its rank and the top
 ones, and samples nothing there.
+
+Under the asynchronous step pipeline a step is built before the previous one's
+tokens reach the host: a sequence's last input token may be a placeholder
+(``Sequence.num_pending``), and ``deferred`` tells the worker where to put the
+token it sampled for that sequence in the step named ``source_step`` (the
+worker keeps the sampled ids of a step with a ``step_id`` on the device until
+the next step has read them). A worker in another process gets the same plain
+indices.
 """
 from __future__ import annotations
 
@@ -55,6 +63,25 @@ class StepInput:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     scoring: PromptScoring | None = None
     verification: Verification | None = None
+    step_id: int | None = None              # set when the next step takes its sampled ids (``deferred``)
+    deferred: DeferredTokens | None = None
+
+
+@dataclass
+class DeferredTokens:
+    """Input tokens still on the device: flat batch position ``positions[i]``
+    takes the token that step ``source_step`` sampled in its row ``rows[i]``."""
+    source_step: int
+    positions: torch.Tensor         # [K] int64
+    rows: torch.Tensor              # [K] int64
+
+
+@dataclass
+class PreviousStep:
+    """The step in flight, as the next one's inputs see it: its id and the
+    row among its draws of each sequence that sampled there."""
+    step_id: int
+    rows: dict[Sequence, int]
 
 
 @dataclass
@@ -123,11 +150,13 @@ class StepOutput:
 
 
 def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[tuple[int, int]],
-                     pin_memory: bool = False, swaps: tuple[list, list] = ([], [])) -> StepInput:
+                     pin_memory: bool = False, swaps: tuple[list, list] = ([], []),
+                     previous: PreviousStep | None = None, step_id: int | None = None) -> StepInput:
     """The StepInput of a scheduled batch: each sequence computes its next
     ``num_new_tokens`` tokens from ``num_computed_tokens`` on. ``pin_memory``
     (for a CUDA worker) lets its copies to the device run asynchronously;
-    ``swaps`` are the host pool's (swap_out, swap_in) pairs."""
+    ``swaps`` are the host pool's (swap_out, swap_in) pairs; a sequence's
+    placeholder token comes from its row of the ``previous`` step's draws."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -137,6 +166,7 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
     logits_indices: list[int] = []
     sampled, drafts = [], []
     scored = _ScoredRows()
+    deferred_positions, deferred_rows = [], []
     verification = Verification([], []) if batch.proposals else None
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -144,6 +174,9 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
         proposal = batch.proposals.get(seq)
         proposed = proposal.token_ids if proposal is not None else []
         input_ids.extend(seq.token_ids[start:end] + proposed)
+        if seq.num_pending:   # its last token: the previous step's draw, still on the device
+            deferred_positions.append(len(input_ids) - len(proposed) - 1)
+            deferred_rows.append(previous.rows[seq])
         end += len(proposed)
         positions.extend(range(start, end))
         slots.extend(slot_range(seq.block_table, block_size, start, end))
@@ -172,7 +205,9 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
                      logits_indices=tensor(logits_indices, torch.int64),
                      sampling=sampling_metadata(sampled, drafts), block_copies=block_copies,
                      swap_out=swaps[0], swap_in=swaps[1], scoring=scored.request(tensor),
-                     verification=verification)
+                     verification=verification, step_id=step_id,
+                     deferred=DeferredTokens(previous.step_id, tensor(deferred_positions, torch.int64),
+                                             tensor(deferred_rows, torch.int64)) if deferred_positions else None)
 
 
 @dataclass
