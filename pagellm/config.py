@@ -68,6 +68,9 @@ class EngineConfig:
                                          "to the host pool (when it has room), a shorter one is recomputed")
     attention_backend: str = _setting("auto", "attention kernels", choices=("auto", "torch", "triton"))
     enforce_eager: bool = _setting(False, "no CUDA graphs")
+    cuda_graph_max_tokens: int = _setting(
+        512, "steps of up to this many tokens with multi-token queries (speculative verification, prefill "
+             "chunks beside decodes) replay CUDA graphs too, padded to the next captured size; 0: decode only")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
     seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
     tensor_parallel_size: int = _setting(1, "processes (GPUs) that split each layer (Megatron-style)")
