@@ -26,6 +26,11 @@ class TorchAttention:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
         write_kv_cache(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
 
+    def rotate_and_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        self.ops.rotary(q, k, positions, cos_sin_cache)
+        self.write_kv(k, v, cache, slot_mapping)
+
     def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None) -> torch.Tensor:
         return paged_attention(q, cache.k, cache.v, meta, scale, sliding_window, cache.k_scale, cache.v_scale)

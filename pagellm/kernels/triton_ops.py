@@ -72,7 +72,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotate_heads(ptr, token, cos, sin, stride_t, stride_h, num_heads, half,
+def rotate_heads(ptr, token, cos, sin, stride_t, stride_h, num_heads, half,
                   HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HALF_PAD)
@@ -95,8 +95,8 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
     cache = cos_sin_ptr + pos * stride_cache + dims
     cos = tl.load(cache, mask=dims < half, other=0.0).to(tl.float32)
     sin = tl.load(cache + half, mask=dims < half, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, token, cos, sin, stride_qt, stride_qh, num_q_heads, half, Q_HEADS_PAD, HALF_PAD)
-    _rotate_heads(k_ptr, token, cos, sin, stride_kt, stride_kh, num_kv_heads, half, KV_HEADS_PAD, HALF_PAD)
+    rotate_heads(q_ptr, token, cos, sin, stride_qt, stride_qh, num_q_heads, half, Q_HEADS_PAD, HALF_PAD)
+    rotate_heads(k_ptr, token, cos, sin, stride_kt, stride_kh, num_kv_heads, half, KV_HEADS_PAD, HALF_PAD)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
