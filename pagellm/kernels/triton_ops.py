@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 RMS_NORM_MAX_WARPS = 16
+RMS_NORM_ELEMENTS_PER_WARP = 256
 SILU_BLOCK = 1024
 SILU_NUM_WARPS = 4
 ROTARY_NUM_WARPS = 4
@@ -60,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     else:
         residual2 = new_residual = x2          # placeholders, unused
     block = triton.next_power_of_2(hidden)
-    num_warps = min(max(block // 256, 1), RMS_NORM_MAX_WARPS)
+    num_warps = min(max(block // RMS_NORM_ELEMENTS_PER_WARP, 1), RMS_NORM_MAX_WARPS)
     if x2.shape[0] > 0:
         _rms_norm_kernel[(x2.shape[0],)](
             x2, residual2, weight, out, new_residual,

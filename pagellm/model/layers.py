@@ -92,6 +92,11 @@ class DenseLinearMethod:
         layer.weight_loaders["weight"] = functools.partial(layer.load_rows, layer.weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() == x.shape[-1]:     # one row: the Triton GEMV where it beats cuBLAS
+            from pagellm.kernels import triton_quant
+            config = triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
+            if config is not None:
+                return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
         return F.linear(x, layer.weight, layer.bias)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
