@@ -114,16 +114,18 @@ class StaticInputs:
         """Copy a step in and pad it to ``shape`` (see the module docstring)."""
         n, b, t, pad_b = input_ids.shape[0], meta.num_seqs, shape.num_tokens, shape.num_seqs
         self.input_ids[:n] = input_ids
-        self.input_ids[n:t] = 0
         self.positions[:n] = positions
-        self.positions[n:t] = 0
         self.slot_mapping[:n] = meta.slot_mapping
-        self.slot_mapping[n:t] = -1
         self.query_start_loc[:b + 1] = meta.query_start_loc
-        self.query_start_loc[b + 1:pad_b + 1] = n
         self.seq_lens[:b] = meta.seq_lens
-        self.seq_lens[b:pad_b] = 0
         self.block_tables[:b, :meta.block_tables.shape[1]] = meta.block_tables
+        if t > n:       # each launch costs host time in the step: none when the step fits exactly
+            self.input_ids[n:t] = 0
+            self.positions[n:t] = 0
+            self.slot_mapping[n:t] = -1
+        if pad_b > b:
+            self.query_start_loc[b + 1:pad_b + 1] = n
+            self.seq_lens[b:pad_b] = 0
 
 
 class CudaGraphs:
