@@ -62,6 +62,21 @@ def section(name):
     return wrap
 
 
+def event_time(fn, reps: int = 20) -> float:
+    """Median seconds of ``fn()`` on the GPU (CUDA events), after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def graph_time(calls: list, reps: int = 20) -> float:
     """Seconds per call of ``calls`` replayed back to back in one CUDA graph."""
     for fn in calls:
@@ -71,32 +86,7 @@ def graph_time(calls: list, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return statistics.median(times)
-
-
-def replay_time(graph, reps: int = 30) -> float:
-    """Median seconds of one replay of ``graph``."""
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return event_time(graph.replay, reps) / len(calls)
 
 
 def synthetic_batch(query_lens: list[int], context_lens: list[int], block_size: int, first_block: int,
@@ -216,7 +206,7 @@ def decode_run(engine, prompt, output_len, bandwidth):
     floor_bytes = (decode_weight_bytes(config, runner.weights_bytes, 2, 1)
                    + context * runner.kv_spec.bytes_per_token)
     floor = floor_bytes / bandwidth
-    replay = replay_time(runner.graphs.graphs[GraphShape(1, 1, 1)])
+    replay = event_time(runner.graphs.graphs[GraphShape(1, 1, 1)].replay, 30)
     return {"tokens": tokens, "tok_per_s": output_len / seconds, "median_step_ms": step * 1e3,
             "mean_decode_step_ms": statistics.fmean(decode_steps) * 1e3,
             "graph_replay_ms": replay * 1e3, "floor_ms": floor * 1e3,
