@@ -346,6 +346,7 @@ def gemv(tuning):
     """cuBLAS vs the Triton GEMV at one row with the weights cold in L2: each graph
     cycles through copies of the weight that together exceed 8x the L2."""
     out = {}
+    tuning["gemv"] = {}
     gen = torch.Generator(device="cuda").manual_seed(3)
     for name, (n, k) in GEMV_SHAPES.items():
         copies = max(1, -(-400 * 2**20 // (n * k * 2)))
@@ -389,7 +390,6 @@ def rms_norm_sweep(tuning):
     for per_warp in (256, 512, 1024, 2048):
         triton_ops.RMS_NORM_ELEMENTS_PER_WARP = per_warp
         out[per_warp] = graph_time([lambda: triton_ops.rms_norm(x, w, 1e-5, r)] * 40) * 1e6
-    triton_ops.RMS_NORM_ELEMENTS_PER_WARP = 256
     tuning["rms_norm_elements_per_warp"] = min(out, key=out.get)
     print("rms_norm us by elements per warp", out, "->", tuning["rms_norm_elements_per_warp"])
     return out
@@ -408,7 +408,8 @@ def main() -> int:
     print("copy bandwidth", bandwidth["bandwidth"] / 1e9, "GB/s")
     if "rotary" in wanted:
         rotary_write_check()
-    tuning = {"gemv": {}, "rms_norm_elements_per_warp": 256}
+    tuning = {"gemv": dict(triton_quant.DENSE_GEMV),     # the sweeps replace these (the committed choices)
+              "rms_norm_elements_per_warp": triton_ops.RMS_NORM_ELEMENTS_PER_WARP}
     if "sweeps" in wanted:
         rms_norm_sweep(tuning)
         gemv(tuning)

@@ -177,7 +177,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if num_tokens == 0:
         return
     fmt, scales = _quant_args(k_cache, k_scale, v_scale)
-    q, positions, cos_sin = (rotation.q, rotation.positions, rotation.cos_sin_cache) if rotation else (k, slot_mapping, k)
+    # Without a rotation the kernel never reads these; any tensors of the right rank stand in.
+    q, positions, cos_sin = ((rotation.q, rotation.positions, rotation.cos_sin_cache) if rotation
+                             else (k, slot_mapping, k))
     assert q.stride(2) == 1 and cos_sin.stride(-1) == 1
     half = cos_sin.shape[1] // 2 if rotation else 1
     _write_kv_kernel[(num_tokens,)](

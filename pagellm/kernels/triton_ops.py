@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 RMS_NORM_MAX_WARPS = 16
-RMS_NORM_ELEMENTS_PER_WARP = 256
+RMS_NORM_ELEMENTS_PER_WARP = 512     # 8 warps for a 4,096 row: 1.61 us on an H200, 16 warps the same, 2 warps 2.0
 SILU_BLOCK = 1024
 SILU_NUM_WARPS = 4
 ROTARY_NUM_WARPS = 4

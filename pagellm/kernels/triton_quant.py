@@ -51,9 +51,13 @@ SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 3
 LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 
 
-# Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS on an H200 for that shape
-# (`benchmarks/graphs_gpu.py`, weights cold in L2, as in a decode step); other shapes stay with cuBLAS.
-DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {}
+# Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS by 3% or more on an H200 for that
+# shape (`benchmarks/graphs_gpu.py`, weights cold in L2 as in a decode step; h200-2026-12-02-graphs.json):
+# Llama-3-8B's qkv 14.6 vs 16.5 us, o 11.1 vs 12.6, gate_up 56.3 vs 58.9, down 29.8 vs 31.2 (the LM head,
+# 233.7 vs 238.8, stays with cuBLAS). Other shapes stay with cuBLAS until measured.
+DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {
+    (6144, 4096): MatmulConfig(1, 2, 2048, 4, 3, 1), (4096, 4096): MatmulConfig(1, 4, 2048, 8, 3, 1),
+    (28672, 4096): MatmulConfig(1, 16, 512, 4, 3, 4), (4096, 14336): MatmulConfig(1, 4, 2048, 8, 3, 1)}
 
 
 def config_for(fmt: str, m: int) -> MatmulConfig:
