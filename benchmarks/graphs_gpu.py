@@ -2,21 +2,17 @@
 Llama-3-8B shapes, bf16), in one process and one engine:
 
 1. checks: the fused rotary + KV write (Triton) against the two kernels it
-   replaces (bit for bit) and its torch twin; the GEMV's prologues (silu,
-   RMSNorm) against the unfused kernels and fp32 torch; graph replays of a
-   decode, a verification and a mixed batch against the same padded batch run
-   eagerly (bit for bit) and against the unpadded eager step;
+   replaces (bit for bit) and its torch twin; graph replays of a decode, a
+   verification and a mixed batch against the same padded batch run eagerly
+   (bit for bit) and against the unpadded eager step (max |diff| of logits);
 2. bs1 decode, 128 -> 128: step time against the bandwidth floor (weights +
-   KV over the copy bandwidth measured here): "before" (cuBLAS, unfused),
-   "gemv" (Triton GEMV, fused rotary), "after" (also the norms and silu fused
-   into the GEMV), each twice, alternating;
+   KV over the copy bandwidth measured here), fused rotary off and on;
 3. a kernel profile of one bs1 decode graph replay (time by kernel);
 4. speculative decoding with an oracle proposer (``spec_gpu.Oracle``), k = 4
    and 8, verification under the varlen graphs and eager;
 5. mixed prefill+decode steps: graph replay against the eager forward;
-6. ``--sections ...,sweeps``: the GEMV tiles against cuBLAS per projection with
-   the weights cold in L2, and the norm's warps; the winners replace the
-   committed choices (``triton_quant.DENSE_GEMV``) for the runs after.
+6. a Triton GEMV (the int8 kernel of ``triton_quant`` reading bf16 weights)
+   against cuBLAS for the projections at one row, timed in CUDA graphs.
 
     PYTHONPATH=. python3 benchmarks/graphs_gpu.py --out $OUT
 """
@@ -43,7 +39,7 @@ from pagellm.bench.stats import decode_weight_bytes, measure_copy_bandwidth  # n
 from pagellm.config import EngineConfig  # noqa: E402
 from pagellm.engine.cuda_graphs import GraphShape  # noqa: E402
 from pagellm.engine.llm_engine import LLMEngine  # noqa: E402
-from pagellm.kernels import torch_attention, torch_ops, triton_attention, triton_ops, triton_quant  # noqa: E402
+from pagellm.kernels import torch_attention, triton_attention, triton_ops, triton_quant  # noqa: E402
 from pagellm.kernels.attention import AttentionMetadata, LayerKVCache  # noqa: E402
 from pagellm.model.context import ForwardContext  # noqa: E402
 
@@ -217,78 +213,26 @@ def decode_run(engine, prompt, output_len, bandwidth):
             "fraction_of_floor": floor / step, "replay_fraction_of_floor": floor / replay}
 
 
-VARIANTS = {"before": (False, False), "gemv": (True, False), "after": (True, True)}
-
-
-def set_variant(name: str, tuning: dict) -> None:
-    """before: cuBLAS, rotary and KV write apart, 16-warp norms; gemv: the Triton GEMV, fused rotary and
-    tuned norms; after: also the norm and silu fused into the GEMV's loads."""
-    tuned, prologues = VARIANTS[name.removesuffix("_again")]
+def set_variant(tuned: bool, tuning: dict) -> None:
     triton_attention.FUSED_ROTARY = tuned
-    triton_quant.FUSED_PROLOGUES = prologues
     triton_quant.DENSE_GEMV.clear()
     if tuned:
         triton_quant.DENSE_GEMV.update(tuning["gemv"])
     triton_ops.RMS_NORM_ELEMENTS_PER_WARP = tuning["rms_norm_elements_per_warp"] if tuned else 256
 
 
-@section("prologue_check")
-def prologue_check():
-    """The GEMV's prologues against the unfused kernels (random Llama-3-8B shapes, bf16), and their timings
-    with cold weights."""
-    gen = torch.Generator(device="cuda").manual_seed(4)
-    out = {}
-    down = [torch.randn(4096, 14336, device="cuda", generator=gen).bfloat16() * 0.02 for _ in range(4)]
-    gate_up = torch.randn(1, 28672, device="cuda", generator=gen).bfloat16()
-    c = triton_quant.DENSE_GEMV[(4096, 14336)]
-    fused = triton_quant.gated_matmul(gate_up, down[0], None, c)
-    unfused = triton_quant.dense_matmul(triton_ops.silu_and_mul(gate_up), down[0], None, c)
-    ref = torch.nn.functional.linear(torch_ops.silu_and_mul(gate_up.float()), down[0].float())
-    out["gated_down"] = {"fused_equals_unfused": bool(torch.equal(fused, unfused)),
-                         "rel_err_vs_fp32": ((fused.float() - ref).abs().max() / ref.abs().max()).item(),
-                         "fused_us": graph_time([lambda w=w: triton_quant.gated_matmul(gate_up, w, None, c)
-                                                 for w in down] * 2) * 1e6,
-                         "unfused_us": graph_time([lambda w=w: triton_quant.dense_matmul(
-                             triton_ops.silu_and_mul(gate_up), w, None, c) for w in down] * 2) * 1e6}
-    del down
-    x, res = (torch.randn(1, 4096, device="cuda", generator=gen).bfloat16() for _ in range(2))
-    nw = (1 + 0.1 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
-    for name, n, copies in (("normed_qkv", 6144, 9), ("normed_gate_up", 28672, 2)):
-        ws = [torch.randn(n, 4096, device="cuda", generator=gen).bfloat16() * 0.02 for _ in range(copies)]
-        c = triton_quant.DENSE_GEMV[(n, 4096)]
-        fused, new_res = triton_quant.normed_matmul(x, res, nw, 1e-5, ws[0], None, c)
-        normed, want_res = triton_ops.rms_norm(x, nw, 1e-5, res)
-        unfused = triton_quant.dense_matmul(normed, ws[0], None, c)
-        rn, _ = torch_ops.rms_norm(x.float(), nw.float(), 1e-5, res.float())
-        ref = torch.nn.functional.linear(rn, ws[0].float())
-        out[name] = {"residual_equal": bool(torch.equal(new_res, want_res)),
-                     "rel_err_vs_unfused": ((fused.float() - unfused.float()).abs().max()
-                                            / unfused.float().abs().max()).item(),
-                     "rel_err_vs_fp32": ((fused.float() - ref).abs().max() / ref.abs().max()).item(),
-                     "unfused_rel_err_vs_fp32": ((unfused.float() - ref).abs().max() / ref.abs().max()).item(),
-                     "fused_us": graph_time([lambda w=w: triton_quant.normed_matmul(x, res, nw, 1e-5, w, None, c)
-                                             for w in ws] * 2) * 1e6,
-                     "unfused_us": graph_time([lambda w=w: triton_quant.dense_matmul(
-                         triton_ops.rms_norm(x, nw, 1e-5, res)[0], w, None, c) for w in ws] * 2) * 1e6}
-        del ws
-    print(json.dumps(out, indent=1))
-    return out
-
-
 @section("bs1_decode")
 def bs1_decode(engine, prompt, bandwidth, tuning):
     out = {}
-    for name in ("before", "gemv", "after", "before_again", "gemv_again", "after_again"):
-        set_variant(name, tuning)
+    for name, tuned in (("before", False), ("after", True), ("before_again", False), ("after_again", True)):
+        set_variant(tuned, tuning)
         recapture(engine)
         generate(engine, prompt, 16)
         out[name] = decode_run(engine, prompt, 128, bandwidth)
     tokens = {name: r.pop("tokens") for name, r in out.items()}
-    out["identical_prefix_gemv_after"] = next(
-        (i for i, (a, b) in enumerate(zip(tokens["gemv"], tokens["after"])) if a != b), len(tokens["gemv"]))
     out["identical_prefix_before_after"] = next(
         (i for i, (a, b) in enumerate(zip(tokens["before"], tokens["after"])) if a != b), len(tokens["before"]))
-    out["after_tuning"] = {"fused_rotary": True, "fused_prologues": True, "rms_norm_elements_per_warp": tuning["rms_norm_elements_per_warp"],
+    out["after_tuning"] = {"fused_rotary": True, "rms_norm_elements_per_warp": tuning["rms_norm_elements_per_warp"],
                            "dense_gemv": {str(k): vars(v) for k, v in tuning["gemv"].items()}}
     print(json.dumps(out, indent=1))
     return out
@@ -454,8 +398,7 @@ def rms_norm_sweep(tuning):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--sections", default="rotary,prologue,bs1,exact,profile,spec,mixed",
-                        help="also: sweeps (GEMV tiles and norm warps, replacing the committed choices)")
+    parser.add_argument("--sections", default="rotary,sweeps,bs1,exact,profile,spec,mixed")
     args = parser.parse_args()
     wanted = args.sections.split(",")
     global OUT
@@ -470,8 +413,6 @@ def main() -> int:
     if "sweeps" in wanted:
         rms_norm_sweep(tuning)
         gemv(tuning)
-    if "prologue" in wanted:
-        prologue_check()
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig("llama-3-8b", random_weights=True, dtype="bfloat16", kv_cache_memory="8GiB",
                                     max_model_len=4096, max_num_seqs=64, speculative_method="ngram",
@@ -502,7 +443,7 @@ def main() -> int:
     Path(args.out, "graphs_gpu.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print("=== summary")
     bs1 = RESULTS.get("bs1_decode", {})
-    for name in ("before", "gemv", "after", "before_again", "gemv_again", "after_again"):
+    for name in ("before", "after", "before_again", "after_again"):
         if name in bs1:
             r = bs1[name]
             print(f"bs1 {name:>13}: {r['tok_per_s']:.1f} tok/s, step {r['median_step_ms']:.3f} ms, replay "

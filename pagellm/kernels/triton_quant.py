@@ -1,16 +1,7 @@
 """Fused dequant matmuls in Triton: each weight byte is read once and
 dequantized in registers, never written back. The int8 kernel without its
 scales is also the batch-1 GEMV of dense bf16/fp16 weights (``dense_matmul``),
-used for the shapes where it beats cuBLAS (``DENSE_GEMV``). At one row it can
-transform its input as it loads it (a prologue), saving the launch of the
-elementwise kernel before it: ``gated_matmul`` takes a gate|up row and applies
-``silu(gate) * up`` (rounded as ``triton_ops.silu_and_mul`` rounds it, so the
-result is the unfused one bit for bit); ``normed_matmul`` takes the RMSNorm's
-input and residual: it stores the new residual stream as ``triton_ops.rms_norm``
-does, multiplies the weight tiles by ``norm_weight * r`` and scales the dot
-products by ``1 / rms(r)`` at the end (the sum of squares accumulates in the
-same K loop, so K is never split there); it skips the norm's two roundings to
-the activation dtype, so it agrees with the unfused pair to bf16 rounding.
+used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
 Layouts are those of :mod:`pagellm.kernels.torch_quant` (the reference twins):
 int8 ``q [N, K]`` with a scale per row; int4 two codes a byte along K
@@ -60,7 +51,6 @@ SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 3
 LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 
 
-FUSED_PROLOGUES = True     # off: the elementwise kernels run before the GEMV (benchmarks' "before")
 # Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS by 3% or more on an H200 for that
 # shape (`benchmarks/graphs_gpu.py`, weights cold in L2 as in a decode step; h200-2026-12-02-graphs.json):
 # Llama-3-8B's qkv 14.6 vs 16.5 us, o 11.1 vs 12.6, gate_up 56.3 vs 58.9, down 29.8 vs 31.2 (the LM head,
@@ -101,29 +91,6 @@ def _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _prologue_tile(x_ptr, res_ptr, norm_ptr, res_out_ptr, ks, K, write_residual,
-                   PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """(input tile ``ks`` of the one row, transformed, in fp32; the residual-stream tile r).
-    PROLOGUE 1: ``silu(gate) * up`` of a gate|up row ``[2K]``, rounded to its dtype;
-    2: ``norm_weight * r``, r = x + residual rounded to x's dtype (stored when ``write_residual``)."""
-    ok = ks < K
-    if PROLOGUE == 1:
-        gate = tl.load(x_ptr + ks, mask=ok, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + ks, mask=ok, other=0.0).to(tl.float32)
-        x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        return x, x
-    else:
-        r = tl.load(x_ptr + ks, mask=ok, other=0.0)
-        if HAS_RESIDUAL:
-            r = (r.to(tl.float32) + tl.load(res_ptr + ks, mask=ok, other=0.0).to(tl.float32)).to(
-                x_ptr.dtype.element_ty)
-            if write_residual:
-                tl.store(res_out_ptr + ks, r, mask=ok)
-        rf = r.to(tl.float32)
-        return tl.load(norm_ptr + ks, mask=ok, other=0.0).to(tl.float32) * rf, rf
-
-
-@triton.jit
 def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om,
            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -137,30 +104,20 @@ def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om
 
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
-                 stride_xm, stride_qn, stride_ok, stride_om, res_ptr, norm_ptr, res_out_ptr, eps,
+                 stride_xm, stride_qn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr = True,
-                 PROLOGUE: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False):
-    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix;
-    ``PROLOGUE`` (one row, no split): see ``_prologue_tile``."""
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr = True):
+    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
         ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                     other=0)
-        if PROLOGUE == 0:
-            acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, q.to(tl.float32), BLOCK_M)
-        else:
-            x, r = _prologue_tile(x_ptr, res_ptr, norm_ptr, res_out_ptr, ks, K, pid_n == 0, PROLOGUE, HAS_RESIDUAL)
-            acc += tl.sum(q.to(tl.float32) * x[None, :], axis=1)[None, :]
-            squares += r * r
-    if PROLOGUE == 2:
-        acc *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, q.to(tl.float32), BLOCK_M)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
@@ -200,16 +157,12 @@ def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
 
 
 def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weight_strides: tuple,
-            bias: torch.Tensor | None, config: MatmulConfig | None, k: int | None = None, **constants
-            ) -> torch.Tensor:
-    """``k``: the weight's inputs when the row holds more (a gate|up row); ``constants``: the kernel's own."""
+            bias: torch.Tensor | None, config: MatmulConfig | None, **constants) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m, k = x2.shape[0], k or x2.shape[1]
-    if kernel is _int8_kernel:   # the prologue's operands, unread without one
-        constants = dict(res_ptr=x2, norm_ptr=x2, res_out_ptr=x2, eps=0.0) | constants
+    m, k = x2.shape
     config = config or config_for(fmt, m)
     block_k = config.block_k
     if fmt == "int4":   # whole groups per tile, and whole tiles per row
@@ -247,30 +200,6 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``x [..., K] @ weight^T + bias`` for a float ``weight [N, K]`` (the int8 kernel without scales)."""
     return _launch(_int8_kernel, "int8", x, weight.shape[0], (weight, weight), (weight.stride(0),), bias, config,
                    HAS_SCALE=False)
-
-
-def gated_matmul(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 config: MatmulConfig) -> torch.Tensor:
-    """``(silu(gate) * up) @ weight^T + bias`` for one row ``gate_up = cat(gate, up)`` (``weight [N, K]``, 2K inputs)."""
-    return _launch(_int8_kernel, "int8", gate_up, weight.shape[0], (weight, weight), (weight.stride(0),), bias,
-                   config, k=weight.shape[1], HAS_SCALE=False, PROLOGUE=1)
-
-
-def normed_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                  weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(rms_norm(x + residual) @ weight^T + bias, x + residual)`` for one row, or None
-    when ``config`` would split K (the sum of squares needs the whole row in one program)."""
-    n, k = weight.shape
-    if split_k_for(config, 1, n, triton.cdiv(k, config.block_k), x.device.index or 0) != 1:
-        return None
-    assert x.is_contiguous() and (residual is None or residual.is_contiguous()) and norm_weight.is_contiguous()
-    new_residual = torch.empty_like(x) if residual is not None else x
-    out = _launch(_int8_kernel, "int8", x, n, (weight, weight), (weight.stride(0),), bias, config,
-                  HAS_SCALE=False, PROLOGUE=2, HAS_RESIDUAL=residual is not None,
-                  res_ptr=residual if residual is not None else x, norm_ptr=norm_weight, res_out_ptr=new_residual,
-                  eps=eps)
-    return out, new_residual
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -80,9 +80,7 @@ class LinearMethod(Protocol):
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of ``W``, in the layer's dtype."""
 
-    # Optional: ``scale_rows(layer, factors [output_size])`` multiplies row i of W by factors[i] in storage;
-    # ``apply_gated(layer, gate_up)`` and ``apply_normed(layer, x, residual, norm)``: the elementwise op
-    # before the matmul fused into it (``Linear.forward_gated`` / ``forward_normed``), or None where not.
+    # Optional: ``scale_rows(layer, factors [output_size])`` multiplies row i of W by factors[i] in storage.
 
 
 class DenseLinearMethod:
@@ -94,28 +92,12 @@ class DenseLinearMethod:
         layer.weight_loaders["weight"] = functools.partial(layer.load_rows, layer.weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        config = _gemv_config(layer, x)
-        if config is not None:
+        if x.is_cuda and x.numel() == x.shape[-1]:     # one row: the Triton GEMV where it beats cuBLAS
             from pagellm.kernels import triton_quant
-            return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
+            config = triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
+            if config is not None:
+                return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
         return F.linear(x, layer.weight, layer.bias)
-
-    def apply_gated(self, layer: Linear, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """``silu(gate) * up @ W^T + bias`` in one kernel, or None where no fused kernel fits."""
-        config = _gemv_config(layer, gate_up, fused=True)
-        if config is None:
-            return None
-        from pagellm.kernels import triton_quant
-        return triton_quant.gated_matmul(gate_up, layer.weight, layer.bias, config)
-
-    def apply_normed(self, layer: Linear, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(norm(x + residual) @ W^T + bias, new residual)`` in one kernel, or None where none fits."""
-        config = _gemv_config(layer, x, fused=True)
-        if config is None:
-            return None
-        from pagellm.kernels import triton_quant
-        return triton_quant.normed_matmul(x, residual, norm.weight, norm.eps, layer.weight, layer.bias, config)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
@@ -125,17 +107,6 @@ class DenseLinearMethod:
 
 
 DENSE = DenseLinearMethod()
-
-
-def _gemv_config(layer: Linear, x: torch.Tensor, fused: bool = False):
-    """The Triton GEMV tiles for one row of ``x`` on CUDA where measured to beat cuBLAS
-    (``triton_quant.DENSE_GEMV``; with ``fused``, only while its prologues are on), else None."""
-    if not (x.is_cuda and x.numel() == x.shape[-1]):
-        return None
-    from pagellm.kernels import triton_quant
-    if fused and not triton_quant.FUSED_PROLOGUES:
-        return None
-    return triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
 
 
 # loader(checkpoint tensor, shard id or None for the whole layer)
@@ -205,28 +176,8 @@ class Linear(nn.Module):
             self.bias.data.copy_(self.bias.float() * factors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(self.method.apply(self, x))
-
-    def reduce(self, out: torch.Tensor) -> torch.Tensor:
-        """What follows the method's product: the output scale here, an all-reduce when row-parallel."""
+        out = self.method.apply(self, x)
         return out if self.output_scale is None else out * self.output_scale
-
-    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, ops: ModuleType
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(self(norm(x + residual)), new residual)``: one kernel where the method fuses the norm
-        into its loads (``apply_normed``: the dense batch-1 GEMV), else the norm's kernel then this one."""
-        fused = getattr(self.method, "apply_normed", None)
-        result = fused(self, x, residual, norm) if fused is not None else None
-        if result is None:
-            x, residual = norm(x, residual, ops)
-            return self(x), residual
-        return self.reduce(result[0]), result[1]
-
-    def forward_gated(self, gate_up: torch.Tensor, ops: ModuleType) -> torch.Tensor:
-        """``self(silu(gate) * up)`` for ``gate_up = cat(gate, up)``, fused likewise (``apply_gated``)."""
-        fused = getattr(self.method, "apply_gated", None)
-        out = fused(self, gate_up) if fused is not None else None
-        return self(ops.silu_and_mul(gate_up)) if out is None else self.reduce(out)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The matrix read by rows: a token embedding (tied embeddings share this module with the LM head)."""
@@ -276,8 +227,8 @@ class RowParallelLinear(Linear):
             loaded = torch.zeros(tuple(loaded.shape))
         super().load_rows(param, loaded, shard_id, output_dim)
 
-    def reduce(self, out: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.method.apply(self, x))
 
 
 class VocabParallelEmbedding(ColumnParallelLinear):

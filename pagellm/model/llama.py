@@ -39,9 +39,8 @@ class Attention(nn.Module):
         self.o_proj = make.row(f"{prefix}.o_proj", config.q_size, config.hidden_size)
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Attention from the q|k|v projections of the normed input (``DecoderLayer`` computes them)."""
-        q, k, v = qkv.split(self.split_sizes, dim=-1)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -60,9 +59,8 @@ class MLP(nn.Module):
                                         [config.intermediate_size] * 2)
         self.down_proj = make.row(f"{prefix}.down_proj", config.intermediate_size, config.hidden_size)
 
-    def forward(self, gate_up: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """The MLP from the gate|up projections of the normed input (``DecoderLayer`` computes them)."""
-        return self.down_proj.forward_gated(gate_up, ctx.ops)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -77,12 +75,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each norm feeds one projection: fused into its loads where the linear method can (batch-1 GEMV).
-        attn = self.self_attn
-        qkv, residual = attn.qkv_proj.forward_normed(self.input_layernorm, x, residual, ctx.ops)
-        x = attn(positions, qkv, ctx)
-        gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, x, residual, ctx.ops)
-        return self.mlp(gate_up, ctx), residual
+        x, residual = self.input_layernorm(x, residual, ctx.ops)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual, ctx.ops)
+        return self.mlp(x, ctx), residual
 
 
 class LlamaForCausalLM(nn.Module):
