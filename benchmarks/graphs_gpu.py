@@ -308,8 +308,10 @@ def mixed_steps(engine):
     gen = torch.Generator().manual_seed(2)
     bs, width = runner.kv_spec.block_size, graphs.inputs.block_tables.shape[1]
     out = []
-    for chunk, decodes in ((56, 8), (120, 8), (248, 8), (504, 8), (32, 32)):
-        ql, cl = [chunk] + [1] * decodes, [0] + [512] * decodes
+    cases = [(56, 8, 512), (120, 8, 512), (248, 8, 512), (504, 8, 512), (32, 32, 512), (56, 8, 3800)]
+    cases += [(t - 8, 8, 512) for t in (768, 1024, 1536, 2048) if t <= graphs.token_sizes[-1]]
+    for chunk, decodes, context in cases:
+        ql, cl = [chunk] + [1] * decodes, [0] + [context] * decodes
         ids, pos, meta = synthetic_batch(ql, cl, bs, 1, width, engine.model_config.vocab_size, gen)
         rows = torch.tensor([chunk - 1 + i for i in range(decodes + 1)], device="cuda")
         shape = graphs.shape_for(len(ids), meta)
@@ -327,7 +329,8 @@ def mixed_steps(engine):
             return statistics.median(ts)
         g = timed(lambda: graphs.run(shape, ids, pos, meta, rows))
         e = timed(lambda: eager_logits(runner, ids, pos, meta, rows))
-        out.append({"tokens": len(ids), "chunk": chunk, "decodes": decodes, "graph_tokens": shape.num_tokens,
+        out.append({"tokens": len(ids), "chunk": chunk, "decodes": decodes, "decode_context": context,
+                    "graph_tokens": shape.num_tokens,
                     "graph_ms": g * 1e3, "eager_ms": e * 1e3, "eager_over_graph": e / g})
         print(out[-1])
     return out
@@ -398,6 +401,7 @@ def rms_norm_sweep(tuning):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--graph-tokens", type=int, default=512, help="cuda_graph_max_tokens")
     parser.add_argument("--sections", default="rotary,sweeps,bs1,exact,profile,spec,mixed")
     args = parser.parse_args()
     wanted = args.sections.split(",")
@@ -416,10 +420,13 @@ def main() -> int:
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig("llama-3-8b", random_weights=True, dtype="bfloat16", kv_cache_memory="8GiB",
                                     max_model_len=4096, max_num_seqs=64, speculative_method="ngram",
+                                    cuda_graph_max_tokens=args.graph_tokens,
                                     num_speculative_tokens=8))
     RESULTS["engine_startup_s"] = time.perf_counter() - t0
     RESULTS["graph_capture_s"] = engine.runner.graphs.capture_seconds
     RESULTS["graph_shapes"] = len(engine.runner.graphs.shapes)
+    RESULTS["graph_token_sizes"] = engine.runner.graphs.token_sizes
+    RESULTS["memory_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
     print("engine", RESULTS["engine_startup_s"], "s; capture", RESULTS["graph_capture_s"], "s")
     engine.scheduler.config.num_lookahead = 0
     rng = random.Random(0)
@@ -454,7 +461,7 @@ def main() -> int:
               f"{r['plain_tokens_per_s']:.1f} = {r['speedup']:.2f}x (verify {r['verify_step_ms']:.2f} ms, decode "
               f"{r['decode_step_ms']:.2f} ms, {r['tokens_per_verify_step']:.2f} tok/step, passes {r['oracle_passes']})")
     for r in RESULTS.get("mixed_steps", []) if isinstance(RESULTS.get("mixed_steps"), list) else []:
-        print(f"mixed {r['tokens']:>4} tok (graph {r['graph_tokens']}): graph {r['graph_ms']:.2f} ms, eager "
+        print(f"mixed {r['tokens']:>4} tok, ctx {r['decode_context']} (graph {r['graph_tokens']}): graph {r['graph_ms']:.2f} ms, eager "
               f"{r['eager_ms']:.2f} ms ({r['eager_over_graph']:.2f}x)")
     return 0
 
