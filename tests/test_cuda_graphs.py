@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pagellm import LLM, SamplingParams
-from pagellm.engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_token_sizes
+from pagellm.engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_seq_sizes, graph_token_sizes
 from pagellm.utils.math import cdiv
 from test_spec_decode import ARCHS, repetitive_prompts, token_ids, with_oracle
 from tiny_models import make_tiny_hf_model
@@ -20,10 +20,12 @@ def test_graph_sizes():
     assert graph_token_sizes(100) == [8, 16, 32, 64, 96, 100]
     assert graph_token_sizes(8) == [8] and graph_token_sizes(0) == []
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_seq_sizes(512, 256) == [4, 16, 64, 256] and graph_seq_sizes(96, 256) == [4, 16, 64, 96]
+    assert graph_seq_sizes(8, 256) == [4, 8] and graph_seq_sizes(4, 256) == [4]
 
 
 class RecordingGraphs(CudaGraphs):
-    """Eager padded batches; remembers each step's (tokens, padded shape)."""
+    """Eager padded batches; remembers each step's (tokens, sequences, padded shape)."""
 
     def __init__(self, llm: LLM, max_batch: int, max_tokens: int) -> None:
         runner = llm.engine.runner
@@ -32,7 +34,7 @@ class RecordingGraphs(CudaGraphs):
         self.steps = []
 
     def run(self, shape, input_ids, positions, meta, rows):
-        self.steps.append((len(input_ids), shape))
+        self.steps.append((len(input_ids), meta.num_seqs, shape))
         return super().run(shape, input_ids, positions, meta, rows)
 
 
@@ -48,8 +50,8 @@ def test_padded_batches_give_the_unpadded_tokens(arch, tmp_path_factory):
     plain = LLM(str(folder), **config)
     plain.engine.runner.graphs = graphs = RecordingGraphs(plain, max_batch=4, max_tokens=24)
     assert token_ids(plain.generate(prompts, params)) == token_ids(expected)
-    decode = [(n, s) for n, s in graphs.steps if s.decode]
-    varlen = [(n, s) for n, s in graphs.steps if not s.decode]
+    decode = [(n, s) for n, _, s in graphs.steps if s.decode]
+    varlen = [(n, s) for n, _, s in graphs.steps if not s.decode]
     assert any(n < s.num_tokens for n, s in decode) and any(n < s.num_tokens for n, s in varlen)
 
     spec = LLM(str(folder), speculative_method="ngram", num_speculative_tokens=3, **config)
@@ -57,4 +59,4 @@ def test_padded_batches_give_the_unpadded_tokens(arch, tmp_path_factory):
     spec.engine.runner.graphs = graphs = RecordingGraphs(spec, max_batch=8, max_tokens=24)
     assert token_ids(spec.generate(prompts, params)) == token_ids(expected)
     assert spec.engine.spec_stats.num_accepted > 0
-    assert sum(not s.decode and n < s.num_tokens for n, s in graphs.steps) > 0
+    assert any(not s.decode and n < s.num_tokens and b < s.num_seqs for n, b, s in graphs.steps)

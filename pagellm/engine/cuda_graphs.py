@@ -10,8 +10,9 @@ are captured over static input buffers (``StaticInputs``), in two families:
   sequence has one query (``max_query_len == 1``), so only the split-KV
   decode kernel runs; the graph ends in the logits of every row.
 * **varlen graphs**, one per padded token count (``graph_token_sizes``, up to
-  ``max_tokens``): any batch of at most that many tokens in which sequences
-  may have several queries: a speculative verification step (k+1 per
+  ``max_tokens``) and padded sequence count (``graph_seq_sizes``: 4, 16, 64,
+  256 and the most that many tokens can hold): any batch that fits, in which
+  sequences may have several queries: a speculative verification step (k+1 per
   sequence), prefill chunks beside decodes. Both attention kernels run (each
   skips the other's sequences, on the device). The graph ends in the hidden
   states; the logits of the rows the step samples are computed after the
@@ -25,6 +26,12 @@ states are garbage that no real row reads: every op outside attention is
 row-wise. Launch shapes depend only on the padded shape (``GraphShape``): the
 decode split count on (``B_pad``, Hkv, ``max_seq_len``), the prefill grid on
 (``T_pad``, ``B_pad``), and ``max_seq_len`` is fixed to ``max_model_len``.
+The sequence buckets matter: every padding sequence adds programs to both
+attention grids (each prefill program finds its sequence by a binary search
+before it can exit), and the decode split count falls as ``B_pad`` grows; with
+``B_pad = T_pad`` a 512-token graph of one prompt chunk and 8 decodes ran no
+faster than the eager step on an H200, and decodes of long contexts beside a
+chunk got one split each.
 
 Exactness: a replay runs the kernels an eager forward of the padded batch
 runs, so its tokens are that run's. With ``capture=False`` the same padded
@@ -61,6 +68,12 @@ def graph_token_sizes(max_tokens: int) -> list[int]:
         sizes += [size] if size < 64 else [size, size * 3 // 2]
         size *= 2
     return [s for s in sizes if s < max_tokens] + [max_tokens]
+
+
+def graph_seq_sizes(num_tokens: int, max_batch: int) -> list[int]:
+    """Padded sequence counts of the varlen graphs of ``num_tokens`` tokens."""
+    most = min(num_tokens, max_batch)
+    return [b for b in (4, 16, 64, 256) if b < most] + [most]
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,7 @@ class CudaGraphs:
         most = max([max_batch, *self.token_sizes])
         self.inputs = StaticInputs.allocate(most, most, max_blocks_per_seq, max_seq_len, kv_cache.pool.device)
         self.shapes = ([GraphShape(b, b, 1) for b in self.sizes]
-                       + [GraphShape(t, t, t) for t in self.token_sizes])
+                       + [GraphShape(t, b, t) for t in self.token_sizes for b in graph_seq_sizes(t, max_batch)])
         self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphShape, torch.Tensor] = {}
         self.capture = capture
@@ -159,7 +172,7 @@ class CudaGraphs:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
-        for shape in sorted(self.shapes, key=lambda s: -s.num_tokens):   # largest first: the others reuse its memory
+        for shape in sorted(self.shapes, key=lambda s: (-s.num_tokens, -s.num_seqs)):   # largest first: others reuse
             self._forward(shape)                 # warm-up: compiles kernels, sets up workspaces
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -174,11 +187,13 @@ class CudaGraphs:
         if not self.inputs.fits(num_tokens, meta):
             return None
         if meta.max_query_len == 1:
-            sizes, make = self.sizes, lambda s: GraphShape(s, s, 1)
-        else:
-            sizes, make = self.token_sizes, lambda s: GraphShape(s, s, s)
-        size = next((s for s in sizes if s >= num_tokens), None)
-        return make(size) if size is not None else None
+            size = next((s for s in self.sizes if s >= num_tokens), None)
+            return GraphShape(size, size, 1) if size is not None else None
+        size = next((s for s in self.token_sizes if s >= num_tokens), None)
+        if size is None:
+            return None
+        seqs = next((b for b in graph_seq_sizes(size, self.sizes[-1]) if b >= meta.num_seqs), None)
+        return GraphShape(size, seqs, size) if seqs is not None else None
 
     def run(self, shape: GraphShape, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             rows: torch.Tensor) -> torch.Tensor:
