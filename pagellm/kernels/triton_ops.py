@@ -74,7 +74,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @triton.jit
 def rotate_heads(ptr, token, cos, sin, stride_t, stride_h, num_heads, half,
-                  HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+                 HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HALF_PAD)
     mask = (heads < num_heads)[:, None] & (dims < half)[None, :]
