@@ -9,6 +9,7 @@ import time
 import torch
 
 from pagellm import LLM, SamplingParams
+from pagellm.engine.cuda_graphs import GraphShape
 
 
 def timed(fn, iters: int) -> float:
@@ -27,7 +28,7 @@ llm = LLM("llama-3-8b", random_weights=True, dtype="bfloat16", kv_cache_memory="
 llm.generate([[1] * 128], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
 graphs = llm.engine.runner.graphs
 for batch in (1, 8):
-    print("replay bs", batch, timed(graphs.graphs[batch].replay, 100) * 1e3, "ms")
+    print("replay bs", batch, timed(graphs.graphs[GraphShape(batch, batch, 1)].replay, 100) * 1e3, "ms")
 model = llm.engine.runner.model
 for name, linear in (("qkv", model.layers[0].self_attn.qkv_proj), ("o", model.layers[0].self_attn.o_proj),
                      ("gate_up", model.layers[0].mlp.gate_up_proj), ("lm_head", model.lm_head)):

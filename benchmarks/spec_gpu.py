@@ -5,13 +5,15 @@ acceptance meaningless: batch 1, greedy, Llama-3-8B shapes (random bf16).
    oracle's answer key;
 2. the same engine with an *oracle* proposer (benchmark only) that proposes
    the plain run's own continuation, k tokens a step: every proposal that the
-   verification's logits agree with is accepted. bf16 verification (eager,
-   k+1 queries) may break a near tie of the random model the other way than
-   the decode graph did, after which the plain run's tokens are no longer the
-   target's continuation: the oracle then takes the speculative run's own
-   output as its key and the run is repeated (up to 4 passes);
-3. the cost of one verification step (k+1 query tokens, eager varlen
-   attention) against one decode step, median over the runs' steps.
+   verification's logits agree with is accepted. bf16 verification (k+1
+   queries, the prefill attention kernel) may break a near tie of the random
+   model the other way than the decode graph did, after which the plain run's
+   tokens are no longer the target's continuation: the oracle then takes the
+   speculative run's own output as its key and the run is repeated (up to 4 passes);
+3. the cost of one verification step (k+1 query tokens, under a varlen CUDA
+   graph: ``engine.cuda_graphs``) against one decode step, median over the runs' steps.
+
+``benchmarks/graphs_gpu.py`` runs the same oracle with verification under graphs and eager.
 
     PYTHONPATH=. python3 benchmarks/spec_gpu.py --out $OUT
 """

@@ -28,7 +28,7 @@ def main() -> int:
               "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "model": f"{args.model} (random weights, bf16, defaults: max_num_seqs 256, block 16)",
               "startup_s": engine.startup_seconds, "total_s": total,
-              "cuda_graphs": len(graphs.sizes) if graphs else 0,
+              "cuda_graphs": len(graphs.shapes) if graphs else 0,
               "cuda_graph_capture_s": graphs.capture_seconds if graphs else None,
               "memory": engine.runner.memory.to_dict()}
     print(json.dumps(record, indent=2))

@@ -72,6 +72,9 @@ class EngineConfig:
         True, "overlap the host's work with the device: step N+1 is scheduled and launched while step N runs, "
               "its sampled tokens fed from the device (one process only; steps with structured outputs, "
               "penalties, prompt log-probs or speculative decoding run synchronously)")
+    cuda_graph_max_tokens: int = _setting(
+        512, "steps of up to this many tokens with multi-token queries (speculative verification, prefill "
+             "chunks beside decodes) replay CUDA graphs too, padded to the next captured size; 0: decode only")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
     seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
     tensor_parallel_size: int = _setting(1, "processes (GPUs) that split each layer (Megatron-style)")

@@ -178,3 +178,52 @@ def test_write_kv_cache_casts_to_cache_dtype():
     cache_k, cache_v = torch.zeros(2, 4, 2, 4, dtype=torch.bfloat16), torch.zeros(2, 4, 2, 4, dtype=torch.bfloat16)
     write_kv_cache(k, k, cache_k, cache_v, torch.tensor([5, 0, 7]))
     assert torch.equal(cache_k.view(-1, 2, 4)[torch.tensor([5, 0, 7])], k.to(torch.bfloat16))
+
+
+def test_graph_padding_rows_and_empty_sequences():
+    """A CUDA graph's padded batch: tokens past query_start_loc[-1] belong to no
+    sequence (zero rows), padding sequences have no queries; the real rows are unchanged."""
+    gen = torch.Generator().manual_seed(11)
+    q, k_cache, v_cache, meta = build_batch(gen, [3, 1], [9, 5], 4, 2, 8, 4)
+    want = naive_attention(q, k_cache, v_cache, meta, 8 ** -0.5, None)
+    padded = AttentionMetadata(torch.tensor([0, 3, 4, 4, 4], dtype=torch.int32),
+                               torch.tensor([9, 5, 0, 0], dtype=torch.int32),
+                               torch.cat([meta.block_tables, torch.zeros_like(meta.block_tables)]),
+                               torch.cat([meta.slot_mapping, torch.tensor([-1, -1, -1])]), max_query_len=7,
+                               max_seq_len=12)
+    got = paged_attention(torch.cat([q, torch.randn(3, 4, 8, generator=gen, dtype=q.dtype)]), k_cache, v_cache,
+                          padded, 8 ** -0.5, None)
+    torch.testing.assert_close(got[:4], want)
+    assert torch.equal(got[4:], torch.zeros(3, 4, 8, dtype=q.dtype))
+
+
+def naive_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary of every head of ``x [T, H, D]``, element by element, in float64."""
+    out = x.clone().double()
+    half = inv_freq.shape[0]
+    for t, pos in enumerate(positions.tolist()):
+        for i in range(half):
+            c, s = math.cos(pos * float(inv_freq[i])), math.sin(pos * float(inv_freq[i]))
+            a, b = x[t, :, i].double(), x[t, :, i + half].double()
+            out[t, :, i], out[t, :, i + half] = a * c - b * s, b * c + a * s
+    return out
+
+
+def test_rotate_and_write_kv_matches_naive():
+    """The torch twin of the Triton fused rotary + KV write (the GPU check compares
+    the two): q and k rotated in place, k and v at their slots, slot -1 skipped
+    (its q still rotated)."""
+    from pagellm.model.layers import RotaryEmbedding
+    gen = torch.Generator().manual_seed(5)
+    rotary = RotaryEmbedding(8, 64, 10000.0, None)
+    q, k, v = (torch.randn(4, h, 8, generator=gen) for h in (4, 2, 2))
+    positions, slots = torch.tensor([0, 7, 33, 63]), torch.tensor([5, -1, 0, 9])
+    cache = LayerKVCache(torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8))
+    want_q, want_k = (naive_rotary(x, positions, 1.0 / 10000.0 ** (torch.arange(0, 8, 2).double() / 8))
+                      for x in (q, k))
+    TorchAttention().rotate_and_write_kv(q, k, v, positions, rotary.cos_sin_cache, cache, slots)
+    torch.testing.assert_close(q.double(), want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k.double(), want_k, rtol=1e-5, atol=1e-5)
+    flat_k, flat_v = cache.k.view(-1, 2, 8), cache.v.view(-1, 2, 8)
+    assert torch.equal(flat_k[[5, 0, 9]], k[[0, 2, 3]]) and torch.equal(flat_v[[5, 0, 9]], v[[0, 2, 3]])
+    assert int((flat_k != 0).any(-1).any(-1).sum()) == 3           # nothing else written

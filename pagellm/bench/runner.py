@@ -168,6 +168,7 @@ def runner_info(engine) -> dict:
     return {"attention_backend": runner.backend.name, "dtype": str(runner.dtype).replace("torch.", ""),
             "device": str(runner.device), "cuda_graphs": graphs is not None,
             "cuda_graph_batch_sizes": list(graphs.sizes) if graphs is not None else [],
+            "cuda_graph_token_sizes": list(graphs.token_sizes) if graphs is not None else [],
             "cuda_graph_capture_s": graphs.capture_seconds if graphs is not None else None,
             "startup_s": engine.startup_seconds,
             "memory": runner.memory.to_dict()}

@@ -1,15 +1,48 @@
-"""CUDA graphs for decode steps (as in gpt-fast / nano-vllm).
+"""CUDA graphs for decode, speculative verification and small mixed batches
+(as in gpt-fast / nano-vllm for decode; vLLM's "full graphs" for the rest).
 
-A decode step is small kernels back to back; launching them costs more than
-running them at small batch sizes. At start-up one graph per padded batch size
-is captured over static input buffers; a decode-only batch is copied into those
-buffers, padded up to the next captured size (padding tokens write nothing:
-slot -1), and replayed. The attention metadata's ``max_seq_len`` is fixed to
-``max_model_len`` so kernel launch shapes never change between replays.
+A step of a few tokens is small kernels back to back; launching them costs
+more than running them (an eager forward of Llama-3-8B is ~27 ms of host work
+on the H200's host, a graph replay of the same step ~5 ms). At start-up graphs
+are captured over static input buffers (``StaticInputs``), in two families:
+
+* **decode graphs**, one per padded batch size (``graph_batch_sizes``): every
+  sequence has one query (``max_query_len == 1``), so only the split-KV
+  decode kernel runs; the graph ends in the logits of every row.
+* **varlen graphs**, one per padded token count (``graph_token_sizes``, up to
+  ``max_tokens``) and padded sequence count (``graph_seq_sizes``: 4, 16, 64,
+  256 and the most that many tokens can hold): any batch that fits, in which
+  sequences may have several queries: a speculative verification step (k+1 per
+  sequence), prefill chunks beside decodes. Both attention kernels run (each
+  skips the other's sequences, on the device). The graph ends in the hidden
+  states; the logits of the rows the step samples are computed after the
+  replay (a 512-token graph would otherwise compute 512 rows of logits).
+
+Padding (``StaticInputs.fill``): the step's tokens and sequences come first.
+Padding tokens ``[T, T_pad)`` belong to no sequence (``query_start_loc[B:] =
+T``), sit at position 0 and write nothing (slot -1); padding sequences have no
+queries and no context, so both kernels skip them. A padding row's hidden
+states are garbage that no real row reads: every op outside attention is
+row-wise. Launch shapes depend only on the padded shape (``GraphShape``): the
+decode split count on (``B_pad``, Hkv, ``max_seq_len``), the prefill grid on
+(``T_pad``, ``B_pad``), and ``max_seq_len`` is fixed to ``max_model_len``.
+The sequence buckets matter: every padding sequence adds programs to both
+attention grids (each prefill program finds its sequence by a binary search
+before it can exit), and the decode split count falls as ``B_pad`` grows; with
+``B_pad = T_pad`` a 512-token graph of one prompt chunk and 8 decodes ran no
+faster than the eager step on an H200, and decodes of long contexts beside a
+chunk got one split each.
+
+Exactness: a replay runs the kernels an eager forward of the padded batch
+runs, so its tokens are that run's. With ``capture=False`` the same padded
+batch runs eagerly (no graph): the CPU tests compare its tokens with the
+unpadded step's, which checks the padding; the GPU check compares replays
+with it bit for bit.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,62 +57,151 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-class DecodeGraphs:
+def graph_token_sizes(max_tokens: int) -> list[int]:
+    """Padded token counts of the varlen graphs: powers of two from 8 and the
+    midpoints above 64 (at most a third of a graph is padding there), up to
+    ``max_tokens``; none when it is 0."""
+    if max_tokens <= 0:
+        return []
+    sizes, size = [], 8
+    while size < max_tokens:
+        sizes += [size] if size < 64 else [size, size * 3 // 2]
+        size *= 2
+    return [s for s in sizes if s < max_tokens] + [max_tokens]
+
+
+def graph_seq_sizes(num_tokens: int, max_batch: int) -> list[int]:
+    """Padded sequence counts of the varlen graphs of ``num_tokens`` tokens."""
+    most = min(num_tokens, max_batch)
+    return [b for b in (4, 16, 64, 256) if b < most] + [most]
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """A captured batch shape: padded tokens, padded sequences, and the query
+    length the metadata announces (1: decode only; else the prefill kernel runs too)."""
+    num_tokens: int
+    num_seqs: int
+    max_query_len: int
+
+    @property
+    def decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+@dataclass
+class StaticInputs:
+    """The device buffers every graph reads; a step is copied in, padded to its graph's shape."""
+    input_ids: torch.Tensor         # [max_tokens] int64
+    positions: torch.Tensor         # [max_tokens] int64
+    slot_mapping: torch.Tensor      # [max_tokens] int64
+    query_start_loc: torch.Tensor   # [max_seqs + 1] int32
+    seq_lens: torch.Tensor          # [max_seqs] int32
+    block_tables: torch.Tensor      # [max_seqs, max_blocks_per_seq] int32
+    max_seq_len: int
+
+    @classmethod
+    def allocate(cls, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, max_seq_len: int,
+                 device: torch.device) -> StaticInputs:
+        def zeros(*shape, dtype=torch.int64):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return cls(zeros(max_tokens), zeros(max_tokens), torch.full((max_tokens,), -1, device=device),
+                   zeros(max_seqs + 1, dtype=torch.int32), zeros(max_seqs, dtype=torch.int32),
+                   zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32), max_seq_len)
+
+    def batch(self, shape: GraphShape) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids, positions and metadata of a ``shape`` batch: views of the buffers."""
+        t, b = shape.num_tokens, shape.num_seqs
+        meta = AttentionMetadata(self.query_start_loc[:b + 1], self.seq_lens[:b], self.block_tables[:b],
+                                 self.slot_mapping[:t], max_query_len=shape.max_query_len,
+                                 max_seq_len=self.max_seq_len)
+        return self.input_ids[:t], self.positions[:t], meta
+
+    def fits(self, num_tokens: int, meta: AttentionMetadata) -> bool:
+        return (num_tokens <= self.input_ids.shape[0] and meta.num_seqs < self.query_start_loc.shape[0]
+                and meta.block_tables.shape[1] <= self.block_tables.shape[1]
+                and meta.max_seq_len <= self.max_seq_len)
+
+    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             shape: GraphShape) -> None:
+        """Copy a step in and pad it to ``shape`` (see the module docstring)."""
+        n, b, t, pad_b = input_ids.shape[0], meta.num_seqs, shape.num_tokens, shape.num_seqs
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = meta.slot_mapping
+        self.query_start_loc[:b + 1] = meta.query_start_loc
+        self.seq_lens[:b] = meta.seq_lens
+        self.block_tables[:b, :meta.block_tables.shape[1]] = meta.block_tables
+        if t > n:       # each launch costs host time in the step: none when the step fits exactly
+            self.input_ids[n:t] = 0
+            self.positions[n:t] = 0
+            self.slot_mapping[n:t] = -1
+        if pad_b > b:
+            self.query_start_loc[b + 1:pad_b + 1] = n
+            self.seq_lens[b:pad_b] = 0
+
+
+class CudaGraphs:
+    """Decode and varlen graphs over one ``StaticInputs`` and one memory pool
+    (``capture=False``: the same padded batches, run eagerly)."""
+
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_cache: KVCache,
-                 max_batch: int, max_blocks_per_seq: int, max_seq_len: int) -> None:
-        device = kv_cache.pool.device
+                 max_batch: int, max_tokens: int, max_blocks_per_seq: int, max_seq_len: int,
+                 capture: bool = True) -> None:
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
-        self.max_seq_len = max_seq_len
         self.sizes = graph_batch_sizes(max_batch)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.token_sizes = graph_token_sizes(max_tokens)
+        most = max([max_batch, *self.token_sizes])
+        self.inputs = StaticInputs.allocate(most, most, max_blocks_per_seq, max_seq_len, kv_cache.pool.device)
+        self.shapes = ([GraphShape(b, b, 1) for b in self.sizes]
+                       + [GraphShape(t, b, t) for t in self.token_sizes for b in graph_seq_sizes(t, max_batch)])
+        self.graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[GraphShape, torch.Tensor] = {}
+        self.capture = capture
         start = time.perf_counter()
-        self._capture_all()
+        if capture:
+            self._capture_all()
         self.capture_seconds = time.perf_counter() - start
 
-    def _meta(self, batch: int) -> AttentionMetadata:
-        return AttentionMetadata(self.query_start_loc[:batch + 1], self.seq_lens[:batch], self.block_tables[:batch],
-                                 self.slot_mapping[:batch], max_query_len=1, max_seq_len=self.max_seq_len)
-
-    def _forward(self, batch: int) -> torch.Tensor:
-        ctx = ForwardContext(self._meta(batch), self.kv_cache.layers, self.backend)
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], ctx)
-        return self.model.compute_logits(hidden)
+    def _forward(self, shape: GraphShape) -> torch.Tensor:
+        """Logits of every row (decode) or hidden states (varlen) of the padded batch in the buffers."""
+        input_ids, positions, meta = self.inputs.batch(shape)
+        hidden = self.model(input_ids, positions, ForwardContext(meta, self.kv_cache.layers, self.backend))
+        return self.model.compute_logits(hidden) if shape.decode else hidden
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None
-        for batch in reversed(self.sizes):       # largest first, so smaller graphs reuse its memory
-            self._forward(batch)                 # warm-up: compiles kernels, sets up workspaces
+        for shape in sorted(self.shapes, key=lambda s: (-s.num_tokens, -s.num_seqs)):   # largest first: others reuse
+            self._forward(shape)                 # warm-up: compiles kernels, sets up workspaces
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch] = self._forward(batch)
+                self.outputs[shape] = self._forward(shape)
             pool = graph.pool()
-            self.graphs[batch] = graph
+            self.graphs[shape] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return (meta.max_query_len == 1 and meta.num_seqs <= self.sizes[-1]
-                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+    def shape_for(self, num_tokens: int, meta: AttentionMetadata) -> GraphShape | None:
+        """The smallest captured shape that holds the step, or None (run it eagerly)."""
+        if not self.inputs.fits(num_tokens, meta):
+            return None
+        if meta.max_query_len == 1:
+            size = next((s for s in self.sizes if s >= num_tokens), None)
+            return GraphShape(size, size, 1) if size is not None else None
+        size = next((s for s in self.token_sizes if s >= num_tokens), None)
+        if size is None:
+            return None
+        seqs = next((b for b in graph_seq_sizes(size, self.sizes[-1]) if b >= meta.num_seqs), None)
+        return GraphShape(size, seqs, size) if seqs is not None else None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits ``[num_seqs, vocab]`` of a decode-only batch."""
-        n = input_ids.shape[0]
-        batch = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = meta.slot_mapping
-        self.slot_mapping[n:batch] = -1
-        self.seq_lens[:n] = meta.seq_lens
-        self.seq_lens[n:batch] = 1
-        width = meta.block_tables.shape[1]
-        self.block_tables[:n, :width] = meta.block_tables
-        self.graphs[batch].replay()
-        return self.logits[batch][:n]
+    def run(self, shape: GraphShape, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[len(rows), vocab]`` of the step's rows ``rows``, through ``shape``'s graph."""
+        self.inputs.fill(input_ids, positions, meta, shape)
+        if self.capture:
+            self.graphs[shape].replay()
+            out = self.outputs[shape]
+        else:
+            out = self._forward(shape)
+        return out[rows] if shape.decode else self.model.compute_logits(out[rows])

@@ -11,7 +11,8 @@ three calls, as each needs the last one's answer:
    on a scratch pool, measured on CUDA and taken from ``pagellm.sizing``
    elsewhere;
 2. ``allocate_kv_cache(activation_bytes)``: size the pool from the budget,
-   allocate it (``KVCache``) and capture the decode CUDA graphs;
+   allocate it (``KVCache``) and capture the CUDA graphs (``engine.cuda_graphs``:
+   decode, and varlen ones for verification and small mixed batches);
 3. ``launch(step)`` for every step: it queues the step's kernels and returns
    a ``PendingOutput`` at once; its ``result()`` waits for the device (one
    event) and reads the sampled tokens, which were copied to pinned host
@@ -42,7 +43,7 @@ import torch
 
 from pagellm import sizing
 from pagellm.config import EngineConfig
-from pagellm.engine.cuda_graphs import DecodeGraphs
+from pagellm.engine.cuda_graphs import CudaGraphs
 from pagellm.engine.kv_cache import KVCache, KVCacheSpec, wait_for_swaps
 from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan_num_blocks
 from pagellm.engine.sampler import Draws, SamplingTensors, draw_tokens, score_tokens
@@ -160,7 +161,7 @@ class ModelRunner:
             self.host_weights_bytes = self.offload.host_bytes
             self.weights_bytes += self.offload.buffer_bytes - self.host_weights_bytes
         self.kv_cache: KVCache | None = None
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: CudaGraphs | None = None
         self.memory: MemoryReport | None = None
         self.rank_memory: list[MemoryReport] = []   # on rank 0: every rank's report, in rank order
         self.buffers = InputBuffers.allocate(engine.batched_tokens, self.device)
@@ -227,15 +228,17 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
         return num_blocks
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        """Decode CUDA graphs need a GPU, graph-safe kernels (the Triton backend), no streamed layers and
+    def _capture_graphs(self) -> CudaGraphs | None:
+        """CUDA graphs need a GPU, graph-safe kernels (the Triton backend), no streamed layers and
         one pipeline stage."""
         if (self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton"
                 or self.offload is not None or (self.groups and self.groups.num_stages > 1)):
             return None
-        graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
-                              cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len)
-        logger.info(f"captured {len(graphs.sizes)} decode CUDA graphs (batch 1..{graphs.sizes[-1]}) "
+        graphs = CudaGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
+                            min(self.engine.cuda_graph_max_tokens, self.engine.batched_tokens),
+                            cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len)
+        logger.info(f"captured {len(graphs.shapes)} CUDA graphs (decode batch 1..{graphs.sizes[-1]}, varlen "
+                    f"{graphs.token_sizes[-1] if graphs.token_sizes else 0} tokens) "
                     f"in {graphs.capture_seconds:.1f} s")
         return graphs
 
@@ -283,10 +286,11 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)
         scored = None
-        if (kv_cache is self.kv_cache and step.scoring is None and self.graphs is not None
-                and self.graphs.can_run(meta)):
+        shape = (self.graphs.shape_for(len(step.input_ids), meta)
+                 if kv_cache is self.kv_cache and step.scoring is None and self.graphs is not None else None)
+        if shape is not None:
             wait_for_swaps(ready)
-            logits = self.graphs.run(input_ids, positions, meta)[rows]
+            logits = self.graphs.run(shape, input_ids, positions, meta, rows)
         else:
             hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend, ready),
                                 self._carried(len(step.input_ids)))

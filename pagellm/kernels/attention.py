@@ -70,6 +70,11 @@ class AttentionBackend(Protocol):
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
         """Store token K/V ``[T, Hkv, D]`` at their slots (slot -1: padding, nothing written)."""
 
+    def rotate_and_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        """``ops.rotary(q, k, positions, cos_sin_cache)`` (in place), then ``write_kv(k, v, ...)``;
+        a backend may fuse the two (the Triton one does: one launch per layer fewer at decode)."""
+
     def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None) -> torch.Tensor:
         """Attention of ``q [T, H, D]`` over each sequence's cached context; returns ``[T, H, D]``."""

@@ -26,6 +26,11 @@ class TorchAttention:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
         write_kv_cache(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
 
+    def rotate_and_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        self.ops.rotary(q, k, positions, cos_sin_cache)
+        self.write_kv(k, v, cache, slot_mapping)
+
     def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None) -> torch.Tensor:
         return paged_attention(q, cache.k, cache.v, meta, scale, sliding_window, cache.k_scale, cache.v_scale)
@@ -102,15 +107,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of new tokens ``q [T, H, D]`` over their cached context (codes
-    and scales when quantized); returns ``[T, H, D]``."""
+    and scales when quantized); returns ``[T, H, D]``. Tokens past
+    ``query_start_loc[-1]`` (a CUDA graph's padding) belong to no sequence:
+    their rows are zeros."""
     num_tokens, num_heads, head_dim = q.shape
     batch = meta.num_seqs
     query_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).long()
     seq_of_token = torch.repeat_interleave(torch.arange(batch, device=q.device), query_lens)
-    row_of_token = torch.arange(num_tokens, device=q.device) - meta.query_start_loc[:-1].long()[seq_of_token]
+    covered = seq_of_token.shape[0]
+    row_of_token = torch.arange(covered, device=q.device) - meta.query_start_loc[:-1].long()[seq_of_token]
 
     padded_q = q.new_zeros(batch, meta.max_query_len, num_heads, head_dim)
-    padded_q[seq_of_token, row_of_token] = q
+    padded_q[seq_of_token, row_of_token] = q[:covered]
     first_key = None
     if sliding_window is not None:    # the first key the sequence's first new token sees
         first_key = (meta.seq_lens.long() - query_lens - sliding_window + 1).clamp_min(0)
@@ -121,4 +129,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=mask[:, None], scale=scale, enable_gqa=num_heads != keys.shape[2])
-    return out.transpose(1, 2)[seq_of_token, row_of_token]
+    out = out.transpose(1, 2)[seq_of_token, row_of_token]
+    return out if covered == num_tokens else torch.cat([out, out.new_zeros(num_tokens - covered, *out.shape[1:])])

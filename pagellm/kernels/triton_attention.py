@@ -51,6 +51,7 @@ key range from ``seq_lens`` on the device.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -59,6 +60,7 @@ import triton.language as tl
 from pagellm.kernels import triton_ops
 from pagellm.kernels.attention import AttentionMetadata, LayerKVCache
 from pagellm.kernels.kv_quant import SCALE_DTYPE, SCALE_MIN, format_of
+from pagellm.kernels.triton_ops import rotate_heads
 
 LOG2_E = 1.4426950408889634
 # Stands in for "no sliding window": larger than any sequence, small enough
@@ -89,6 +91,8 @@ PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
 
 WRITE_KV_NUM_WARPS = 4
+# The rotary embedding inside the KV write kernel (one launch per layer fewer; off: benchmarks' "before").
+FUSED_ROTARY = True
 
 
 # --------------------------------------------------------------------------- write_kv
@@ -113,14 +117,29 @@ def _store_head_vectors(src_ptr, cache_ptr, scale_ptr, dst, scale_dst, head_ok,
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
+                     q_ptr, positions_ptr, cos_sin_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cache_block, stride_cache_token, stride_cache_head,
                      stride_scale_block, stride_scale_head,
-                     block_size, num_kv_heads,
+                     stride_qt, stride_qh, stride_cos_sin,
+                     block_size, num_kv_heads, num_q_heads, half,
                      HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                     ROUND: tl.constexpr):
-    """One program per token: store its ``[Hkv, D]`` K and V into slot ``slot_mapping[t]``."""
+                     ROUND: tl.constexpr, ROTATE: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
+                     HALF_PAD: tl.constexpr):
+    """One program per token: store its ``[Hkv, D]`` K and V into slot
+    ``slot_mapping[t]``; with ``ROTATE``, first apply the rotary embedding to its
+    q and k heads in place (``triton_ops.rotary``'s math, one launch fewer)."""
     token = tl.program_id(0)
+    if ROTATE:
+        pos = tl.load(positions_ptr + token).to(tl.int64)
+        half_dims = tl.arange(0, HALF_PAD)
+        table = cos_sin_ptr + pos * stride_cos_sin + half_dims
+        cos = tl.load(table, mask=half_dims < half, other=0.0).to(tl.float32)
+        sin = tl.load(table + half, mask=half_dims < half, other=0.0).to(tl.float32)
+        t64 = token.to(tl.int64)
+        rotate_heads(q_ptr, t64, cos, sin, stride_qt, stride_qh, num_q_heads, half, Q_HEADS_PAD, HALF_PAD)
+        rotate_heads(k_ptr, t64, cos, sin, stride_kt, stride_kh, num_kv_heads, half, HEADS_PAD, HALF_PAD)
+        tl.debug_barrier()      # the rotated k is read back below, by other threads of the program
     slot = tl.load(slot_ptr + token)
     if slot < 0:
         return
@@ -137,27 +156,44 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
                         v_scale_ptr, dst, scale_dst, head_ok, QUANT=QUANT, QMAX=QMAX, ROUND=ROUND)
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """The rotary embedding ``write_kv`` applies first: to ``q [T, H, D]`` and k, in
+    place, at ``positions [T]`` from ``cos_sin_cache [max_position, rotary_dim]``."""
+    q: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-             v_scale: torch.Tensor | None = None) -> None:
+             v_scale: torch.Tensor | None = None, rotation: Rotation | None = None) -> None:
     """Scatter ``k, v [T, Hkv, D]`` into the paged caches, quantized when they
     hold a ``kv_quant`` format (scales into ``k_scale``, ``v_scale``); slot -1
-    writes nothing."""
+    writes nothing. With ``rotation``, q and k are rotated first, in the same launch."""
     num_tokens, num_kv_heads, head_dim = k.shape
     _check_cache_layout(k_cache, v_cache)
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     if num_tokens == 0:
         return
     fmt, scales = _quant_args(k_cache, k_scale, v_scale)
+    # Without a rotation the kernel never reads these; any tensors of the right rank stand in.
+    q, positions, cos_sin = ((rotation.q, rotation.positions, rotation.cos_sin_cache) if rotation
+                             else (k, slot_mapping, k))
+    assert q.stride(2) == 1 and cos_sin.stride(-1) == 1
+    half = cos_sin.shape[1] // 2 if rotation else 1
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, *scales, slot_mapping,
+        k, v, k_cache, v_cache, *scales, slot_mapping, q, positions, cos_sin,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scales[0].stride(0), scales[0].stride(1),
-        k_cache.shape[1], num_kv_heads,
+        q.stride(0), q.stride(1), cos_sin.stride(0),
+        k_cache.shape[1], num_kv_heads, q.shape[1], half,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
         QUANT=fmt is not None, QMAX=fmt.qmax if fmt is not None else 0.0,
-        ROUND=fmt is not None and fmt.storage == torch.int8, num_warps=WRITE_KV_NUM_WARPS)
+        ROUND=fmt is not None and fmt.storage == torch.int8, ROTATE=rotation is not None,
+        Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), HALF_PAD=triton.next_power_of_2(half),
+        num_warps=WRITE_KV_NUM_WARPS)
 
 
 def _quant_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
@@ -554,6 +590,16 @@ class TritonAttention:
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
         write_kv(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
+
+    def rotate_and_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+        """One launch (``FUSED_ROTARY``) or the two of ``ops.rotary`` and ``write_kv``."""
+        if not FUSED_ROTARY:
+            self.ops.rotary(q, k, positions, cos_sin_cache)
+            self.write_kv(k, v, cache, slot_mapping)
+            return
+        write_kv(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale,
+                 Rotation(q, positions, cos_sin_cache))
 
     def attend(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Fused dequant matmuls in Triton: each weight byte is read once and
-dequantized in registers, never written back.
+dequantized in registers, never written back. The int8 kernel without its
+scales is also the batch-1 GEMV of dense bf16/fp16 weights (``dense_matmul``),
+used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
 Layouts are those of :mod:`pagellm.kernels.torch_quant` (the reference twins):
 int8 ``q [N, K]`` with a scale per row; int4 two codes a byte along K
@@ -49,6 +51,15 @@ SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 3
 LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 
 
+# Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS by 3% or more on an H200 for that
+# shape (`benchmarks/graphs_gpu.py`, weights cold in L2 as in a decode step; h200-2026-12-02-graphs.json):
+# Llama-3-8B's qkv 14.6 vs 16.5 us, o 11.1 vs 12.6, gate_up 56.3 vs 58.9, down 29.8 vs 31.2 (the LM head,
+# 233.7 vs 238.8, stays with cuBLAS). Other shapes stay with cuBLAS until measured.
+DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {
+    (6144, 4096): MatmulConfig(1, 2, 2048, 4, 3, 1), (4096, 4096): MatmulConfig(1, 4, 2048, 8, 3, 1),
+    (28672, 4096): MatmulConfig(1, 16, 512, 4, 3, 4), (4096, 14336): MatmulConfig(1, 4, 2048, 8, 3, 1)}
+
+
 def config_for(fmt: str, m: int) -> MatmulConfig:
     return (GEMV if m == 1 else SMALL if m <= 16 else LARGE)[fmt]
 
@@ -95,7 +106,8 @@ def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om
 def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
                  stride_xm, stride_qn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr = True):
+    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,7 +118,8 @@ def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, t
         q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                     other=0)
         acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, q.to(tl.float32), BLOCK_M)
-    acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
@@ -180,6 +193,13 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
                 config: MatmulConfig | None = None) -> torch.Tensor:
     """``x [..., K]`` @ dequant(q)^T + bias."""
     return _launch(_int8_kernel, "int8", x, q.shape[0], (q, scale), (q.stride(0),), bias, config)
+
+
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 config: MatmulConfig) -> torch.Tensor:
+    """``x [..., K] @ weight^T + bias`` for a float ``weight [N, K]`` (the int8 kernel without scales)."""
+    return _launch(_int8_kernel, "int8", x, weight.shape[0], (weight, weight), (weight.stride(0),), bias, config,
+                   HAS_SCALE=False)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -92,6 +92,11 @@ class DenseLinearMethod:
         layer.weight_loaders["weight"] = functools.partial(layer.load_rows, layer.weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() == x.shape[-1]:     # one row: the Triton GEMV where it beats cuBLAS
+            from pagellm.kernels import triton_quant
+            config = triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
+            if config is not None:
+                return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
         return F.linear(x, layer.weight, layer.bias)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
@@ -360,7 +365,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """NeoX-style (rotate-half) rotary embedding from a cos|sin cache per position."""
+    """NeoX-style (rotate-half) rotary embedding: the cos|sin cache per position that
+    the attention backend applies (``rotate_and_write_kv``, with the KV write)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
@@ -374,7 +380,3 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
         return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ops: ModuleType) -> None:
-        """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` in place."""
-        ops.rotary(q, k, positions, self.cos_sin_cache)

@@ -44,9 +44,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.rotary(positions, q, k, ctx.ops)
         cache = ctx.kv(self.kv_index)
-        ctx.backend.write_kv(k, v, cache, ctx.meta.slot_mapping)
+        ctx.backend.rotate_and_write_kv(q, k, v, positions, self.rotary.cos_sin_cache, cache, ctx.meta.slot_mapping)
         out = ctx.backend.attend(q, cache, ctx.meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 

@@ -1,0 +1,62 @@
+"""CUDA graphs' padding, on the CPU: the graphs run padded batches (tokens and
+sequences that belong to nothing, slot -1), so the same padded batches run
+eagerly (``CudaGraphs(capture=False)``) must give the tokens the unpadded
+steps give, for decode, speculative verification and mixed prefill+decode
+steps. The GPU check (``benchmarks/graphs_gpu.py``) compares replays with
+these eager padded runs bit for bit."""
+from __future__ import annotations
+
+import pytest
+
+from pagellm import LLM, SamplingParams
+from pagellm.engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_seq_sizes, graph_token_sizes
+from pagellm.utils.math import cdiv
+from test_spec_decode import ARCHS, repetitive_prompts, token_ids, with_oracle
+from tiny_models import make_tiny_hf_model
+
+
+def test_graph_sizes():
+    assert graph_token_sizes(512) == [8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
+    assert graph_token_sizes(100) == [8, 16, 32, 64, 96, 100]
+    assert graph_token_sizes(8) == [8] and graph_token_sizes(0) == []
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_seq_sizes(512, 256) == [4, 16, 64, 256] and graph_seq_sizes(96, 256) == [4, 16, 64, 96]
+    assert graph_seq_sizes(8, 256) == [4, 8] and graph_seq_sizes(4, 256) == [4]
+
+
+class RecordingGraphs(CudaGraphs):
+    """Eager padded batches; remembers each step's (tokens, sequences, padded shape)."""
+
+    def __init__(self, llm: LLM, max_batch: int, max_tokens: int) -> None:
+        runner = llm.engine.runner
+        super().__init__(runner.model, runner.backend, runner.kv_cache, max_batch, max_tokens,
+                         cdiv(runner.max_model_len, runner.kv_spec.block_size), runner.max_model_len, capture=False)
+        self.steps = []
+
+    def run(self, shape, input_ids, positions, meta, rows):
+        self.steps.append((len(input_ids), meta.num_seqs, shape))
+        return super().run(shape, input_ids, positions, meta, rows)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+def test_padded_batches_give_the_unpadded_tokens(arch, tmp_path_factory):
+    folder = make_tiny_hf_model(tmp_path_factory.mktemp(arch), **ARCHS[arch])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    config = dict(dtype="float32", block_size=4, num_kv_blocks=64, max_num_batched_tokens=12, max_model_len=64)
+    reference = LLM(str(folder), **config)
+    prompts = repetitive_prompts(reference.engine.model_config.vocab_size)
+    expected = reference.generate(prompts, params)
+
+    plain = LLM(str(folder), **config)
+    plain.engine.runner.graphs = graphs = RecordingGraphs(plain, max_batch=4, max_tokens=24)
+    assert token_ids(plain.generate(prompts, params)) == token_ids(expected)
+    decode = [(n, s) for n, _, s in graphs.steps if s.decode]
+    varlen = [(n, s) for n, _, s in graphs.steps if not s.decode]
+    assert any(n < s.num_tokens for n, s in decode) and any(n < s.num_tokens for n, s in varlen)
+
+    spec = LLM(str(folder), speculative_method="ngram", num_speculative_tokens=3, **config)
+    with_oracle(spec, prompts, expected)
+    spec.engine.runner.graphs = graphs = RecordingGraphs(spec, max_batch=8, max_tokens=24)
+    assert token_ids(spec.generate(prompts, params)) == token_ids(expected)
+    assert spec.engine.spec_stats.num_accepted > 0
+    assert any(not s.decode and n < s.num_tokens and b < s.num_seqs for n, b, s in graphs.steps)
