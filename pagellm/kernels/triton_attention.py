@@ -54,8 +54,9 @@ Why: the earlier kernel (codes converted to bf16 by ``.to``, joined back into
 dim order, scales loaded 2 bytes a key) ran the int8 decode at 0.94x of the
 bf16 kernel's speed at 64 x 4k on an H200 although it read half the bytes: its
 compiled loop sent the converted V tile through shared memory (the join), spent
-about 4.5 instructions a code converting, and waited on the two scale loads
-every tile. This one runs it at 1.44x (0.73 of copy bandwidth).
+2.4 instructions a code converting, and waited on the two scale loads every
+tile. This one runs it at 1.44x (0.73 of copy bandwidth). The quantized prefill
+went the other way (160 to 117 TFLOP/s; bf16 275 to 321), cause not found.
 
 CUDA graphs: the decode path launches with a grid fixed by the batch size and
 the split count, and the split count depends only on (batch size, Hkv,
@@ -624,26 +625,21 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_offset = kv_head * stride_cache_head
     scale_head_offset = kv_head * stride_scale_head
-    # Three runs of tiles: the window's edge, inside the band (no mask), the
+    # Three runs of tiles: the window's edge, inside the band (unmasked), the
     # causal diagonal. Every non-empty run starts at a multiple of BLOCK_N.
-    for key_start in range(lo, mid_lo, BLOCK_N):
-        acc_a, acc_b, l_i, m_i = _attend_key_tile(
-            acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
-            scale_ptr, scale_head_offset, stride_scale_block,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=True, QUANT=QUANT, FP8=FP8)
-    for key_start in range(mid_lo, mid_hi, BLOCK_N):
-        acc_a, acc_b, l_i, m_i = _attend_key_tile(
-            acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
-            scale_ptr, scale_head_offset, stride_scale_block,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=False, QUANT=QUANT, FP8=FP8)
-    for key_start in range(mid_hi, hi, BLOCK_N):
-        acc_a, acc_b, l_i, m_i = _attend_key_tile(
-            acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
-            scale_ptr, scale_head_offset, stride_scale_block,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=True, QUANT=QUANT, FP8=FP8)
+    for part in tl.static_range(3):
+        if part == 0:
+            first, last = lo, mid_lo
+        elif part == 1:
+            first, last = mid_lo, mid_hi
+        else:
+            first, last = mid_hi, hi
+        for key_start in range(first, last, BLOCK_N):
+            acc_a, acc_b, l_i, m_i = _attend_key_tile(
+                acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
+                k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
+                scale_ptr, scale_head_offset, stride_scale_block,
+                BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=part != 1, QUANT=QUANT, FP8=FP8)
 
     norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
     _store_halves(out_ptr, tokens * stride_ot + head * stride_oh, dims_a, dims_b, acc_a / norm, acc_b / norm, row_ok)
