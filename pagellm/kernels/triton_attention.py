@@ -27,7 +27,8 @@ need not line up with the cache's blocks and any power-of-two block size works.
   (so stale blocks below a sliding window may hold anything).
 
 Numbers: fp32 accumulation, scores in the log2 domain (``exp2``), fp16 or bf16
-inputs. Head dims must be powers of two (64 and 128 are checked on device).
+inputs. Head dims must be powers of two, at least 32 (64 and 128 are checked on
+device).
 
 Every tile step splits the head dim in two halves (two dots where there was
 one): a float cache into its first and second halves, a quantized one into its
@@ -696,8 +697,9 @@ class TritonAttention:
         k_cache, v_cache = cache.k, cache.v
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"triton attention takes fp16 or bf16 queries, got {q.dtype}")
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+        if head_dim < 32 or head_dim & (head_dim - 1):   # halves of at least 16 dims: tl.dot's minimum
+            raise ValueError(f"triton attention needs a power-of-two head_dim >= 32, got {head_dim}; "
+                             "use attention_backend='torch'")
         if k_cache.shape[1] & (k_cache.shape[1] - 1):
             raise ValueError(f"triton attention needs a power-of-two block size, got {k_cache.shape[1]}")
         _check_cache_layout(k_cache, v_cache)
