@@ -9,7 +9,8 @@ Variants ``DTYPE[:ALPHA]``: ``int8`` (key smoothing as shipped), ``int8:0`` (no
 smoothing: every ``s`` is 1), ``int8:0.5`` (``s = estimate ^ 0.5``). ``int4sim``
 measures what an int4 cache (not built yet) would cost in quality: the int8
 cache with codes limited to [-7, 7], one scale per token per KV head, so the
-numbers are int4's and the bytes int8's. Perplexity over the first ``--tokens``
+numbers are int4's and the bytes int8's; ``int4sim-g32`` the same with one scale
+per 32 dims (simulated before the int8 cache). Perplexity over the first ``--tokens``
 tokens of tests/data/textwrap.py.txt in one window: every key a token attends to
 is read back from the cache, quantized.
 """
@@ -29,7 +30,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.bench.perplexity import perplexity
-from pagellm.kernels import kv_quant
+from pagellm.kernels import kv_quant, torch_attention
 from pagellm.model import builder, key_smoothing
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "textwrap.py.txt"
@@ -42,23 +43,37 @@ PROMPTS = [
 ]
 
 
+def fake_int4(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x [..., D]`` through symmetric int4 ([-7, 7]) with one fp16 scale per ``group`` dims."""
+    g = x.float().unflatten(-1, (-1, group))
+    scale = (g.abs().amax(dim=-1, keepdim=True) / 7).clamp_min(kv_quant.SCALE_MIN).half().float()
+    return ((g / scale).round().clamp(-7, 7) * scale).flatten(-2).to(x.dtype)
+
+
 @contextlib.contextmanager
 def simulated(variant: str):
-    """``int4sim``: the int8 format with codes limited to [-7, 7] while the variant runs."""
-    if not variant.startswith("int4sim"):
+    """``int4sim``: the int8 format with codes limited to [-7, 7] while the variant
+    runs; ``int4sim-gN``: K and V through int4 with one scale per N dims first,
+    then the int8 cache (whose own error is far below int4's)."""
+    kind = variant.partition(":")[0]
+    if not kind.startswith("int4sim"):
         yield
         return
-    int8 = kv_quant.KV_FORMATS["int8"]
-    kv_quant.KV_FORMATS["int8"] = kv_quant.KVFormat("int8", torch.int8, 7.0)
+    int8, quantize = kv_quant.KV_FORMATS["int8"], torch_attention.quantize
+    if kind == "int4sim":
+        kv_quant.KV_FORMATS["int8"] = kv_quant.KVFormat("int8", torch.int8, 7.0)
+    else:
+        group = int(kind.removeprefix("int4sim-g"))
+        torch_attention.quantize = lambda x, fmt: quantize(fake_int4(x, group), fmt)
     try:
         yield
     finally:
-        kv_quant.KV_FORMATS["int8"] = int8
+        kv_quant.KV_FORMATS["int8"], torch_attention.quantize = int8, quantize
 
 
 def engine(model: str, variant: str, window: int, quantization: str | None) -> LLM:
     kv, _, alpha = variant.partition(":")
-    kv = "int8" if kv == "int4sim" else kv
+    kv = "int8" if kv.startswith("int4sim") else kv
     real = key_smoothing.smooth_keys
     if alpha:
         builder.key_smoothing.smooth_keys = lambda m: real(m, float(alpha))
