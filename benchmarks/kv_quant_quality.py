@@ -17,14 +17,13 @@ is read back from the cache, quantized.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
 import platform
 import time
 from pathlib import Path
-
-import contextlib
 
 import torch
 
