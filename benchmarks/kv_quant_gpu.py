@@ -8,20 +8,23 @@ Without a GPU, Triton's interpreter runs the checks on small fp16 int8 cases::
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/kv_quant_gpu.py --device cpu --sections check
 
 * check: the write kernel against ``kv_quant.quantize`` (scales equal, codes
-  within one step), and decode + prefill attention over a quantized cache
-  against the torch reference (``paged_attention`` in fp32 over the same codes
-  and scales), mixed batches, GQA, a sliding window.
+  within one step), and decode + prefill attention over a bf16, int8 and fp8
+  cache against the torch reference (``paged_attention`` in fp32 over the same
+  codes and scales), mixed batches, GQA, a sliding window, forced decode
+  splits, and queries and values at the edges of fp16's range.
 * kernels: paged decode attention per layer (Llama-3-8B heads), batch 64 x 4k
   and 256 x 2k, bf16 vs int8 vs fp8, as CUDA-graph replays over batches whose
   K/V do not fit in L2; bandwidth counts the bytes the kernel reads (codes +
   scales + block tables + q) against the measured copy bandwidth. Prefill
-  8 x 2048 TFLOP/s.
-* sweep: int8 decode at 64 x 4k: load order, operand order and packed (int16)
-  loads, then tile sizes, warps, stages and programs per SM around the best.
+  8 x 2048 TFLOP/s, bf16, int8, fp8.
+* sweep: int8 decode at 64 x 4k over tile sizes, warps, stages and programs
+  per SM; int8 prefill 8 x 2k over tiles, warps and stages. The best become
+  ``QUANT_DECODE`` / ``QUANT_PREFILL`` for the rest of the run (engine too).
 * engine: random Llama-3-8B, bf16 weights. (a) decode at batch 64 with 4,096-
   token prompts: decode-only steps' tokens/s; (b) the KV pool as the limit: 384
   requests of 1,536-token prompts + 128 output tokens in an 8 GiB pool, output
-  tokens/s.
+  tokens/s (prefill-heavy: 12 prompt tokens an output token); (c) the same kind
+  of limit with more decoding: 256 requests of 1,024 + 256 tokens, 4 GiB.
 """
 from __future__ import annotations
 
@@ -45,25 +48,27 @@ import kernels as kb  # noqa: E402  (benchmarks/kernels.py: batches, graph timin
 from pagellm.bench.stats import measure_copy_bandwidth  # noqa: E402
 from pagellm.kernels import triton_attention as ta  # noqa: E402
 from pagellm.kernels.attention import LayerKVCache  # noqa: E402
-from pagellm.kernels.kv_quant import KV_FORMATS, SCALE_DTYPE, quantize  # noqa: E402
+from pagellm.kernels.kv_quant import KV_FORMATS, quantize, scale_pairs  # noqa: E402
 from pagellm.kernels.torch_attention import paged_attention, write_kv_cache  # noqa: E402
 
 CFG = kb.LLAMA3_8B
 SAVE = [lambda: None]    # main's save(): called after every row, so a run cut short keeps what it measured
 
 
-def quant_cache(num_blocks, block_size, kv_heads, head_dim, storage, device, gen=None):
-    """A cache of random K/V with a few large key channels (as real keys have), quantized."""
+def quant_cache(num_blocks, block_size, kv_heads, head_dim, storage, device, gen=None, v_mult=1.0):
+    """A cache of random K/V with a few large key channels (as real keys have), quantized
+    (``storage`` None: bf16); values times ``v_mult``."""
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k = torch.randn(shape, device=device, generator=gen)
     k[..., :4] *= 20
-    v = torch.randn(shape, device=device, generator=gen)
+    v = torch.randn(shape, device=device, generator=gen) * v_mult
     if storage is None:
         return LayerKVCache(k.to(torch.bfloat16), v.to(torch.bfloat16))
     fmt = next(f for f in KV_FORMATS.values() if f.storage == storage)
     (kc, ks), (vc, vs) = quantize(k, fmt), quantize(v, fmt)
-    # scales are [blocks, heads, block_size]
-    return LayerKVCache(kc, vc, ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous())
+    scales = scale_pairs(num_blocks, kv_heads, block_size, device=device)    # [2, blocks, heads, block_size]
+    scales[0], scales[1] = ks.transpose(1, 2), vs.transpose(1, 2)
+    return LayerKVCache(kc, vc, scales[0], scales[1])
 
 
 def cache_bytes_per_token(storage) -> int:
@@ -81,6 +86,7 @@ def check(device, quick, results):
     if device.type == "cpu":     # the interpreter: no SM count to split by
         ta._num_sms = lambda index: 8
     gen = torch.Generator(device=device).manual_seed(0)
+    attention_checks("bf16", None, heads, kv_heads, dim, dtype, device, quick, gen, results)
     for name in formats:
         fmt = KV_FORMATS[name]
         # write kernel
@@ -93,8 +99,7 @@ def check(device, quick, results):
         for write in (ta.write_kv, write_kv_cache):
             c = torch.zeros(8, block, kv_heads, dim, device=device).to(fmt.storage)
             cv = torch.zeros_like(c)
-            ks = torch.zeros(8, kv_heads, block, dtype=SCALE_DTYPE, device=device)
-            vs = torch.zeros_like(ks)
+            ks, vs = scale_pairs(8, kv_heads, block, device=device).zero_()
             write(k, v, c, cv, slots, ks, vs)
             caches.append((c, cv, ks, vs))
         (tc, tcv, tks, tvs), (rc, rcv, rks, rvs) = caches
@@ -103,26 +108,35 @@ def check(device, quick, results):
         step = 1.0 if name == "int8" else 32.0     # e4m3: one step near 448 is 32
         results.append(dict(check=f"write_kv {name}", max_code_diff=code_diff, scale_rel_err=scale_err,
                             ok=code_diff <= step and scale_err < 1e-3))
-        # attention: mixed decode / prefill, GQA, with and without a window
-        for window in (None, 48):
-            query_lens = [1, 1, 17, 1, 70] if quick else [1] * 6 + [33, 200, 1]
-            seq_lens = [40, 300, 17, 129, 150] if quick else [1000, 77, 4100, 16, 900, 2000, 33, 1500, 64]
-            meta = kb.make_batch(query_lens, seq_lens, block, device)
-            cache = quant_cache(int(meta.block_tables.max()) + 1, block, kv_heads, dim, fmt.storage, device, gen)
-            q = torch.randn(sum(query_lens), heads, dim, device=device, generator=gen).to(dtype)
-            ref = paged_attention(q.float(), cache.k, cache.v, meta, dim ** -0.5, window, cache.k_scale,
-                                  cache.v_scale)
-            got = ta.TritonAttention().attend(q, cache, meta, dim ** -0.5, window)
-            err = kb.rel_err(got, ref)
-            results.append(dict(check=f"attention {name} window={window}", rel_err=err, ok=err < 1e-2))
-            # the packed decode loads (two codes an int16), on the decode rows
-            rows = (meta.query_start_loc[:-1][torch.tensor(query_lens) == 1]).long()
-            packed = torch.full_like(q, float("nan"))
-            ta.decode_attention(q, cache.k, cache.v, meta, dim ** -0.5, window, packed, k_scale=cache.k_scale,
-                                v_scale=cache.v_scale, packed=True)
-            err = kb.rel_err(packed[rows], ref[rows])
-            results.append(dict(check=f"packed decode {name} window={window}", rel_err=err, ok=err < 1e-2))
-        print(results[-5:], flush=True)
+        print(results[-1], flush=True)
+        attention_checks(name, fmt.storage, heads, kv_heads, dim, dtype, device, quick, gen, results)
+
+
+def attention_checks(name, storage, heads, kv_heads, dim, dtype, device, quick, gen, results):
+    """Triton attention over a cache against the torch reference over the same
+    codes and scales: mixed decode / prefill, GQA, with and without a window;
+    the decode rows again through 4 flash-decoding splits; and magnitudes at the
+    edges of fp16 (queries near 3,000, values near 1e-4: scales far below one)."""
+    block = 16
+    cases = [(48, 1.0, 1.0), (None, 1000.0, 1e-4)] + ([] if quick else [(None, 1.0, 1.0)])
+    for window, q_mult, v_mult in cases:
+        query_lens = [1, 1, 17, 1, 70] if quick else [1] * 6 + [33, 200, 1]
+        seq_lens = [40, 300, 17, 129, 150] if quick else [1000, 77, 4100, 16, 900, 2000, 33, 1500, 64]
+        meta = kb.make_batch(query_lens, seq_lens, block, device)
+        cache = quant_cache(int(meta.block_tables.max()) + 1, block, kv_heads, dim, storage, device, gen, v_mult)
+        q = (torch.randn(sum(query_lens), heads, dim, device=device, generator=gen) * q_mult).to(dtype)
+        ref = paged_attention(q.float(), cache.k, cache.v, meta, dim ** -0.5, window, cache.k_scale, cache.v_scale)
+        got = ta.TritonAttention().attend(q, cache, meta, dim ** -0.5, window)
+        label = f"{name} window={window} q x{q_mult:g} v x{v_mult:g}"
+        err = kb.rel_err(got, ref)
+        results.append(dict(check=f"attention {label}", rel_err=err, ok=err < 1e-2))
+        rows = (meta.query_start_loc[:-1][torch.tensor(query_lens) == 1]).long()
+        split = torch.full_like(q, float("nan"))
+        ta.decode_attention(q, cache.k, cache.v, meta, dim ** -0.5, window, split, num_splits=4,
+                            k_scale=cache.k_scale, v_scale=cache.v_scale)
+        err = kb.rel_err(split[rows], ref[rows])
+        results.append(dict(check=f"decode 4 splits {label}", rel_err=err, ok=err < 1e-2))
+    print(results[-2 * len(cases):], flush=True)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -159,34 +173,46 @@ def time_decode(pool, batch, ctx, copy_bw, **kwargs):
                 frac_copy_bw=read / (ms * 1e-3) / 1e9 / copy_bw, **kwargs)
 
 
-def time_prefill(storage, device, batch=8, q_len=2048):
+def time_prefill(storage, device, batch=8, q_len=2048, **tiling):
     meta = kb.make_batch([q_len] * batch, [q_len] * batch, 16, device)
     cache = quant_cache(batch * q_len // 16, 16, CFG["num_kv_heads"], CFG["head_dim"], storage, device)
     q = torch.randn(batch * q_len, CFG["num_heads"], CFG["head_dim"], dtype=torch.bfloat16, device=device)
-    ms = kb.bench(lambda: ta.TritonAttention().attend(q, cache, meta, CFG["head_dim"] ** -0.5, None))
+    out = torch.empty_like(q)
+    ms = kb.bench(lambda: ta.prefill_attention(q, cache.k, cache.v, meta, CFG["head_dim"] ** -0.5, None, out,
+                                               k_scale=cache.k_scale, v_scale=cache.v_scale, **tiling))
     flops = 4 * CFG["head_dim"] * CFG["num_heads"] * batch * q_len * (q_len + 1) / 2
-    return dict(batch=batch, q_len=q_len, ms=ms, TFLOPs=flops / (ms * 1e-3) / 1e12)
+    return dict(batch=batch, q_len=q_len, ms=ms, TFLOPs=flops / (ms * 1e-3) / 1e12, **tiling)
 
 
-def tune(pool, copy_bw, results):
-    """int8 decode at 64 x 4k: the tile's load order and operand order, then tiles,
-    warps, stages and programs per SM around the best; sets ``ta.QUANT_DECODE``."""
-    def timed(**t):
+def best_of(rows, kernel, configs, run, key):
+    """Time ``run(**config)`` for each config (a failure, e.g. out of shared
+    memory, is recorded); the best config by ``key(row)`` (lower is better)."""
+    timed = []
+    for config in configs:
         try:
-            row = dict(kernel="sweep int8", **time_decode(pool, 64, 4096, copy_bw, **t))
-        except Exception as exc:   # e.g. out of shared memory
-            row = dict(kernel="sweep int8", **t, error=repr(exc)[:200])
-        results.append(row)
-        return row.get("us", float("inf"))
+            row = dict(kernel=kernel, **run(**config))
+            timed.append((key(row), config))
+        except Exception as exc:
+            row = dict(kernel=kernel, **config, error=repr(exc)[:200])
+        rows.append(row)
+        print(row, flush=True)
+    return min(timed, key=lambda r: r[0])[1]
 
-    best = min(((timed(**(ta.QUANT_DECODE | dict(v_early=ve, k_as_a=ka, packed=pk))),
-                 dict(v_early=ve, k_as_a=ka, packed=pk))
-                for ve in (False, True) for ka in (False, True) for pk in (False, True)), key=lambda r: r[0])[1]
-    grid = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pp)
-            for bn in (64, 128) for w in (4, 8) for st in (2, 3) for pp in (4, 8, 16)]
-    us, tiling = min(((timed(**(best | g)), g) for g in grid), key=lambda r: r[0])
-    ta.QUANT_DECODE.update(best | tiling)
-    results.append(dict(kernel="tuned", us=us, **ta.QUANT_DECODE))
+
+def tune(pool, copy_bw, device, results):
+    """int8 decode at 64 x 4k over tiles, warps, stages and programs per SM, and
+    int8 prefill 8 x 2k over tiles, warps and stages; sets ``ta.QUANT_DECODE``
+    and ``ta.QUANT_PREFILL`` for the rest of the run."""
+    decode = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pp)
+              for bn in (64, 128) for w in (4, 8) for st in (2, 3) for pp in (4, 8, 16)]
+    ta.QUANT_DECODE.update(best_of(results, "sweep int8", decode,
+                                   lambda **t: time_decode(pool, 64, 4096, copy_bw, **t), lambda r: r["us"]))
+    prefill = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+                                     (64, 64, 4, 3), (128, 128, 8, 3))]
+    ta.QUANT_PREFILL.update(best_of(results, "sweep prefill int8", prefill,
+                                    lambda **t: time_prefill(torch.int8, device, **t), lambda r: -r["TFLOPs"]))
+    results.append(dict(kernel="tuned", decode=dict(ta.QUANT_DECODE), prefill=dict(ta.QUANT_PREFILL)))
     print(results[-1], flush=True)
     SAVE[0]()
 
@@ -195,7 +221,7 @@ def kernels(device, copy_bw, results, sweep):
     pools = {name: Pool(storage, 64 * 4096 * 3, 16, device)
              for name, storage in (("int8", torch.int8), ("bf16", None), ("fp8", torch.float8_e4m3fn))}
     if sweep:
-        tune(pools["int8"], copy_bw, results)
+        tune(pools["int8"], copy_bw, device, results)
     for name, pool in pools.items():
         for batch, ctx in ((64, 4096), (256, 2048), (1, 32768)):
             results.append(dict(kernel=f"decode {name}", **time_decode(pool, batch, ctx, copy_bw)))
@@ -203,7 +229,7 @@ def kernels(device, copy_bw, results, sweep):
             SAVE[0]()
     del pools
     torch.cuda.empty_cache()
-    for name, storage in (("bf16", None), ("int8", torch.int8)):
+    for name, storage in (("bf16", None), ("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
         results.append(dict(kernel=f"prefill {name}", **time_prefill(storage, device)))
         print(results[-1], flush=True)
 
@@ -231,14 +257,14 @@ def engine_runs(results, dtypes):
         torch.cuda.empty_cache()
         return row
 
-    for kv in dtypes:
-        results.append(run(kv, "decode 64 x 4096", "36GiB", [4096] * 64, 64, 64))
-        print(results[-1], flush=True)
-        SAVE[0]()
-    for kv in dtypes[:2]:
-        results.append(run(kv, "kv-limited 384 x 1536+128, 8 GiB pool", "8GiB", [1536] * 384, 128, 256))
-        print(results[-1], flush=True)
-        SAVE[0]()
+    workloads = [("decode 64 x 4096", "36GiB", [4096] * 64, 64, 64, dtypes),
+                 ("kv-limited 384 x 1536+128, 8 GiB pool", "8GiB", [1536] * 384, 128, 256, dtypes[:2]),
+                 ("kv-limited 256 x 1024+256, 4 GiB pool", "4GiB", [1024] * 256, 256, 256, dtypes[:2])]
+    for label, memory, lens, out_len, max_seqs, kinds in workloads:
+        for kv in kinds:
+            results.append(run(kv, label, memory, lens, out_len, max_seqs))
+            print(results[-1], flush=True)
+            SAVE[0]()
 
 
 def main():
@@ -296,7 +322,10 @@ def main():
     sweep = sorted((r for r in kern if r.get("kernel") == "sweep int8" and "us" in r), key=lambda r: r["us"])
     for r in sweep[:6] + sweep[-2:]:
         print(f"sweep {({k: r.get(k) for k in ta.QUANT_DECODE})}: {r['us']:.1f} us {r['frac_copy_bw']:.2f} of copy")
-    print("tuned:", ta.QUANT_DECODE)
+    for r in kern:
+        if r.get("kernel") == "sweep prefill int8" and "TFLOPs" in r:
+            print(f"sweep prefill {({k: r.get(k) for k in ta.QUANT_PREFILL})}: {r['TFLOPs']:.0f} TFLOP/s")
+    print("tuned:", ta.QUANT_DECODE, ta.QUANT_PREFILL)
     for r in report["figures"].get("engine", []):
         print(r)
     print(f"copy bandwidth {report.get('copy_GBps', 0):.0f} GB/s")

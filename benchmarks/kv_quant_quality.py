@@ -6,13 +6,18 @@ continuations of ten code prompts against it.
         --out benchmarks/results/cpu-2026-12-02-kv-quant-quality-0.5b.json
 
 Variants ``DTYPE[:ALPHA]``: ``int8`` (key smoothing as shipped), ``int8:0`` (no
-smoothing: every ``s`` is 1), ``int8:0.5`` (``s = estimate ^ 0.5``). Perplexity
-over the first ``--tokens`` tokens of tests/data/textwrap.py.txt in one window:
-every key a token attends to is read back from the cache, quantized.
+smoothing: every ``s`` is 1), ``int8:0.5`` (``s = estimate ^ 0.5``). ``int4sim``
+measures what an int4 cache (not built yet) would cost in quality: the int8
+cache with codes limited to [-7, 7], one scale per token per KV head, so the
+numbers are int4's and the bytes int8's; ``int4sim-g32`` the same with one scale
+per 32 dims (simulated before the int8 cache). Perplexity over the first ``--tokens``
+tokens of tests/data/textwrap.py.txt in one window: every key a token attends to
+is read back from the cache, quantized.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -24,6 +29,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.bench.perplexity import perplexity
+from pagellm.kernels import kv_quant, torch_attention
 from pagellm.model import builder, key_smoothing
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "textwrap.py.txt"
@@ -36,8 +42,37 @@ PROMPTS = [
 ]
 
 
+def fake_int4(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x [..., D]`` through symmetric int4 ([-7, 7]) with one fp16 scale per ``group`` dims."""
+    g = x.float().unflatten(-1, (-1, group))
+    scale = (g.abs().amax(dim=-1, keepdim=True) / 7).clamp_min(kv_quant.SCALE_MIN).half().float()
+    return ((g / scale).round().clamp(-7, 7) * scale).flatten(-2).to(x.dtype)
+
+
+@contextlib.contextmanager
+def simulated(variant: str):
+    """``int4sim``: the int8 format with codes limited to [-7, 7] while the variant
+    runs; ``int4sim-gN``: K and V through int4 with one scale per N dims first,
+    then the int8 cache (whose own error is far below int4's)."""
+    kind = variant.partition(":")[0]
+    if not kind.startswith("int4sim"):
+        yield
+        return
+    int8, quantize = kv_quant.KV_FORMATS["int8"], torch_attention.quantize
+    if kind == "int4sim":
+        kv_quant.KV_FORMATS["int8"] = kv_quant.KVFormat("int8", torch.int8, 7.0)
+    else:
+        group = int(kind.removeprefix("int4sim-g"))
+        torch_attention.quantize = lambda x, fmt: quantize(fake_int4(x, group), fmt)
+    try:
+        yield
+    finally:
+        kv_quant.KV_FORMATS["int8"], torch_attention.quantize = int8, quantize
+
+
 def engine(model: str, variant: str, window: int, quantization: str | None) -> LLM:
     kv, _, alpha = variant.partition(":")
+    kv = "int8" if kv.startswith("int4sim") else kv
     real = key_smoothing.smooth_keys
     if alpha:
         builder.key_smoothing.smooth_keys = lambda m: real(m, float(alpha))
@@ -60,14 +95,15 @@ def main() -> None:
     rows, greedy = [], {}
     for variant in args.variants.split(","):
         start = time.perf_counter()
-        llm = engine(args.model, variant, max(args.tokens, 256), args.quantization)
-        ids = llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)[:args.tokens]
-        row = {"variant": variant, "perplexity": perplexity(llm, ids, args.tokens).perplexity,
-               "kv_bytes_per_token": llm.engine.memory.kv_bytes_per_token}
-        if args.continuations:
-            outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=args.continuations,
-                                                        ignore_eos=True), use_tqdm=False)
-            greedy[variant] = [o.outputs[0].token_ids for o in outs]
+        with simulated(variant):
+            llm = engine(args.model, variant, max(args.tokens, 256), args.quantization)
+            ids = llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)[:args.tokens]
+            row = {"variant": variant, "perplexity": perplexity(llm, ids, args.tokens).perplexity,
+                   "kv_bytes_per_token": llm.engine.memory.kv_bytes_per_token}
+            if args.continuations:
+                outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=args.continuations,
+                                                            ignore_eos=True), use_tqdm=False)
+                greedy[variant] = [o.outputs[0].token_ids for o in outs]
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         del llm

@@ -2,11 +2,19 @@
 the format against closed-form bounds, the paged write/read against naive
 attention over independently fake-quantized K/V, scales moving with blocks
 (copy-on-write forks, prefix hits, beam search), key smoothing against the
-unsmoothed model, and the pool's size against ``pagellm.sizing``."""
+unsmoothed model, and the pool's size against ``pagellm.sizing``. With triton
+installed, the Triton kernels' logic against the torch reference under
+Triton's interpreter (the PTX code conversions themselves need a GPU:
+``benchmarks/kv_quant_gpu.py --sections check``)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,6 +102,38 @@ def test_copy_blocks_moves_codes_and_scales():
     assert torch.equal(kv.scales[:, :, [4, 5]], before_scales[:, :, [1, 2]])
     assert torch.equal(kv.scales[:, :, :4], before_scales[:, :, :4])
     assert kv.nbytes == 6 * spec.bytes_per_block
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_reads_a_cache_s_scales_as_k_v_pairs():
+    from pagellm.kernels.triton_attention import _scale_pairs
+    kv = KVCache(KVCacheSpec(2, 3, 16, torch.int8, 4, has_null_block=False), 5, "cpu")
+    kv.scales.copy_(torch.rand(kv.scales.shape) + 0.5)
+    layer = kv.layers[1]
+    fmt, pairs = _scale_pairs(layer.k, layer.k_scale, layer.v_scale)
+    assert fmt is KV_FORMATS["int8"] and pairs.dtype == torch.int32 and pairs.shape == layer.k_scale.shape
+    low, high = (pairs & 0xFFFF).to(torch.int16), (pairs >> 16).to(torch.int16)
+    assert torch.equal(low.view(torch.float16), layer.k_scale) and torch.equal(high.view(torch.float16), layer.v_scale)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_triton_kernels_match_the_torch_reference_under_the_interpreter(tmp_path):
+    """Write, decode (with and without forced splits) and prefill over bf16 and
+    int8 caches, GQA, a sliding window, queries and values at fp16's edges: the
+    benchmark's check section, run by Triton's interpreter in a subprocess (the
+    interpreter is chosen when the kernels are defined)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kv_quant_gpu.py"), "--device", "cpu",
+                    "--sections", "check", "--out", str(tmp_path)], env=env, check=True, capture_output=True,
+                   timeout=600)
+    rows = json.loads((tmp_path / "kv_quant_gpu.json").read_text())["figures"]["check"]
+    names = {r["check"].split(" window")[0] for r in rows}
+    assert {"attention bf16", "attention int8", "decode 4 splits int8", "write_kv int8"} <= names
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
 
 
 def _prompt_logprobs(llm: LLM, ids: list[int]) -> list[float]:

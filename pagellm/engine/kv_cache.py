@@ -45,7 +45,8 @@ the CPU everything runs in place, in the same order.
 
 A quantized cache (``kv_cache_dtype`` int8 or fp8, ``kernels.kv_quant``) holds
 codes in the pool and a second tensor of scales ``[2, num_layers,
-num_physical_blocks, num_kv_heads, block_size]`` (fp16), indexed by the same
+num_physical_blocks, num_kv_heads, block_size]`` (fp16; a token's K and V
+scales adjacent in memory, ``kv_quant.scale_pairs``), indexed by the same
 block ids: a prefix-cache hit or a beam sharing a block shares its scales, and
 every block copy (copy-on-write forks, swaps to and from the host pool, which
 has a scales tensor of its own) moves both. ``bytes_per_token`` counts the
@@ -60,7 +61,7 @@ import torch
 
 from pagellm import sizing
 from pagellm.kernels.attention import LayerKVCache
-from pagellm.kernels.kv_quant import SCALE_DTYPE, format_of, kv_format
+from pagellm.kernels.kv_quant import SCALE_DTYPE, format_of, kv_format, scale_pairs
 from pagellm.model.config import ModelConfig
 from pagellm.sizing import shard
 from pagellm.utils.device import device_tensor
@@ -117,8 +118,7 @@ class KVCache:
                                 dtype=spec.dtype, device=device)
         self.scales: torch.Tensor | None = None
         if spec.quantized:
-            self.scales = torch.empty(2, spec.num_layers, physical, spec.num_kv_heads, spec.block_size,
-                                      dtype=SCALE_DTYPE, device=device)
+            self.scales = scale_pairs(spec.num_layers, physical, spec.num_kv_heads, spec.block_size, device=device)
         self.layers = [LayerKVCache(self.pool[0, i], self.pool[1, i],
                                     *((self.scales[0, i], self.scales[1, i]) if spec.quantized else ()))
                        for i in range(spec.num_layers)]

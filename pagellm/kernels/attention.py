@@ -5,9 +5,10 @@ shape ``[num_blocks, block_size, num_kv_heads, head_dim]`` (the pool's owner,
 ``pagellm.engine.kv_cache``, decides where they live). A quantized cache
 (``kernels.kv_quant``) holds int8 or fp8 codes there and, in ``k_scale`` and
 ``v_scale``, one fp16 scale per token per KV head laid out
-``[num_blocks, num_kv_heads, block_size]``, so one head's scales of a block are
-contiguous; backends quantize in ``write_kv`` and dequantize inside ``attend``. A backend writes new K/V into it and attends over it;
-the model never indexes the pool itself. A batch is a flat
+``[num_blocks, num_kv_heads, block_size]`` (views of ``kv_quant.scale_pairs``:
+a token's K and V scales are adjacent in memory); backends quantize in
+``write_kv`` and dequantize inside ``attend``. A backend writes new K/V into it
+and attends over it; the model never indexes the pool itself. A batch is a flat
 run of tokens from several sequences, each sequence contributing a prefill
 chunk or a single decode token:
 

@@ -13,6 +13,11 @@ copied and freed exactly like float ones (``pagellm.engine.kv_cache`` keeps the
 scales beside their blocks). The scale is rounded to fp16 before the codes are
 made, so ``code * stored_scale`` is what was quantized. 2 bytes of scale per
 ``head_dim`` codes is ``pagellm.sizing.KV_SCALE_BYTES``.
+
+The K and V scales of one token and head sit side by side in memory
+(``scale_pairs``): the Triton attention kernels read them as one int32 a key,
+a load wide enough for the pipeliner to issue ahead with the code tiles (a
+2-byte load a key stays synchronous, and its latency was paid every tile).
 """
 from __future__ import annotations
 
@@ -56,6 +61,13 @@ def check_kv_cache_dtype(name: str, device: torch.device) -> None:
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"kv_cache_dtype fp8 needs a GPU with fp8 support (compute capability 8.9+); "
                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use kv_cache_dtype int8")
+
+
+def scale_pairs(*shape: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """fp16 scales ``[2 (K, V), *shape]`` (uninitialised) whose K and V entries of
+    the same index are adjacent in memory, K first: ``[..., num_blocks, Hkv,
+    block_size]`` views of K and of V, each with a last stride of 2."""
+    return torch.empty(*shape, 2, dtype=SCALE_DTYPE, device=device).movedim(-1, 0)
 
 
 def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:

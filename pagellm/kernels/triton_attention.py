@@ -27,19 +27,37 @@ need not line up with the cache's blocks and any power-of-two block size works.
   (so stale blocks below a sliding window may hold anything).
 
 Numbers: fp32 accumulation, scores in the log2 domain (``exp2``), fp16 or bf16
-inputs. Head dims must be powers of two (64 and 128 are checked on device).
+inputs. Head dims must be powers of two, at least 32 (64 and 128 are checked on
+device).
+
+Every tile step splits the head dim in two halves (two dots where there was
+one): a float cache into its first and second halves, a quantized one into its
+even and odd dims, which is how its codes arrive (below).
 
 Quantized cache (``kernels.kv_quant``: int8 or fp8 codes, one fp16 scale per
-token per KV head in ``[num_blocks, Hkv, block_size]``): the write kernel
-quantizes each token's head vector as it stores it; the attention kernels load
-the code tile and convert it to the query dtype (exact: int8 and e4m3 values
-fit bf16 and fp16), apply the K scales to the score vector ``q . code`` (one
-multiply per key, not per element) and fold the V scales into the
-probabilities before ``P @ V``. No float copy of the cache is made. The decode
-kernel can also read the codes two to an int16 (``QUANT_DECODE["packed"]``,
-unpacked in registers), so that its asynchronous copies move 16 bytes at a time
-as the bf16 kernel's do (on by default: on an H200 it took the int8 decode at
-64 x 4k from 0.73x to 0.94x of the bf16 kernel's speed).
+token per KV head, a token's K and V scales adjacent in memory): the write
+kernel quantizes each token's head vector as it stores it. The attention
+kernels make no float copy of the cache; per tile they
+
+* copy the codes two to an int16 (16-byte asynchronous copies, as a bf16 tile's)
+  and turn each int16 into an even-dim and an odd-dim fp16 code in registers
+  with byte permutes (inline PTX, ``INT8_TO_FP16``, ``E4M3_TO_FP16``): exact,
+  and no integer-to-float conversion unit;
+* run the dots in fp16 (queries scaled by a power of two per row, to fit);
+* read a key's K and V scales as one int32, a load the pipeliner issues ahead
+  with the code tiles (a 2-byte load a key stays synchronous: its latency was
+  paid every tile);
+* apply the K scales to the scores and split each V scale into a power of two,
+  added to the score's exponent, and a mantissa in [1, 2) on the probability,
+  so the fp16 probabilities stay in range however small the scales.
+
+Why: the earlier kernel (codes converted to bf16 by ``.to``, joined back into
+dim order, scales loaded 2 bytes a key) ran the int8 decode at 0.94x of the
+bf16 kernel's speed at 64 x 4k on an H200 although it read half the bytes: its
+compiled loop sent the converted V tile through shared memory (the join), spent
+2.4 instructions a code converting, and waited on the two scale loads every
+tile. This one runs it at 1.44x (0.73 of copy bandwidth). The quantized prefill
+went the other way (160 to 117 TFLOP/s; bf16 275 to 321), cause not found.
 
 CUDA graphs: the decode path launches with a grid fixed by the batch size and
 the split count, and the split count depends only on (batch size, Hkv,
@@ -52,6 +70,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+import os
 
 import torch
 import triton
@@ -82,13 +101,12 @@ MIN_KEYS_PER_SPLIT = 64
 MAX_KV_SPLITS = 32
 # A quantized cache's decode: tiles, warps, stages and programs per SM of its own
 # (a tile carries half the bytes), from a sweep on an H200 (benchmarks/kv_quant_gpu.py).
-QUANT_DECODE = dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=8, v_early=True, k_as_a=False,
-                    packed=True)
+QUANT_DECODE = dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=8)
 
-PREFILL_BLOCK_M = 128
-PREFILL_BLOCK_N = 128
-PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 2
+PREFILL = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
+# A quantized cache's prefill tiles (its key tiles are converted in registers and
+# staged through shared memory for the tensor cores), from the same sweep.
+QUANT_PREFILL = dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 WRITE_KV_NUM_WARPS = 4
 # The rotary embedding inside the KV write kernel (one launch per layer fewer; off: benchmarks' "before").
@@ -120,7 +138,7 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
                      q_ptr, positions_ptr, cos_sin_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cache_block, stride_cache_token, stride_cache_head,
-                     stride_scale_block, stride_scale_head,
+                     stride_scale_block, stride_scale_head, stride_scale_token,
                      stride_qt, stride_qh, stride_cos_sin,
                      block_size, num_kv_heads, num_q_heads, half,
                      HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
@@ -149,7 +167,7 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
     dims = tl.arange(0, HEAD_DIM)
     head_ok = heads < num_kv_heads
     dst = block * stride_cache_block + offset * stride_cache_token + heads[:, None] * stride_cache_head + dims[None, :]
-    scale_dst = block * stride_scale_block + heads * stride_scale_head + offset
+    scale_dst = block * stride_scale_block + heads * stride_scale_head + offset * stride_scale_token
     _store_head_vectors(k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], k_cache_ptr,
                         k_scale_ptr, dst, scale_dst, head_ok, QUANT=QUANT, QMAX=QMAX, ROUND=ROUND)
     _store_head_vectors(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], v_cache_ptr,
@@ -176,17 +194,20 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     if num_tokens == 0:
         return
-    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
+    fmt = format_of(k_cache.dtype)
+    if fmt is None:
+        k_scale = v_scale = torch.empty(1, 1, 1, dtype=SCALE_DTYPE, device=k_cache.device)   # unused
+    assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
     # Without a rotation the kernel never reads these; any tensors of the right rank stand in.
     q, positions, cos_sin = ((rotation.q, rotation.positions, rotation.cos_sin_cache) if rotation
                              else (k, slot_mapping, k))
     assert q.stride(2) == 1 and cos_sin.stride(-1) == 1
     half = cos_sin.shape[1] // 2 if rotation else 1
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, *scales, slot_mapping, q, positions, cos_sin,
+        k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, q, positions, cos_sin,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        scales[0].stride(0), scales[0].stride(1),
+        *k_scale.stride(),
         q.stride(0), q.stride(1), cos_sin.stride(0),
         k_cache.shape[1], num_kv_heads, q.shape[1], half,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
@@ -196,123 +217,227 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         num_warps=WRITE_KV_NUM_WARPS)
 
 
-def _quant_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
-    """(the cache's ``kv_quant`` format or None, (k scales, v scales) or stand-ins for a float cache)."""
+def _scale_pairs(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
+    """(the cache's ``kv_quant`` format or None, its scales as int32 (K, V) pairs
+    ``[num_blocks, Hkv, block_size]``, or a stand-in for a float cache)."""
     fmt = format_of(k_cache.dtype)
     if fmt is None:
-        stand_in = torch.empty(1, 1, 1, dtype=SCALE_DTYPE, device=k_cache.device)
-        return None, (stand_in, stand_in)
+        return None, torch.empty(1, 1, 1, dtype=torch.int32, device=k_cache.device)
     assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
-    assert k_scale.stride(2) == 1, "a head's scales must be contiguous within a block"
-    return fmt, (k_scale, v_scale)
+    assert v_scale.data_ptr() == k_scale.data_ptr() + 2 and k_scale.stride(2) == 2, \
+        "K and V scales must be adjacent pairs (kv_quant.scale_pairs)"
+    pairs = torch.as_strided(k_scale, (*k_scale.shape, 2), (*k_scale.stride(), 1))
+    return fmt, pairs.view(torch.int32).squeeze(-1)
 
 
 # --------------------------------------------------------------------------- shared tile step
 
 @triton.jit
-def _unpack_codes(x, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
-    """``[BLOCK_N, HEAD_DIM / 2]`` int16 holding two codes each (little-endian: the
-    even dim in the low byte) -> ``[BLOCK_N, HEAD_DIM]`` int8 or fp8 codes."""
-    if FP8:
-        lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    else:
-        lo = x.to(tl.int8)
-        hi = (x >> 8).to(tl.int8)
-    return tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM])
+def _half_dims(HALF: tl.constexpr, CODES: tl.constexpr):
+    """Head dims of the two halves a tile is split into: codes read two to an
+    int16 give the even dims (low bytes) and the odd dims (high bytes); a float
+    cache is split into its first and second halves."""
+    halves = tl.arange(0, HALF)
+    if CODES:
+        return 2 * halves, 2 * halves + 1
+    return halves, halves + HALF
 
 
 @triton.jit
-def _attend_key_tile(acc, l_i, m_i, q, q_pos, key_start, key_lo, key_hi, window, scale_log2,
-                     k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
-                     block_size, stride_cache_block, stride_cache_token,
-                     k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
-                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr,
-                     V_EARLY: tl.constexpr = True, K_AS_A: tl.constexpr = False, PACKED: tl.constexpr = False,
-                     FP8: tl.constexpr = False):
+def _load_rows(ptr, offsets, in_seq, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offsets, mask=in_seq[:, None], other=0)
+    return tl.load(ptr + offsets)
+
+
+# Codes -> fp16 in registers, two int16 (four codes) an instruction group. int8:
+# each byte with its sign bit flipped becomes the low byte of fp16 1024 + (code +
+# 128), minus 1152. e4m3: sign, exponent and mantissa moved into fp16's fields
+# (exponent bias 15, not 7) give code / 256, exactly, subnormals too; the 256 is
+# folded into the scales (``_code_unit``).
+INT8_TO_FP16 = tl.constexpr("""{
+.reg .b32 t, m, c;
+xor.b32 t, $2, 0x80808080;
+mov.b32 m, 0x64646464;
+prmt.b32 $0, t, m, 0x4240;
+prmt.b32 $1, t, m, 0x4341;
+mov.b32 c, 0x64806480;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+E4M3_TO_FP16 = tl.constexpr("""{
+.reg .b32 lo, hi, z, s;
+mov.b32 z, 0;
+prmt.b32 lo, $2, z, 0x2404;
+prmt.b32 hi, $2, z, 0x3414;
+shr.b32 s, lo, 1;
+and.b32 s, s, 0x3F803F80;
+and.b32 lo, lo, 0x80008000;
+or.b32 $0, lo, s;
+shr.b32 s, hi, 1;
+and.b32 s, s, 0x3F803F80;
+and.b32 hi, hi, 0x80008000;
+or.b32 $1, hi, s;
+}""")
+# Triton's interpreter (CPU checks) cannot run PTX: it takes the plain conversions.
+ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def _codes_to_fp16(x, FP8: tl.constexpr):
+    """int16 holding two codes (little-endian: the even dim in the low byte) ->
+    (even-dim, odd-dim) codes as exact fp16: int8 codes as themselves, e4m3 as code / 256."""
+    if ASM:
+        if FP8:
+            return tl.inline_asm_elementwise(E4M3_TO_FP16, "=r,=r,r", [x], dtype=(tl.float16, tl.float16),
+                                             is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(INT8_TO_FP16, "=r,=r,r", [x], dtype=(tl.float16, tl.float16),
+                                         is_pure=True, pack=2)
+    lo = x.to(tl.int8)
+    hi = (x >> 8).to(tl.int8)
+    if FP8:
+        return ((lo.to(tl.float8e4nv, bitcast=True).to(tl.float32) / 256).to(tl.float16),
+                (hi.to(tl.float8e4nv, bitcast=True).to(tl.float32) / 256).to(tl.float16))
+    return lo.to(tl.float16), hi.to(tl.float16)
+
+
+@triton.jit
+def _load_halves(cache_ptr, rows, in_seq, dtype: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
+                 CODES: tl.constexpr, FP8: tl.constexpr):
+    """The ``[BLOCK_N, HALF]`` halves (``_half_dims``) of a K or V tile: floats in
+    ``dtype``, or codes as fp16 (``_codes_to_fp16``). Codes are loaded two to an
+    int16, so the asynchronous copies move 16 bytes at a time, and split in
+    registers: no join or reshape, whose layouts would send the tile through
+    shared memory."""
+    offsets = rows[:, None] + tl.arange(0, HALF)[None, :]
+    x = _load_rows(cache_ptr, offsets, in_seq, MASKED)
+    if CODES:
+        return _codes_to_fp16(x, FP8)
+    return x.to(dtype), _load_rows(cache_ptr, offsets + HALF, in_seq, MASKED).to(dtype)
+
+
+@triton.jit
+def _code_unit(FP8: tl.constexpr):
+    """What one unit of ``_codes_to_fp16``'s output is worth in codes."""
+    if FP8:
+        return 256.0
+    return 1.0
+
+
+@triton.jit
+def _power_of_two_below(x):
+    """``(e, 2^e, 2^-e)`` for ``x >= 0`` in fp32, ``2^e <= x < 2^(e + 1)``, all exact
+    (built from the exponent bits; ``x = 0`` gives ``(-127, 0, 2^127)``)."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7F800000
+    e = ((bits >> 23) | 0x4B000000).to(tl.float32, bitcast=True) - 8388735.0    # 2^23 + 127
+    return e, bits.to(tl.float32, bitcast=True), (0x7F000000 - bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _prepare_q(q_a, q_b, scale_log2, QUANT: tl.constexpr, FP8: tl.constexpr):
+    """The query halves as the dots take them, and each row's factor from a dot to
+    log2-domain scores. Against codes the dots run in fp16: each row is scaled by
+    a power of two (exact) to below 2 in magnitude, as bf16 queries may exceed
+    fp16's range; the factor multiplies it back, with the codes' unit."""
+    if QUANT:
+        q_max = tl.maximum(tl.max(tl.abs(q_a.to(tl.float32)), axis=1), tl.max(tl.abs(q_b.to(tl.float32)), axis=1))
+        _, power, inverse = _power_of_two_below(q_max)
+        q_a = (q_a.to(tl.float32) * inverse[:, None]).to(tl.float16)
+        q_b = (q_b.to(tl.float32) * inverse[:, None]).to(tl.float16)
+        return q_a, q_b, power * (scale_log2 * _code_unit(FP8))
+    return q_a, q_b, tl.zeros([q_a.shape[0]], dtype=tl.float32) + scale_log2
+
+
+@triton.jit
+def _load_scales(scale_ptr, offsets):
+    """fp32 (K, V) scales from their int32 pairs (the K scale in the low half):
+    one 4-byte load a key, which the pipeliner issues ahead like the code tiles."""
+    pair = tl.load(scale_ptr + offsets)
+    k_scale = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    v_scale = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return k_scale.to(tl.float32), v_scale.to(tl.float32)
+
+
+@triton.jit
+def _attend_key_tile(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, key_hi, window,
+                     k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block,
+                     stride_cache_token, scale_ptr, scale_head_offset, stride_scale_block,
+                     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
+                     QUANT: tl.constexpr, FP8: tl.constexpr):
     """One online-softmax step of rows ``q [M, D]`` (at positions ``q_pos [M]``)
-    over keys ``key_start .. key_start + BLOCK_N - 1``.
+    over keys ``key_start .. key_start + BLOCK_N - 1`` (a multiple of BLOCK_N).
+    The head dim is split in two halves (``_half_dims``): ``q_a``/``q_b`` and the
+    accumulators ``acc_a``/``acc_b`` hold them; ``q . k`` is the sum of the
+    halves' dots, times ``q_factor`` (``_prepare_q``).
 
     Unmasked tiles must lie wholly inside every row's causal window. Masked
     tiles read only keys in ``[key_lo, key_hi)`` (cache slots outside it may
     hold anything, NaN included) and apply ``pos - window < key <= pos``.
-    Quantized (``QUANT``): K and V are codes with per-key scales.
-    """
-    keys = key_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM // 2 if PACKED else HEAD_DIM)
-    if MASKED:
-        in_seq = (keys >= key_lo) & (keys < key_hi)
-        block = tl.load(block_table_ptr + keys // block_size, mask=in_seq, other=0).to(tl.int64)
-    else:
-        block = tl.load(block_table_ptr + keys // block_size).to(tl.int64)
-    rows = block * stride_cache_block + (keys % block_size) * stride_cache_token + kv_head_offset
-    kv_offsets = rows[:, None] + dims[None, :]
-    if MASKED:
-        k = tl.load(k_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + kv_offsets)
-    if PACKED:
-        k = _unpack_codes(k, BLOCK_N, HEAD_DIM, FP8)
 
-    if QUANT:
-        # Codes and scales of K and V are all requested before any is used: the
-        # tile's loads overlap (no pipeliner stages keep them in flight here).
-        scale_offsets = block * stride_scale_block + scale_head_offset + keys % block_size
-        if MASKED:
-            k_scale = tl.load(k_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
-            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=in_seq, other=0.0)
-            if V_EARLY:
-                v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
-        else:
-            k_scale = tl.load(k_scale_ptr + scale_offsets)
-            v_scale = tl.load(v_scale_ptr + scale_offsets)
-            if V_EARLY:
-                v = tl.load(v_cache_ptr + kv_offsets)
-        if PACKED:
-            v = _unpack_codes(v, BLOCK_N, HEAD_DIM, FP8)
-        if K_AS_A:
-            qk = tl.trans(tl.dot(k.to(q.dtype), tl.trans(q)))
-        else:
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)))
-        scores = qk * (k_scale.to(tl.float32) * scale_log2)[None, :]
+    Quantized (``QUANT``): K and V are codes with per-key scales. The K scales
+    multiply the scores. A V scale ``2^e * f`` (``1 <= f < 2``) is split: ``e``
+    joins the score, so the running max ``m_i`` is over ``t = score + e``; the
+    dot takes ``exp2(t - m) * f`` (below 2: fp16-safe however small the scales)
+    and the sum ``l_i`` adds ``exp2(t - m) * 2^-e``, so ``acc / l`` is the output.
+    """
+    key_start = tl.multiple_of(key_start, BLOCK_N)
+    keys = key_start + tl.arange(0, BLOCK_N)
+    in_seq = (keys >= key_lo) & (keys < key_hi)
+    if MASKED:
+        block = tl.load(block_table_ptr + keys // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
     else:
-        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+        block = tl.load(block_table_ptr + keys // BLOCK_SIZE).to(tl.int64)
+    rows = block * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_token + kv_head_offset
+    k_a, k_b = _load_halves(k_cache_ptr, rows, in_seq, q_a.dtype, HALF, MASKED, QUANT, FP8)
+    v_a, v_b = _load_halves(v_cache_ptr, rows, in_seq, q_a.dtype, HALF, MASKED, QUANT, FP8)
+    scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a))) * q_factor[:, None]
+    if QUANT:
+        # A masked key's block is 0, a valid one: the load needs no mask, and vectorizes.
+        k_scale, v_scale = _load_scales(scale_ptr, block * stride_scale_block + scale_head_offset
+                                        + keys % BLOCK_SIZE)
+        scores = scores * k_scale[None, :]
+        if MASKED:      # a slot outside the sequence may hold any scale, NaN included
+            v_scale = tl.where(in_seq, v_scale, 1.0)
+        v_exp, _, v_inverse = _power_of_two_below(v_scale * _code_unit(FP8))
     if MASKED:
         visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] > q_pos[:, None] - window)
-        visible = visible & in_seq[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
+        scores = tl.where(visible & in_seq[None, :], scores, float("-inf"))
+    if QUANT:
+        scores = scores + v_exp[None, :]
 
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-
-    if not (QUANT and V_EARLY):
-        if MASKED:
-            v = tl.load(v_cache_ptr + kv_offsets, mask=in_seq[:, None], other=0.0)
-        else:
-            v = tl.load(v_cache_ptr + kv_offsets)
     if QUANT:
-        acc = acc * alpha[:, None] + tl.dot((p * v_scale.to(tl.float32)[None, :]).to(q.dtype), v.to(q.dtype))
+        l_i = l_i * alpha + tl.sum(p * v_inverse[None, :], axis=1)
+        p = p * (v_scale * _code_unit(FP8) * v_inverse)[None, :]
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, l_i, m_new
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+    p = p.to(q_a.dtype)
+    acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
+    acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
+    return acc_a, acc_b, l_i, m_new
+
+
+@triton.jit
+def _store_halves(ptr, row_offsets, dims_a, dims_b, out_a, out_b, row_ok):
+    """Store the two halves of ``[M, D]`` rows at ``ptr + row_offsets[:, None] + dims``."""
+    tl.store(ptr + row_offsets[:, None] + dims_a[None, :], out_a.to(ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(ptr + row_offsets[:, None] + dims_b[None, :], out_b.to(ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------- decode
 
 @triton.jit(do_not_specialize=["window", "num_splits", "group_size", "stride_bt"])
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
                    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                    out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
                    scale_log2, window, num_splits, group_size,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
                    stride_scale_block, stride_scale_head,
-                   block_size,
                    GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, V_EARLY: tl.constexpr,
-                   K_AS_A: tl.constexpr, PACKED: tl.constexpr, FP8: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr):
     """Program (b, kv_head, split): attention of sequence b's decode token, for all
     query heads of ``kv_head``, over the split's run of keys.
 
@@ -330,43 +455,47 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         return
     seq_len = tl.load(seq_lens_ptr + seq)
 
-    # This split's keys: an equal share, rounded up to whole tiles, of the visible run.
+    # This split's keys: an equal share, in whole tiles, of the visible run from
+    # its first key rounded down to a tile (tiles start at multiples of BLOCK_N).
     first_key = tl.maximum(seq_len - window, 0)
-    keys_per_split = tl.cdiv(tl.cdiv(seq_len - first_key, num_splits), BLOCK_N) * BLOCK_N
-    start = first_key + split * keys_per_split
+    first_tile = first_key // BLOCK_N * BLOCK_N
+    keys_per_split = tl.cdiv(tl.cdiv(seq_len - first_tile, num_splits), BLOCK_N) * BLOCK_N
+    start = first_tile + split * keys_per_split
     end = tl.minimum(start + keys_per_split, seq_len)
 
+    HALF: tl.constexpr = HEAD_DIM // 2
     rows = tl.arange(0, GROUP_ROWS)
     heads = kv_head * group_size + rows
     head_ok = rows < group_size
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                mask=head_ok[:, None], other=0.0)
+    dims_a, dims_b = _half_dims(HALF, QUANT)
+    q_rows = token * stride_qt + heads * stride_qh
+    q_a = tl.load(q_ptr + q_rows[:, None] + dims_a[None, :], mask=head_ok[:, None], other=0.0)
+    q_b = tl.load(q_ptr + q_rows[:, None] + dims_b[None, :], mask=head_ok[:, None], other=0.0)
+    q_a, q_b, q_factor = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
     q_pos = tl.full([GROUP_ROWS], 0, tl.int32) + (seq_len - 1)
 
-    acc = tl.zeros([GROUP_ROWS, HEAD_DIM], dtype=tl.float32)
+    acc_a = tl.zeros([GROUP_ROWS, HALF], dtype=tl.float32)
+    acc_b = tl.zeros([GROUP_ROWS, HALF], dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     m_i = tl.full([GROUP_ROWS], NEG_BIG, dtype=tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    kv_head_offset = kv_head * stride_cache_head
     for key_start in range(start, end, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, start, end, window, scale_log2,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
-            block_size, stride_cache_block, stride_cache_token,
-            k_scale_ptr, v_scale_ptr, kv_head * stride_scale_head, stride_scale_block,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT, V_EARLY=V_EARLY, K_AS_A=K_AS_A,
-            PACKED=PACKED, FP8=FP8)
+        acc_a, acc_b, l_i, m_i = _attend_key_tile(
+            acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, tl.maximum(start, first_key), end,
+            window, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head * stride_cache_head,
+            stride_cache_block, stride_cache_token,
+            scale_ptr, kv_head * stride_scale_head, stride_scale_block,
+            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=True, QUANT=QUANT, FP8=FP8)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
     if WRITE_OUTPUT:
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        _store_halves(out_ptr, token * stride_ot + heads * stride_oh, dims_a, dims_b, acc_a / norm, acc_b / norm,
+                      head_ok)
     else:
         part = (seq * num_heads + heads) * num_splits + split
         tl.store(part_max_ptr + part, m_i, mask=head_ok)
         tl.store(part_sum_ptr + part, l_i, mask=head_ok)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_ok[:, None])
+        _store_halves(part_out_ptr, part * HEAD_DIM, dims_a, dims_b, acc_a / norm, acc_b / norm, head_ok)
 
 
 @triton.jit
@@ -408,6 +537,15 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: i
     return 1 << (limit.bit_length() - 1)   # largest power of two <= limit
 
 
+def _as_tiles(cache: torch.Tensor, fmt) -> torch.Tensor:
+    """What the attention kernels load: a quantized cache's codes two to an int16."""
+    return cache if fmt is None else cache.view(torch.int16)
+
+
+def _is_fp8(fmt) -> bool:
+    return fmt is not None and fmt.storage != torch.int8
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float, sliding_window: int | None, out: torch.Tensor,
                      num_splits: int | None = None, k_scale: torch.Tensor | None = None,
@@ -419,10 +557,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_seqs = meta.num_seqs
     num_kv_heads = k_cache.shape[2]
     group_size = num_heads // num_kv_heads
-    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
+    fmt, scales = _scale_pairs(k_cache, k_scale, v_scale)
     t = (dict(QUANT_DECODE) if fmt is not None else
          dict(block_n=DECODE_BLOCK_N, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
-              programs_per_sm=DECODE_PROGRAMS_PER_SM, v_early=False, k_as_a=False, packed=False)) | tiling
+              programs_per_sm=DECODE_PROGRAMS_PER_SM)) | tiling
     if num_splits is None:
         num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device.index or 0),
                                    t["programs_per_sm"])
@@ -435,20 +573,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     window = NO_WINDOW if sliding_window is None else sliding_window
-    if t["packed"]:     # codes read two to an int16, so the async copies move 16 bytes at a time
-        k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
+    k_cache, v_cache = _as_tiles(k_cache, fmt), _as_tiles(v_cache, fmt)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, *scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        q, k_cache, v_cache, scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, part_max, part_sum, part_out,
         scale * LOG2_E, window, num_splits, group_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        scales[0].stride(0), scales[0].stride(1),
-        k_cache.shape[1],
+        scales.stride(0), scales.stride(1),
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
-        BLOCK_N=t["block_n"], WRITE_OUTPUT=write_output, QUANT=fmt is not None, V_EARLY=t["v_early"],
-        K_AS_A=t["k_as_a"], PACKED=t["packed"], FP8=fmt is not None and fmt.storage != torch.int8,
-        num_warps=t["num_warps"], num_stages=t["num_stages"])
+        BLOCK_N=t["block_n"], BLOCK_SIZE=k_cache.shape[1], WRITE_OUTPUT=write_output, QUANT=fmt is not None,
+        FP8=_is_fp8(fmt), num_warps=t["num_warps"], num_stages=t["num_stages"])
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             meta.query_start_loc, out, part_max, part_sum, part_out,
@@ -473,14 +608,14 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["window", "num_seqs", "group_size", "stride_bt"])
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
                     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                     out_ptr, scale_log2, window, num_seqs, group_size,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
                     stride_scale_block, stride_scale_head,
-                    block_size,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr):
     """Program (tile, head): ``BLOCK_M`` queries of one sequence (query_len > 1)
     against its cached keys, FlashAttention-2 style."""
     # Last tiles first: they see the most keys, so the long programs start early.
@@ -497,12 +632,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
 
+    HALF: tl.constexpr = HEAD_DIM // 2
     rows = first_row + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
-    dims = tl.arange(0, HEAD_DIM)
+    dims_a, dims_b = _half_dims(HALF, QUANT)
     tokens = (q_start + rows).to(tl.int64)
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_rows = tokens * stride_qt + head * stride_qh
+    q_a = tl.load(q_ptr + q_rows[:, None] + dims_a[None, :], mask=row_ok[:, None], other=0.0)
+    q_b = tl.load(q_ptr + q_rows[:, None] + dims_b[None, :], mask=row_ok[:, None], other=0.0)
+    q_a, q_b, q_factor = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
     q_pos = context_len + rows
 
     # Keys [key_lo, hi) are visible to some row, [mid_lo, mid_hi) to every row;
@@ -517,60 +655,55 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     mid_lo = tl.minimum(full_lo, hi)
     mid_hi = tl.maximum(mid_lo, full_hi)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_offset = kv_head * stride_cache_head
     scale_head_offset = kv_head * stride_scale_head
-    for key_start in range(lo, mid_lo, BLOCK_N):          # window edge
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
-            block_size, stride_cache_block, stride_cache_token,
-            k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT)
-    for key_start in range(mid_lo, mid_hi, BLOCK_N):      # inside the band
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
-            block_size, stride_cache_block, stride_cache_token,
-            k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=False, QUANT=QUANT)
-    for key_start in range(mid_hi, hi, BLOCK_N):          # causal diagonal
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, q_pos, key_start, key_lo, hi, window, scale_log2,
-            k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset,
-            block_size, stride_cache_block, stride_cache_token,
-            k_scale_ptr, v_scale_ptr, scale_head_offset, stride_scale_block,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True, QUANT=QUANT)
+    # Three runs of tiles: the window's edge, inside the band (unmasked), the
+    # causal diagonal. Every non-empty run starts at a multiple of BLOCK_N.
+    for part in tl.static_range(3):
+        if part == 0:
+            first, last = lo, mid_lo
+        elif part == 1:
+            first, last = mid_lo, mid_hi
+        else:
+            first, last = mid_hi, hi
+        for key_start in range(first, last, BLOCK_N):
+            acc_a, acc_b, l_i, m_i = _attend_key_tile(
+                acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
+                k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
+                scale_ptr, scale_head_offset, stride_scale_block,
+                BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=part != 1, QUANT=QUANT, FP8=FP8)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
+    _store_halves(out_ptr, tokens * stride_ot + head * stride_oh, dims_a, dims_b, acc_a / norm, acc_b / norm, row_ok)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float, sliding_window: int | None, out: torch.Tensor,
-                      block_m: int = PREFILL_BLOCK_M, block_n: int = PREFILL_BLOCK_N,
-                      num_warps: int = PREFILL_NUM_WARPS, num_stages: int = PREFILL_NUM_STAGES,
-                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
-    """Write ``out`` rows of the sequences whose query length is > 1 (others untouched)."""
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, **tiling) -> None:
+    """Write ``out`` rows of the sequences whose query length is > 1 (others untouched).
+    ``tiling`` overrides the defaults (``block_m``, ``block_n``, ``num_warps``,
+    ``num_stages``: ``PREFILL``, quantized ``QUANT_PREFILL``)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = meta.num_seqs
     group_size = num_heads // k_cache.shape[2]
     window = NO_WINDOW if sliding_window is None else sliding_window
-    grid = (num_tokens // block_m + num_seqs, num_heads)
-    fmt, scales = _quant_args(k_cache, k_scale, v_scale)
+    fmt, scales = _scale_pairs(k_cache, k_scale, v_scale)
+    t = dict(PREFILL if fmt is None else QUANT_PREFILL) | tiling
+    grid = (num_tokens // t["block_m"] + num_seqs, num_heads)
+    k_cache, v_cache = _as_tiles(k_cache, fmt), _as_tiles(v_cache, fmt)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, *scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        q, k_cache, v_cache, scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, scale * LOG2_E, window, num_seqs, group_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        scales[0].stride(0), scales[0].stride(1),
-        k_cache.shape[1],
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QUANT=fmt is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        scales.stride(0), scales.stride(1),
+        HEAD_DIM=head_dim, BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_SIZE=k_cache.shape[1],
+        QUANT=fmt is not None, FP8=_is_fp8(fmt), num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 
 # --------------------------------------------------------------------------- backend
@@ -610,8 +743,9 @@ class TritonAttention:
         k_cache, v_cache = cache.k, cache.v
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"triton attention takes fp16 or bf16 queries, got {q.dtype}")
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+        if head_dim < 32 or head_dim & (head_dim - 1):   # halves of at least 16 dims: tl.dot's minimum
+            raise ValueError(f"triton attention needs a power-of-two head_dim >= 32, got {head_dim}; "
+                             "use attention_backend='torch'")
         if k_cache.shape[1] & (k_cache.shape[1] - 1):
             raise ValueError(f"triton attention needs a power-of-two block size, got {k_cache.shape[1]}")
         _check_cache_layout(k_cache, v_cache)
