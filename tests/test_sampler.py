@@ -167,3 +167,35 @@ def test_sampling_in_chunks_bounds_memory_and_changes_no_token(monkeypatch):
     chunked, peak = heavy_draw(rows, vocab)
     assert chunked == whole
     assert peak <= SAMPLER_COPIES * 16 * vocab * 4
+
+
+class HostReads(TorchDispatchMode):
+    """The ops that make a CUDA device wait for the host to read a value:
+    ``item`` (``_local_scalar_dense``) and data-dependent shapes (boolean-mask
+    indexing included). ``tolist`` reads below the dispatcher, unseen here."""
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        masks = [t for t in tree_flatten(args[1:2])[0] if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
+        if name in self.SYNCING or (name in ("index", "index_put", "index_put_") and masks):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_device_sampler_never_reads_on_the_host():
+    """Every filter, penalty, a seeded draw and logprobs: no op of ``draw_tokens`` needs the host
+    (the tokens stay on the device); ``sample`` reads them once, as lists."""
+    from pagellm.engine.sampler import draw_tokens
+    seqs = make_seqs(6, _HEAVIEST_SAMPLING, outputs=(4, 4, 7))
+    tensors = tensors_for(seqs, 40)
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    with HostReads() as reads:
+        draws = draw_tokens(logits.clone(), tensors)
+    assert reads.seen == []
+    assert draws.token_ids.shape == (6,) and draws.top_ids.shape == (6, 5)
+    assert draws.output() == sample(logits.clone(), tensors_for(seqs, 40))

@@ -225,14 +225,14 @@ def test_preparation_runs_in_the_worker_pool(server, http, monkeypatch):
 def test_metrics_do_not_wait_for_the_step(server, http, monkeypatch):
     """While a step is held, a new request already shows as waiting."""
     release, entered = threading.Event(), threading.Event()
-    execute = ModelRunner.execute
+    launch = ModelRunner.launch
 
     def held(self, step):
         entered.set()
         release.wait(30)
-        return execute(self, step)
+        return launch(self, step)
 
-    monkeypatch.setattr(ModelRunner, "execute", held)
+    monkeypatch.setattr(ModelRunner, "launch", held)
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as first, \
             httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as second:
         results = []
@@ -252,14 +252,14 @@ def test_metrics_do_not_wait_for_the_step(server, http, monkeypatch):
 
 
 def test_a_failing_request_is_a_500_for_it_alone(server, http, monkeypatch):
-    execute = ModelRunner.execute
+    launch = ModelRunner.launch
 
     def poisoned(self, step):
         if any(p.seed == 666 for p in step.sampling.params):
             raise RuntimeError("poisoned row")
-        return execute(self, step)
+        return launch(self, step)
 
-    monkeypatch.setattr(ModelRunner, "execute", poisoned)
+    monkeypatch.setattr(ModelRunner, "launch", poisoned)
 
     async def both() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
@@ -277,15 +277,15 @@ def test_a_failing_request_is_a_500_for_it_alone(server, http, monkeypatch):
 def test_shutdown_ends_within_the_grace_period_during_a_long_step(tiny_llama, monkeypatch):
     """Steps of 5 s, grace period 0.5 s: the stream still ends with its error, usage and
     [DONE], and the server is gone well before the step would end."""
-    execute = ModelRunner.execute
+    launch = ModelRunner.launch
     slow = threading.Event()
 
     def long_step(self, step):
         if slow.is_set():
             time.sleep(5)
-        return execute(self, step)
+        return launch(self, step)
 
-    monkeypatch.setattr(ModelRunner, "execute", long_step)
+    monkeypatch.setattr(ModelRunner, "launch", long_step)
     server = server_thread(tiny_llama, grace_period=0.5)
     with server:
         body = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True,

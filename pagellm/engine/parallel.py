@@ -9,7 +9,7 @@ rank 0's commands and runs its own ``ModelRunner`` on them; it never sees a
 * ``("start", EngineConfig, max_model_len)``: open the checkpoint, load this
   rank's slices, profile, size the KV pool: ``start_runner``, the calls rank 0
   makes at the same time;
-* ``("step", StepInput)``: one step (rank 0's ``ModelRunner.execute`` sends it);
+* ``("step", StepInput)``: one step (rank 0's ``ModelRunner.launch`` sends it);
 * ``("stop",)``: drop the runner and wait for the next start; ``("exit",)``.
 
 The ranks come from one of two places. One host: ``Workers.spawn`` starts

@@ -99,20 +99,18 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def token_histograms(prompt_token_ids: list[list[int]], output_token_ids: list[list[int]], vocab_size: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: which tokens occur in prompt or output, and how often each occurs in the output."""
+    """Per row: which tokens occur in prompt or output, and how often each occurs in the output.
+    One copy and one scatter for the whole batch (not one per row)."""
     rows = len(prompt_token_ids)
     seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
     counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
-    seen_rows = [row for row, (p, o) in enumerate(zip(prompt_token_ids, output_token_ids)) for _ in range(len(p) + len(o))]
-    out_rows = [row for row, o in enumerate(output_token_ids) for _ in o]
-    seen_ids = [t for p, o in zip(prompt_token_ids, output_token_ids) for t in (*p, *o)]
-    out_ids = [t for o in output_token_ids for t in o]
-    flat = device_tensor([seen_rows, seen_ids], torch.int64, device) if seen_ids else None
-    if flat is not None:   # one scatter for the whole batch
-        seen[flat[0], flat[1]] = True
-    if out_ids:
-        flat = device_tensor([out_rows, out_ids], torch.int64, device)
-        counts.index_put_((flat[0], flat[1]), torch.ones(len(out_ids), device=device), accumulate=True)
+    histories = [prompt + output for prompt, output in zip(prompt_token_ids, output_token_ids)]
+    for flags, lists in ((seen, histories), (counts, output_token_ids)):
+        row_ids = [row for row, tokens in enumerate(lists) for _ in tokens]
+        if row_ids:
+            index = device_tensor([row_ids, [t for tokens in lists for t in tokens]], torch.int64, device)
+            flags.index_put_((index[0], index[1]), torch.ones(len(row_ids), dtype=flags.dtype, device=device),
+                             accumulate=flags.dtype != torch.bool)
     return seen, counts
 
 
