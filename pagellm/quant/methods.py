@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
@@ -138,48 +139,80 @@ class Int4LinearMethod(_InputSmoothing, _ScaledRows):
 class GGUFLinearMethod:
     """A GGUF file's own blocks, one ``uint8 [rows, row bytes]`` tensor per
     shard (``qweight_i``; float types as ``weight_i``), since the shards of a
-    merged layer may be stored in different types (Q5_0 q and k, Q8_0 v)."""
+    merged layer may be stored in different types (Q5_0 q and k, Q8_0 v).
 
-    def __init__(self, shard_types: list[GGMLQuantizationType]) -> None:
+    ``cpu_packed``: each quantized shard is instead repacked as it loads into
+    the layout of torch's packed CPU matmuls (``quant_ops.pack_gguf_for_cpu``:
+    ``qweight_i`` and ``scales_i``; Q4_K keeps its codes, other types become
+    per-row int8), and the layer multiplies in bf16. Such a layer serves no
+    embedding lookups (the policy leaves the token embedding in blocks)."""
+
+    def __init__(self, shard_types: list[GGMLQuantizationType], cpu_packed: bool = False) -> None:
         self.shard_types = shard_types
+        self.cpu_packed = cpu_packed
 
     def create_weights(self, layer: Linear) -> None:
         if len(self.shard_types) != len(layer.output_sizes):
             raise ValueError(f"{len(self.shard_types)} GGUF tensors for {len(layer.output_sizes)} shards")
         for i, (rows, qtype) in enumerate(zip(layer.output_sizes, self.shard_types)):
-            if qtype in FLOAT_GGUF_TYPES:
-                shape, dtype, name = (rows, layer.input_size), layer.params_dtype, f"weight_{i}"
-            else:
-                shape, dtype, name = (rows, gguf_row_bytes(qtype, layer.input_size)), torch.uint8, f"qweight_{i}"
-            layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+            for name, shape, dtype in self._shard_parameters(layer.input_size, rows, qtype):
+                param = nn.Parameter(torch.empty(shape, dtype=dtype or layer.params_dtype), requires_grad=False)
+                layer.register_parameter(f"{name}_{i}", param)
         layer.weight_loaders["weight"] = functools.partial(self._load, layer)
+
+    def _shard_parameters(self, cols: int, rows: int, qtype: GGMLQuantizationType):
+        """(name, shape, dtype: None for the layer's) of one shard's parameters."""
+        if qtype in FLOAT_GGUF_TYPES:
+            return [("weight", (rows, cols), None)]
+        if not self.cpu_packed:
+            return [("qweight", (rows, gguf_row_bytes(qtype, cols)), torch.uint8)]
+        if qtype == GGMLQuantizationType.Q4_K:
+            return [("qweight", (rows, cols // 2), torch.uint8),
+                    ("scales", (cols // quant_ops.INT4PACK_GROUP, rows, 2), quant_ops.CPU_MATMUL_DTYPE)]
+        return [("qweight", (rows, cols), torch.int8), ("scales", (rows,), quant_ops.CPU_MATMUL_DTYPE)]
 
     def _load(self, layer: Linear, tensor, shard_id: int | None) -> None:
         """``tensor``: a ``RawTensor`` (still quantized) or a float tensor (float types)."""
         index = shard_id or 0
         qtype = self.shard_types[index]
         if qtype in FLOAT_GGUF_TYPES:
-            target, value = getattr(layer, f"weight_{index}"), tensor
+            values = {"weight": layer.shard_of(tensor, shard_id)}
         else:
             if getattr(tensor, "tensor_type", None) != qtype:
                 raise ValueError(f"expected the file's {qtype.name} blocks")
-            target, value = getattr(layer, f"qweight_{index}"), torch.from_numpy(tensor.data.copy())
-        value = layer.shard_of(value, shard_id)
-        if target.shape != value.shape:
-            raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
-        target.data.copy_(value)
+            blocks = layer.shard_of(torch.from_numpy(tensor.data.copy()), shard_id)
+            values = dict(zip(("qweight", "scales"), quant_ops.pack_gguf_for_cpu(blocks, qtype)
+                              if self.cpu_packed else (blocks,)))
+        for name, value in values.items():
+            target = getattr(layer, f"{name}_{index}")
+            if target.shape != value.shape:
+                raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit "
+                                 f"{tuple(target.shape)}")
+            target.data.copy_(value)
 
     def _shards(self, layer: Linear):
+        """Per shard (the float matrix or the blocks, the scales or None, the type or None for a float one)."""
         for i, qtype in enumerate(self.shard_types):
-            yield (getattr(layer, f"weight_{i}"), None) if qtype in FLOAT_GGUF_TYPES else \
-                (getattr(layer, f"qweight_{i}"), qtype)
+            if qtype in FLOAT_GGUF_TYPES:
+                yield getattr(layer, f"weight_{i}"), None, None
+            else:
+                yield getattr(layer, f"qweight_{i}"), getattr(layer, f"scales_{i}", None), qtype
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([quant_ops.gguf_linear(x, data, qtype) for data, qtype in self._shards(layer)], dim=-1)
+        if self.cpu_packed:
+            xq = x.reshape(-1, x.shape[-1]).to(quant_ops.CPU_MATMUL_DTYPE)
+            outs = [F.linear(x, data) if qtype is None else
+                    quant_ops.gguf_cpu_linear(xq, data, scales).reshape(*x.shape[:-1], -1).to(x.dtype)
+                    for data, scales, qtype in self._shards(layer)]
+        else:
+            outs = [quant_ops.gguf_linear(x, data, qtype) for data, _, qtype in self._shards(layer)]
+        out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return out if layer.bias is None else out + layer.bias
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
-        (data, qtype), = self._shards(layer)
+        if self.cpu_packed:
+            raise ValueError("a GGUF layer repacked for the CPU matmuls serves no embedding lookups")
+        (data, _, qtype), = self._shards(layer)
         rows = data[ids.reshape(-1)]
         values = rows if qtype is None else dequantize_gguf(rows, qtype, layer.params_dtype)
         return values.reshape(*ids.shape, layer.input_size)
