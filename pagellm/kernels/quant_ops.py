@@ -34,6 +34,7 @@ from pagellm.kernels import torch_quant
 CPU_MATMUL_DTYPE = torch.bfloat16   # activations, scales and outputs of the packed CPU matmuls
 INT4PACK_GROUP = 32                 # Q4_K's groups; the int4pack kernel takes 32, 64, 128 or 256
 INT4PACK_ROWS = 64                  # the int4pack layout interleaves blocks of 64 rows: pack whole blocks
+INT4PACK_MIN_ROWS = 16              # ... and takes a multiple of 16 rows
 
 FUSED_MAX_ROWS = 256        # up to this many rows go to the fused Triton kernels
 ROWS_ELEMENTS = 1 << 22     # weight values dequantized at once by the GGUF path
@@ -97,22 +98,28 @@ def gguf_linear(x: torch.Tensor, data: torch.Tensor, qtype: GGMLQuantizationType
                       for start in range(0, data.shape[0], rows)], dim=-1)
 
 
+def packs_as_int4(qtype: GGMLQuantizationType, rows: int) -> bool:
+    """Whether ``pack_gguf_for_cpu`` gives a tensor of ``rows`` rows of ``qtype`` the int4 layout."""
+    return qtype == GGMLQuantizationType.Q4_K and rows % INT4PACK_MIN_ROWS == 0
+
+
 def pack_gguf_for_cpu(data: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch.Tensor, torch.Tensor]:
     """A GGUF tensor's rows as (``qweight``, ``scales``) of ``gguf_cpu_linear``:
     Q4_K -> ``torch._weight_int4pack_mm_for_cpu``'s layout (``uint8 [N, K/2]``,
     scale and zero ``[K/32, N, 2]``; the file's codes, exact but for the bf16
-    scale and zero); other types -> ``int8 [N, K]`` and a scale per row for
-    ``torch._weight_int8pack_mm`` (requantized: torch has no CPU kernel for
-    5-, 6- or 8-bit codes with group scales). A slice of rows at a time
-    (about ``ROWS_ELEMENTS`` values), so the tensor is never held whole in float."""
+    scale and zero); other types (and Q4_K with rows the kernel can't tile)
+    -> ``int8 [N, K]`` and a scale per row for ``torch._weight_int8pack_mm``
+    (requantized: torch has no CPU kernel for 5-, 6- or 8-bit codes with
+    group scales). A slice of rows at a time (about ``ROWS_ELEMENTS`` values),
+    so the tensor is never held whole in float."""
+    int4 = packs_as_int4(qtype, data.shape[0])
     rows = max(1, ROWS_ELEMENTS // (2 * data.shape[1]) // INT4PACK_ROWS) * INT4PACK_ROWS
-    parts = [_pack_rows(data[start:start + rows], qtype) for start in range(0, data.shape[0], rows)]
-    scales_dim = 1 if qtype == GGMLQuantizationType.Q4_K else 0
-    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=scales_dim).contiguous()
+    parts = [_pack_rows(data[start:start + rows], qtype, int4) for start in range(0, data.shape[0], rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=1 if int4 else 0).contiguous()
 
 
-def _pack_rows(data: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch.Tensor, torch.Tensor]:
-    if qtype != GGMLQuantizationType.Q4_K:
+def _pack_rows(data: torch.Tensor, qtype: GGMLQuantizationType, int4: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not int4:
         return torch_quant.requantize_int8(data, qtype, CPU_MATMUL_DTYPE)
     codes, scale, zero = torch_quant.gguf_int4_groups(data)
     scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(CPU_MATMUL_DTYPE)

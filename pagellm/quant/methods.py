@@ -166,7 +166,7 @@ class GGUFLinearMethod:
             return [("weight", (rows, cols), None)]
         if not self.cpu_packed:
             return [("qweight", (rows, gguf_row_bytes(qtype, cols)), torch.uint8)]
-        if qtype == GGMLQuantizationType.Q4_K:
+        if quant_ops.packs_as_int4(qtype, rows):
             return [("qweight", (rows, cols // 2), torch.uint8),
                     ("scales", (cols // quant_ops.INT4PACK_GROUP, rows, 2), quant_ops.CPU_MATMUL_DTYPE)]
         return [("qweight", (rows, cols), torch.int8), ("scales", (rows,), quant_ops.CPU_MATMUL_DTYPE)]
