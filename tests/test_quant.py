@@ -115,6 +115,34 @@ def test_cpu_packed_gguf_matmul_is_the_dequantized_product(qtype, monkeypatch):
     assert (got - expected).abs().mean() < 0.01 * expected.abs().mean()
 
 
+@pytest.mark.parametrize("types, rows", [(("Q4_K", "Q4_K", "Q6_K"), (64, 32, 48)),
+                                         (("Q5_0", "Q8_0", "Q4_K"), (40, 24, 8))])
+def test_cpu_packed_gguf_layer_stacks_shards_packed_alike(types, rows):
+    """A merged layer (q|k|v-like shards of mixed types) repacked for the CPU: shards packed alike share one
+    matmul (int4 needs the rows before a shard to fill 64-row tiles; 8 Q4_K rows go to int8), and the layer
+    computes ``x @ W^T + b`` with W from gguf's dequantizer."""
+    from pagellm.model.gguf_loader import RawTensor
+    from pagellm.model.layers import Linear
+    from pagellm.quant.methods import GGUFLinearMethod
+    qtypes = [GGMLQuantizationType[t] for t in types]
+    layer = Linear(512, list(rows), bias=True, method=GGUFLinearMethod(qtypes, cpu_packed=True),
+                   params_dtype=torch.float32)
+    gen = np.random.default_rng(8)
+    shards = [_blocks(qtype, n, 512, gen) for qtype, n in zip(qtypes, rows)]
+    for i, (qtype, data) in enumerate(zip(qtypes, shards)):
+        layer.weight_loaders["weight"](RawTensor("w", "w", qtype, (rows[i], 512), data), i)
+    bias = torch.randn(sum(rows))
+    layer.weight_loaders["bias"](bias, None)
+    kinds = [layer.method.groups[0].kind, *(g.kind for g in layer.method.groups[1:])]
+    assert kinds == (["int4", "int8"] if types[0] == "Q4_K" else ["int8"])
+    w = torch.cat([torch.from_numpy(dequantize(d, t)) for d, t in zip(shards, qtypes)]).double()
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(9))
+    expected = x.bfloat16().double() @ w.t() + bias.double()
+    got = layer(x).double()
+    assert got.dtype == torch.float64 and got.shape == expected.shape
+    assert (got - expected).abs().mean() < 0.01 * (expected - bias.double()).abs().mean()
+
+
 def test_real_gguf_tensors_dequantize_exactly(qwen_gguf):
     """Every served type in the real file (the 0.5B mixes all four), a few rows each."""
     seen = {}
