@@ -102,7 +102,7 @@ def test_cpu_packed_gguf_matmul_is_the_dequantized_product(qtype, monkeypatch):
     monkeypatch.setattr(quant_ops, "ROWS_ELEMENTS", 64 * 2 * GGML_QUANT_SIZES[qtype][1] * 2)
     data = _blocks(qtype, 208, 512, np.random.default_rng(6))
     w = torch.from_numpy(dequantize(data, qtype)).double()
-    qweight, scales = quant_ops.pack_gguf_for_cpu(torch.from_numpy(data), qtype)
+    qweight, scales = quant_ops.pack_gguf_for_cpu(torch.from_numpy(data), qtype, quant_ops.packs_as_int4(qtype, 208))
     assert qweight.dtype == (torch.uint8 if qtype == GGMLQuantizationType.Q4_K else torch.int8)
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(7)).bfloat16()
     got = quant_ops.gguf_cpu_linear(x, qweight, scales).double()

@@ -99,20 +99,20 @@ def gguf_linear(x: torch.Tensor, data: torch.Tensor, qtype: GGMLQuantizationType
 
 
 def packs_as_int4(qtype: GGMLQuantizationType, rows: int) -> bool:
-    """Whether ``pack_gguf_for_cpu`` gives a tensor of ``rows`` rows of ``qtype`` the int4 layout."""
+    """Whether a tensor of ``rows`` rows of ``qtype`` can take the int4 layout of ``pack_gguf_for_cpu``."""
     return qtype == GGMLQuantizationType.Q4_K and rows % INT4PACK_MIN_ROWS == 0
 
 
-def pack_gguf_for_cpu(data: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_gguf_for_cpu(data: torch.Tensor, qtype: GGMLQuantizationType, int4: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A GGUF tensor's rows as (``qweight``, ``scales``) of ``gguf_cpu_linear``:
-    Q4_K -> ``torch._weight_int4pack_mm_for_cpu``'s layout (``uint8 [N, K/2]``,
-    scale and zero ``[K/32, N, 2]``; the file's codes, exact but for the bf16
-    scale and zero); other types (and Q4_K with rows the kernel can't tile)
-    -> ``int8 [N, K]`` and a scale per row for ``torch._weight_int8pack_mm``
+    ``int4`` (Q4_K with rows the kernel tiles: ``packs_as_int4``) ->
+    ``torch._weight_int4pack_mm_for_cpu``'s layout (``uint8 [N, K/2]``, scale
+    and zero ``[K/32, N, 2]``; the file's codes, exact but for the bf16 scale
+    and zero); else ``int8 [N, K]`` and a scale per row for ``torch._weight_int8pack_mm``
     (requantized: torch has no CPU kernel for 5-, 6- or 8-bit codes with
     group scales). A slice of rows at a time (about ``ROWS_ELEMENTS`` values),
     so the tensor is never held whole in float."""
-    int4 = packs_as_int4(qtype, data.shape[0])
     rows = max(1, ROWS_ELEMENTS // (2 * data.shape[1]) // INT4PACK_ROWS) * INT4PACK_ROWS
     parts = [_pack_rows(data[start:start + rows], qtype, int4) for start in range(0, data.shape[0], rows)]
     return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=1 if int4 else 0).contiguous()

@@ -209,9 +209,15 @@ class GGUFLinearMethod:
         else:
             if getattr(tensor, "tensor_type", None) != qtype:
                 raise ValueError(f"expected the file's {qtype.name} blocks")
-            blocks = layer.shard_of(torch.from_numpy(tensor.data.copy()), shard_id)
-            values = dict(zip(("qweight", "scales"), quant_ops.pack_gguf_for_cpu(blocks, qtype)
-                              if self.cpu_packed else (blocks,)))
+            blocks = torch.from_numpy(tensor.data.copy())
+            if group.kind == "int8":    # requantized per row over the whole tensor, then cut, as one process holds it
+                packed = quant_ops.pack_gguf_for_cpu(blocks, qtype, int4=False)
+                values = {name: layer.shard_of(value, shard_id) for name, value in zip(("qweight", "scales"), packed)}
+            elif group.kind == "int4":  # Q4_K codes depend on their own group only: cut, then pack
+                values = dict(zip(("qweight", "scales"),
+                                  quant_ops.pack_gguf_for_cpu(layer.shard_of(blocks, shard_id), qtype, int4=True)))
+            else:
+                values = {"qweight": layer.shard_of(blocks, shard_id)}
         offset = sum(layer.output_sizes[i] for i in group.shards[:group.shards.index(index)])
         for name, value in values.items():
             row_dim = 1 if name == "scales" and group.kind == "int4" else 0
