@@ -61,7 +61,11 @@ def main() -> int:
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a shared "
+                                                     "machine, see benchmarks/cpu_decode.py)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     load_start = time.perf_counter()
@@ -106,7 +110,7 @@ def main() -> int:
 def write(args: argparse.Namespace, llm: LLM, uptime_before: str, figures: dict, rows: list[dict]) -> None:
     payload = {"benchmark": "spec_decode", "date": datetime.date.today().isoformat(),
                "command": "benchmarks/spec_decode.py " + " ".join(os.sys.argv[1:]),
-               "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+               "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "threads": torch.get_num_threads(),
                "versions": {"python": platform.python_version(), "torch": torch.__version__},
                "model": args.model, "draft": args.draft, "method": args.method, "workload": args.workload,
                "k": args.k, "max_tokens": args.max_tokens, "quantization": llm.engine.quantization,

@@ -72,33 +72,48 @@ def outputs(tmp_path_factory, request):
     jobs = _jobs(tmp_path_factory, qwen_path)
     parallel = run_jobs(2, [Job(j.name, j.model, j.prompts, j.max_tokens, dict(j.settings, tensor_parallel_size=2))
                             for j in jobs])
-    single = {}
+    single, top_logprobs = {}, {}
     for job in jobs:
         if job.name == REAL:
             single[job.name] = [_hf_greedy(request.getfixturevalue("qwen_hf"), p, job.max_tokens) for p in job.prompts]
             continue
         done = LLM(job.model, **job.settings).generate(
-            job.prompts, SamplingParams(temperature=0, max_tokens=job.max_tokens, ignore_eos=True), use_tqdm=False)
+            job.prompts, SamplingParams(temperature=0, max_tokens=job.max_tokens, ignore_eos=True, logprobs=5),
+            use_tqdm=False)
         single[job.name] = [o.outputs[0].token_ids for o in done]
-    return parallel, single, {job.name: job.model for job in jobs}
+        top_logprobs[job.name] = [o.outputs[0].logprobs for o in done]
+    return parallel, single, {job.name: job.model for job in jobs}, top_logprobs
+
+
+# gguf on the CPU multiplies in bf16 (quant_ops.gguf_cpu_linear): each rank rounds its partial sums of the
+# row-parallel layers, one process the whole sum, so a greedy path may part at a near-tie of the one process:
+# within two bf16 steps of its logits (2^-4 apart between 8 and 16)
+NEAR_TIE_JOBS = {"llama-gguf-q8_0": 0.13}
 
 
 @pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "qwen2-bias-kv-int8", "llama-mqa-kv-int8",
                                   "llama-odd-vocab", "llama-odd-vocab-int8", "qwen2-int4-awq-saved",
                                   "llama-gguf-q8_0", REAL])
 def test_tp2_greedy_matches_one_process(outputs, name):
-    parallel, single, _ = outputs
+    parallel, single, _, top_logprobs = outputs
     if name not in single:
         pytest.skip("real model packages not installed")
-    assert parallel[name]["tokens"] == single[name]
     assert all(len(tokens) > 0 for tokens in single[name])
+    if name not in NEAR_TIE_JOBS:
+        assert parallel[name]["tokens"] == single[name]
+        return
+    for tp_tokens, tokens, top in zip(parallel[name]["tokens"], single[name], top_logprobs[name]):
+        i = next((i for i, (a, b) in enumerate(zip(tp_tokens, tokens)) if a != b), None)
+        if i is not None:
+            assert tp_tokens[i] in top[i] and top[i][tokens[i]].logprob - top[i][tp_tokens[i]].logprob < \
+                NEAR_TIE_JOBS[name]
 
 
 @pytest.mark.parametrize("name", [name for name, arch in ARCHS.items() if "sliding_window" not in arch])
 def test_each_rank_holds_the_analyzers_tp2_weights_and_kv(outputs, name):
     """The analyzer's per-GPU figures (``pagellm memory --tp 2``) for a KV pool of the
     engine's size, against each rank's measured parameters and pool, within 5%."""
-    parallel, _, models = outputs
+    parallel, _, models, _ = outputs
     memory = parallel[name]["memory"]
     assert len(memory) == 2
     config = open_checkpoint(models[name]).config

@@ -14,8 +14,14 @@ kernel for the device and shape, with the torch reference
 * W8A8, any device: activations quantized per token, then torch's int8
   matmul (``torch._int_mm``: cuBLAS on CUDA, which wants more than 16 rows,
   so decode batches are padded to 32).
-* GGUF blocks: dequantized a slice of output rows at a time (``ROWS_ELEMENTS``
-  values), so no layer is ever held whole in float.
+* GGUF blocks on CUDA: dequantized a slice of output rows at a time
+  (``ROWS_ELEMENTS`` values), so no layer is ever held whole in float.
+* GGUF blocks on the CPU: repacked at load (``pack_gguf_for_cpu``) for torch's
+  packed CPU matmuls, which read each weight byte once for any number of rows
+  (dequantizing per call cost ~10x a decode step's weight reads). Those kernels
+  are fast with bf16 activations only (with fp32 ones they fall back to a
+  scalar loop, ~10x slower; avx512_bf16 does the bf16 products), so
+  ``gguf_cpu_linear`` rounds the activations to bf16 and returns bf16.
 """
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from pagellm.kernels import torch_quant
+
+CPU_MATMUL_DTYPE = torch.bfloat16   # activations, scales and outputs of the packed CPU matmuls
+INT4PACK_GROUP = 32                 # Q4_K's groups; the int4pack kernel takes 32, 64, 128 or 256
+INT4PACK_ROWS = 64                  # the int4pack layout interleaves blocks of 64 rows: pack whole blocks
+INT4PACK_MIN_ROWS = 16              # ... and takes a multiple of 16 rows
 
 FUSED_MAX_ROWS = 256        # up to this many rows go to the fused Triton kernels
 ROWS_ELEMENTS = 1 << 22     # weight values dequantized at once by the GGUF path
@@ -85,3 +96,38 @@ def gguf_linear(x: torch.Tensor, data: torch.Tensor, qtype: GGMLQuantizationType
     rows = max(1, ROWS_ELEMENTS // x.shape[-1])
     return torch.cat([F.linear(x, torch_quant.dequantize_gguf(data[start:start + rows], qtype, x.dtype))
                       for start in range(0, data.shape[0], rows)], dim=-1)
+
+
+def packs_as_int4(qtype: GGMLQuantizationType, rows: int) -> bool:
+    """Whether a tensor of ``rows`` rows of ``qtype`` can take the int4 layout of ``pack_gguf_for_cpu``."""
+    return qtype == GGMLQuantizationType.Q4_K and rows % INT4PACK_MIN_ROWS == 0
+
+
+def pack_gguf_for_cpu(data: torch.Tensor, qtype: GGMLQuantizationType, int4: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF tensor's rows as (``qweight``, ``scales``) of ``gguf_cpu_linear``:
+    ``int4`` (Q4_K with rows the kernel tiles: ``packs_as_int4``) ->
+    ``torch._weight_int4pack_mm_for_cpu``'s layout (``uint8 [N, K/2]``, scale
+    and zero ``[K/32, N, 2]``; the file's codes, exact but for the bf16 scale
+    and zero); else ``int8 [N, K]`` and a scale per row for ``torch._weight_int8pack_mm``
+    (requantized: torch has no CPU kernel for 5-, 6- or 8-bit codes with
+    group scales). A slice of rows at a time (about ``ROWS_ELEMENTS`` values),
+    so the tensor is never held whole in float."""
+    rows = max(1, ROWS_ELEMENTS // (2 * data.shape[1]) // INT4PACK_ROWS) * INT4PACK_ROWS
+    parts = [_pack_rows(data[start:start + rows], qtype, int4) for start in range(0, data.shape[0], rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=1 if int4 else 0).contiguous()
+
+
+def _pack_rows(data: torch.Tensor, qtype: GGMLQuantizationType, int4: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not int4:
+        return torch_quant.requantize_int8(data, qtype, CPU_MATMUL_DTYPE)
+    codes, scale, zero = torch_quant.gguf_int4_groups(data)
+    scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(CPU_MATMUL_DTYPE)
+    return torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1), scale_zero
+
+
+def gguf_cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` (bf16 ``x [M, K]``, bf16 out) for ``pack_gguf_for_cpu``'s layouts."""
+    if qweight.dtype == torch.uint8:
+        return torch._weight_int4pack_mm_for_cpu(x, qweight, INT4PACK_GROUP, scales)
+    return torch._weight_int8pack_mm(x, qweight, scales)

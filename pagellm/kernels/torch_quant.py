@@ -17,6 +17,12 @@ Formats (rows are output channels, ``K`` the input dimension):
   int8 scales under one fp16 super-scale). ``dequantize_gguf`` turns the
   bytes of any of them into floats exactly as ``gguf.quants.dequantize``
   does; ``GGUF_DEQUANTIZERS`` lists the types served.
+* **GGUF blocks for torch's CPU kernels** (``gguf_int4_groups``,
+  ``requantize_int8``): Q4_K's codes as groups of 32 in the
+  ``(q - 8) * scale + zero`` form of ``torch._weight_int4pack_mm_for_cpu``
+  (the codes unchanged, only scale and zero rounded to the kernel's dtype);
+  every other type requantized per row to int8 (round to nearest from the
+  blocks' values; ``kernels.quant_ops.pack_gguf_for_cpu`` says why).
 
 Everything here runs on any device and is vectorised over whole tensors: no
 Python loop over blocks or rows.
@@ -130,12 +136,19 @@ def _k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([lo_sc, hi_sc], dim=-1).float(), torch.cat([lo_m, hi_m], dim=-1).float()
 
 
-def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def q4_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K blocks ``[..., 144]`` -> (codes ``uint8 [..., 8, 32]`` in 0..15, ``scale`` and ``minimum``
+    fp32 ``[..., 8]``): group ``j`` of a block holds ``scale[j] * code - minimum[j]``."""
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     sc, m = _k_scales_mins(blocks[..., 4:16])
     qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)             # 4 chunks of 64 weights
-    q = torch.stack([qs & 0xF, qs >> 4], dim=-2).reshape(*blocks.shape[:-1], 8, 32).float()
-    return (d[..., None] * sc[..., None] * q - dmin[..., None] * m[..., None]).flatten(-2)
+    codes = torch.stack([qs & 0xF, qs >> 4], dim=-2).reshape(*blocks.shape[:-1], 8, 32)
+    return codes, d * sc, dmin * m
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    codes, scale, minimum = q4_k_groups(blocks)
+    return (scale[..., None] * codes.float() - minimum[..., None]).flatten(-2)
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -175,3 +188,23 @@ def dequantize_gguf(data: torch.Tensor, qtype: GGMLQuantizationType, dtype: torc
     block, nbytes = GGML_QUANT_SIZES[qtype]
     rows = data.shape[0]
     return dequantize(data.reshape(rows, -1, nbytes)).reshape(rows, -1).to(dtype)
+
+
+# --------------------------------------------------------------------------- GGUF blocks for torch's CPU kernels
+
+def gguf_int4_groups(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K rows ``uint8 [N, row bytes]`` -> (codes ``uint8 [N, K]``, ``scale`` and ``zero`` fp32
+    ``[N, K / 32]``) with weight ``k`` of group ``g`` equal to ``(code - 8) * scale[g] + zero[g]``."""
+    rows = data.shape[0]
+    codes, scale, minimum = q4_k_groups(data.reshape(rows, -1, GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]))
+    return codes.reshape(rows, -1), scale.reshape(rows, -1), (8 * scale - minimum).reshape(rows, -1)
+
+
+def requantize_int8(data: torch.Tensor, qtype: GGMLQuantizationType, scale_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``qtype`` blocks -> per-row int8 (``q int8 [N, K]``, ``scale [N]`` in ``scale_dtype``),
+    rounded to nearest with the scale as stored (no further rounding at run time)."""
+    w = dequantize_gguf(data, qtype, torch.float32)
+    scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(scale_dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale

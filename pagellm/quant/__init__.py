@@ -13,7 +13,10 @@ loaders, the attention and KV code and the sampler never change for a format.
 * ``int4-awq``: ``int4`` with AWQ scales searched on a calibration pass at load.
 * ``w8a8``: int8 weights and per-token int8 activations, SmoothQuant-smoothed by
   a calibration pass at load (random weights: no smoothing).
-* ``gguf``: every matrix kept in the GGUF file's own blocks.
+* ``gguf``: every matrix kept in the GGUF file's own blocks; on the CPU the
+  linears are repacked at load for torch's packed CPU matmuls (Q4_K codes
+  kept, other types requantized to per-row int8; ``quant_ops.pack_gguf_for_cpu``)
+  and only the token embedding stays in blocks.
 * ``auto``: ``gguf`` for a GGUF file, ``none`` for other float checkpoints.
 * None (the default): ``none``, except that a checkpoint written by ``pagellm
   quantize`` always runs in its stored format (its ``quantization_config``).
@@ -98,7 +101,9 @@ def _gguf(checkpoint, config) -> MethodPolicy:
     if unserved := sorted({t.name for t in types.values() if t not in served}):
         raise ValueError(f"quantization 'gguf' cannot serve {', '.join(unserved)} blocks (served: "
                          f"{', '.join(t.name for t in GGUF_DEQUANTIZERS)}); use quantization 'none'")
-    return lambda prefix: GGUFLinearMethod([types[name] for name in LlamaForCausalLM.checkpoint_names(prefix)])
+    cpu = config is not None and config.torch_device.type == "cpu"
+    return lambda prefix: GGUFLinearMethod([types[name] for name in LlamaForCausalLM.checkpoint_names(prefix)],
+                                           cpu_packed=cpu and prefix != "embed_tokens")
 
 
 QUANTIZATION_FORMATS: dict[str, Callable[[object, object], MethodPolicy]] = {

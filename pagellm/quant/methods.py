@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
@@ -144,51 +146,117 @@ def _mapped(blocks: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(blocks)
 
 
+@dataclass(frozen=True)
+class _ShardGroup:
+    """Consecutive shards of a GGUF layer held in one set of parameters (named ``..._{first}``): a float
+    or raw-blocks shard alone, or a run of shards packed alike for the CPU, their rows stacked."""
+    first: int
+    shards: tuple[int, ...]
+    kind: str                   # "float", "blocks", "int4" or "int8"
+
+
 class GGUFLinearMethod:
     """A GGUF file's own blocks, one ``uint8 [rows, row bytes]`` tensor per
     shard (``qweight_i``; float types as ``weight_i``), since the shards of a
-    merged layer may be stored in different types (Q5_0 q and k, Q8_0 v)."""
+    merged layer may be stored in different types (Q5_0 q and k, Q8_0 v).
 
-    def __init__(self, shard_types: list[GGMLQuantizationType]) -> None:
+    ``cpu_packed``: each quantized shard is instead repacked as it loads into
+    the layout of torch's packed CPU matmuls (``quant_ops.pack_gguf_for_cpu``:
+    ``qweight`` and ``scales``; Q4_K keeps its codes, other types become
+    per-row int8), consecutive shards packed alike share one matmul (q|k|v,
+    gate|up), and the layer multiplies in bf16. Such a layer serves no
+    embedding lookups (the policy leaves the token embedding in blocks).
+    One instance per layer (it keeps the layer's shard groups)."""
+
+    def __init__(self, shard_types: list[GGMLQuantizationType], cpu_packed: bool = False) -> None:
         self.shard_types = shard_types
+        self.cpu_packed = cpu_packed
+        self.groups: list[_ShardGroup] = []
 
     def create_weights(self, layer: Linear) -> None:
         if len(self.shard_types) != len(layer.output_sizes):
             raise ValueError(f"{len(self.shard_types)} GGUF tensors for {len(layer.output_sizes)} shards")
-        for i, (rows, qtype) in enumerate(zip(layer.output_sizes, self.shard_types)):
-            if qtype in FLOAT_GGUF_TYPES:
-                shape, dtype, name = (rows, layer.input_size), layer.params_dtype, f"weight_{i}"
-            else:
-                shape, dtype, name = (rows, gguf_row_bytes(qtype, layer.input_size)), torch.uint8, f"qweight_{i}"
-            layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+        self.groups = self._group(layer.output_sizes)
+        for group in self.groups:
+            rows = sum(layer.output_sizes[i] for i in group.shards)
+            for name, shape, dtype in self._parameters(group, layer.input_size, rows):
+                param = nn.Parameter(torch.empty(shape, dtype=dtype or layer.params_dtype), requires_grad=False)
+                layer.register_parameter(f"{name}_{group.first}", param)
         layer.weight_loaders["weight"] = functools.partial(self._load, layer)
+
+    def _group(self, output_sizes: list[int]) -> list[_ShardGroup]:
+        groups: list[_ShardGroup] = []
+        for i, (rows, qtype) in enumerate(zip(output_sizes, self.shard_types)):
+            kind = ("float" if qtype in FLOAT_GGUF_TYPES else "blocks" if not self.cpu_packed else
+                    "int4" if quant_ops.packs_as_int4(qtype, rows) else "int8")
+            last = groups[-1] if groups else None
+            if last is not None and last.kind == kind and (kind == "int8" or kind == "int4" and sum(
+                    output_sizes[j] for j in last.shards) % quant_ops.INT4PACK_ROWS == 0):
+                groups[-1] = _ShardGroup(last.first, (*last.shards, i), kind)
+            else:
+                groups.append(_ShardGroup(i, (i,), kind))
+        return groups
+
+    def _parameters(self, group: _ShardGroup, cols: int, rows: int):
+        """(name, shape, dtype: None for the layer's) of one group's parameters."""
+        if group.kind == "float":
+            return [("weight", (rows, cols), None)]
+        if group.kind == "blocks":
+            return [("qweight", (rows, gguf_row_bytes(self.shard_types[group.first], cols)), torch.uint8)]
+        if group.kind == "int4":
+            return [("qweight", (rows, cols // 2), torch.uint8),
+                    ("scales", (cols // quant_ops.INT4PACK_GROUP, rows, 2), quant_ops.CPU_MATMUL_DTYPE)]
+        return [("qweight", (rows, cols), torch.int8), ("scales", (rows,), quant_ops.CPU_MATMUL_DTYPE)]
 
     def _load(self, layer: Linear, tensor, shard_id: int | None) -> None:
         """``tensor``: a ``RawTensor`` (still quantized) or a float tensor (float types)."""
         index = shard_id or 0
         qtype = self.shard_types[index]
-        if qtype in FLOAT_GGUF_TYPES:
-            target, value = getattr(layer, f"weight_{index}"), tensor
+        group = next(g for g in self.groups if index in g.shards)
+        if group.kind == "float":
+            values = {"weight": layer.shard_of(tensor, shard_id)}
         else:
             if getattr(tensor, "tensor_type", None) != qtype:
                 raise ValueError(f"expected the file's {qtype.name} blocks")
-            target, value = getattr(layer, f"qweight_{index}"), _mapped(tensor.data)
-        value = layer.shard_of(value, shard_id)   # a rank copies only its part of the file's blocks
-        if target.shape != value.shape:
-            raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit {tuple(target.shape)}")
-        target.data.copy_(value)
+            blocks = _mapped(tensor.data)   # a rank copies only its part of the file's blocks
+            if group.kind == "int8":    # requantized per row over the whole tensor, then cut, as one process holds it
+                packed = quant_ops.pack_gguf_for_cpu(blocks, qtype, int4=False)
+                values = {name: layer.shard_of(value, shard_id) for name, value in zip(("qweight", "scales"), packed)}
+            elif group.kind == "int4":  # Q4_K codes depend on their own group only: cut, then pack
+                values = dict(zip(("qweight", "scales"),
+                                  quant_ops.pack_gguf_for_cpu(layer.shard_of(blocks, shard_id), qtype, int4=True)))
+            else:
+                values = {"qweight": layer.shard_of(blocks, shard_id)}
+        offset = sum(layer.output_sizes[i] for i in group.shards[:group.shards.index(index)])
+        for name, value in values.items():
+            row_dim = 1 if name == "scales" and group.kind == "int4" else 0
+            target = getattr(layer, f"{name}_{group.first}").data.narrow(row_dim, offset, layer.output_sizes[index])
+            if target.shape != value.shape:
+                raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} does not fit "
+                                 f"{tuple(target.shape)}")
+            target.copy_(value)
 
-    def _shards(self, layer: Linear):
-        for i, qtype in enumerate(self.shard_types):
-            yield (getattr(layer, f"weight_{i}"), None) if qtype in FLOAT_GGUF_TYPES else \
-                (getattr(layer, f"qweight_{i}"), qtype)
+    def _matmul(self, layer: Linear, group: _ShardGroup, x: torch.Tensor, xq: torch.Tensor | None) -> torch.Tensor:
+        """One group's ``x @ W^T`` (``xq``: ``x`` as ``[M, K]`` bf16, for the packed groups)."""
+        if group.kind == "float":
+            return F.linear(x, getattr(layer, f"weight_{group.first}"))
+        qweight = getattr(layer, f"qweight_{group.first}")
+        if group.kind == "blocks":
+            return quant_ops.gguf_linear(x, qweight, self.shard_types[group.first])
+        out = quant_ops.gguf_cpu_linear(xq, qweight, getattr(layer, f"scales_{group.first}"))
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([quant_ops.gguf_linear(x, data, qtype) for data, qtype in self._shards(layer)], dim=-1)
+        xq = x.reshape(-1, x.shape[-1]).to(quant_ops.CPU_MATMUL_DTYPE) if self.cpu_packed else None
+        outs = [self._matmul(layer, group, x, xq) for group in self.groups]
+        out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return out if layer.bias is None else out + layer.bias
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
-        (data, qtype), = self._shards(layer)
-        rows = data[ids.reshape(-1)]
-        values = rows if qtype is None else dequantize_gguf(rows, qtype, layer.params_dtype)
-        return values.reshape(*ids.shape, layer.input_size)
+        (group,) = self.groups
+        if group.kind == "float":
+            return F.embedding(ids, layer.weight_0)
+        if group.kind != "blocks":
+            raise ValueError("a GGUF layer repacked for the CPU matmuls serves no embedding lookups")
+        rows = dequantize_gguf(layer.qweight_0[ids.reshape(-1)], self.shard_types[0], layer.params_dtype)
+        return rows.reshape(*ids.shape, layer.input_size)

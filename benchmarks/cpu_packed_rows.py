@@ -1,0 +1,70 @@
+"""Cost of torch's packed CPU matmuls (the ``gguf`` CPU layouts) by row count,
+against one row: what a speculative verification of k+1 rows pays per layer.
+
+    python benchmarks/cpu_packed_rows.py --threads 1 --out benchmarks/results/cpu-2026-12-02-packed-rows.json
+
+Shapes of the Qwen2.5-Coder-1.5B (gate|up, down, LM head) and 0.5B (gate|up);
+random codes (speed does not depend on the values). Row counts are timed
+interleaved, call by call, so the machine's load hits all alike; medians.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {"1.5b gate|up": (17920, 1536), "1.5b down": (1536, 8960), "1.5b lm_head": (151936, 1536),
+          "0.5b gate|up": (9728, 896)}
+
+
+def kernels(n: int, k: int) -> dict:
+    q8, s8 = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n).bfloat16()
+    packed = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+    scale_zero = torch.rand(k // 32, n, 2).bfloat16()
+    return {"int8": lambda x: torch._weight_int8pack_mm(x, q8, s8),
+            "int4": lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zero)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,2,3,4,5,8")
+    parser.add_argument("--iters", type=int, default=9)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")]
+    results = []
+    for name, (n, k) in SHAPES.items():
+        xs = {m: torch.randn(m, k).bfloat16() for m in rows}
+        for kernel, run in kernels(n, k).items():
+            times: dict[int, list[float]] = {m: [] for m in rows}
+            for _ in range(args.iters + 1):
+                for m, x in xs.items():
+                    start = time.perf_counter()
+                    run(x)
+                    times[m].append(time.perf_counter() - start)
+            med = {m: statistics.median(t[1:]) * 1e3 for m, t in times.items()}
+            results.append({"shape": name, "n": n, "k": k, "kernel": kernel, "ms": med,
+                            "vs_one_row": {m: med[m] / med[rows[0]] for m in rows}})
+            print(f"{name:14} {kernel}: " + ", ".join(f"{m} rows {med[m]:.2f} ms ({med[m] / med[rows[0]]:.2f}x)"
+                                                    for m in rows), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "benchmark": "cpu_packed_rows", "date": datetime.date.today().isoformat(),
+            "command": "python benchmarks/cpu_packed_rows.py " + " ".join(os.sys.argv[1:]),
+            "device": f"cpu ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
+                      f"{torch.get_num_threads()} threads)", "torch": torch.__version__,
+            "loadavg": os.getloadavg(), "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
