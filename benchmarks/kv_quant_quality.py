@@ -75,7 +75,7 @@ def engine(model: str, variant: str, window: int, quantization: str | None) -> L
     kv = "int8" if kv.startswith("int4sim") else kv
     real = key_smoothing.smooth_keys
     if alpha:
-        builder.key_smoothing.smooth_keys = lambda m: real(m, float(alpha))
+        builder.key_smoothing.smooth_keys = lambda m, _shipped: real(m, float(alpha))
     try:
         return LLM(model, dtype="float32", kv_cache_dtype=kv, quantization=quantization,
                    num_kv_blocks=2 * window // 16 + 8, max_model_len=window + 1)

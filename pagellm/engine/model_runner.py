@@ -54,6 +54,7 @@ from pagellm.kernels.kv_quant import check_kv_cache_dtype
 from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
+from pagellm.model.key_smoothing import KEY_SMOOTHING_ALPHA
 from pagellm.model.layers import LinearMethod, RotaryEmbedding, dense_everywhere
 from pagellm.model.offload import LayerOffload
 from pagellm.spec.verify import verify
@@ -131,7 +132,7 @@ class ModelRunner:
         self.dtype = engine.torch_dtype
         self.max_model_len = max_model_len
         check_kv_cache_dtype(engine.kv_cache_dtype, self.device)   # before any weight is read
-        smooth_keys = engine.kv_cache_dtype != "auto"
+        smoothing = KEY_SMOOTHING_ALPHA.get(engine.kv_cache_dtype)   # None for the model dtype's cache
         tp = groups.tensor if groups else SINGLE
         self.tensor_parallel_size = tp.size
         layers = (layer_range(model_config.num_hidden_layers, groups.num_stages, groups.stage) if groups
@@ -141,10 +142,10 @@ class ModelRunner:
         self.offload: LayerOffload | None = None
         if engine.cpu_offload_memory is None:
             self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers,
-                                     smooth_keys=smooth_keys)
+                                     key_smoothing_alpha=smoothing)
         else:   # built on the host; what stays on the device moves there
             self.model = build_model(model_config, self.dtype, "cpu", weights, linear_method,
-                                     smooth_keys=smooth_keys)
+                                     key_smoothing_alpha=smoothing)
             num_offloaded = self._layers_to_offload()
             if num_offloaded:
                 self.offload = LayerOffload(list(self.model.layers)[-num_offloaded:], self.device,

@@ -26,11 +26,12 @@ from pagellm.model.llama import LlamaForCausalLM
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                 weights: Iterable[tuple[str, torch.Tensor]],
                 linear_method: Callable[[str], LinearMethod] = dense_everywhere, tp: TensorGroup = SINGLE,
-                layer_range: tuple[int, int] | None = None, smooth_keys: bool = False) -> LlamaForCausalLM:
+                layer_range: tuple[int, int] | None = None, key_smoothing_alpha: float | None = None
+                ) -> LlamaForCausalLM:
     """The model on ``device`` with every parameter filled from ``weights``
     (this tensor rank's slices of pipeline stage ``layer_range``'s tensors;
-    the stream's other tensors are skipped), and key smoothing folded in when
-    ``smooth_keys``; ValueError when the stream lacks a tensor or holds one
+    the stream's other tensors are skipped), and key smoothing with exponent
+    ``key_smoothing_alpha`` folded in when one is given; ValueError when the stream lacks a tensor or holds one
     with no place."""
     with torch.device(device):
         model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method, tp), layer_range)
@@ -41,8 +42,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
                                                                                  for name in loaded}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    if smooth_keys:
-        key_smoothing.smooth_keys(model)
+    if key_smoothing_alpha is not None:
+        key_smoothing.smooth_keys(model, key_smoothing_alpha)
     return model.eval()
 
 
