@@ -35,7 +35,7 @@ import torch
 
 from pagellm.engine.kv_cache import KVCache, KVCacheSpec
 from pagellm.kernels.attention import AttentionMetadata, get_attention_backend
-from pagellm.kernels.kv_quant import kv_format
+from pagellm.kernels.kv_quant import dequantize, kv_format
 
 BLOCK = 16
 TOLERANCE = 2e-2      # triton vs torch on the same cache; bf16 rounding of a 1k-token softmax is ~4e-3
@@ -54,10 +54,10 @@ def truth(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Te
 def cache_values(cache, slots: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
     """The K and V a cache holds for ``slots``, dequantized in float64 (codes times scales)."""
     def read(codes, scales):
-        flat = codes.reshape(-1, *codes.shape[2:])[slots].double()       # [T, Hkv, D]
+        flat = codes.reshape(-1, *codes.shape[2:])[slots]                 # [T, Hkv, D]
         if fmt is None:
-            return flat
-        return flat * scales.transpose(1, 2).reshape(-1, scales.shape[1])[slots].double()[..., None]
+            return flat.double()
+        return dequantize(flat, scales.transpose(1, 2).reshape(-1, scales.shape[1])[slots], torch.float64)
     return read(cache.k, cache.k_scale), read(cache.v, cache.v_scale)
 
 
