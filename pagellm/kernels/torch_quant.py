@@ -36,10 +36,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # --------------------------------------------------------------------------- int8 / int4
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest, symmetric, per row: (``q int8 [N, K]``, ``scale fp32 [N]``)."""
-    scale = w.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest, symmetric, per row: (``q int8 [N, K]``, ``scale [N]`` in ``scale_dtype``), the
+    codes rounded against the scale as stored."""
+    scale = (w.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(scale_dtype)
+    q = torch.round(w.float() / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -204,7 +205,4 @@ def requantize_int8(data: torch.Tensor, qtype: GGMLQuantizationType, scale_dtype
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``qtype`` blocks -> per-row int8 (``q int8 [N, K]``, ``scale [N]`` in ``scale_dtype``),
     rounded to nearest with the scale as stored (no further rounding at run time)."""
-    w = dequantize_gguf(data, qtype, torch.float32)
-    scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(scale_dtype)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return quantize_int8(dequantize_gguf(data, qtype, torch.float32), scale_dtype)
