@@ -1,19 +1,23 @@
-"""The asynchronous step pipeline and the prefill chunk size on one GPU, in one process.
+"""The asynchronous step pipeline and the cap on prompt tokens beside decodes, on one GPU, in one process.
 
 1. identity: random qwen2.5-0.5b, bf16, Triton attention + decode CUDA graphs:
    greedy and seeded outputs with the pipeline on == off (one engine, switched
    between runs), and the host syncs a pipelined decode step makes
    (``torch.cuda.set_sync_debug_mode``: every ``.item()``/``.tolist()``/
    blocking copy warns; the one event wait per step does not count);
-2. the issue's second workload (256 requests, input 100-1024, output
-   100-1024, ignore eos) on random Llama-3-8B shapes: pipeline on/off and
-   ``max_num_batched_tokens`` (the prefill chunk) variants on one engine:
-   output tok/s, its ratio to the roofline prediction with measured peaks,
-   ITL p50/p99, decode steps' fraction of the bandwidth floor;
+2. the issue's three batched workloads (ignore eos) on random Llama-3-8B
+   shapes, one engine: the second (256 requests, input 100-1024, output
+   100-1024) with the pipeline on/off and with each cap on the prompt tokens a
+   step takes beside running decodes (``max_prefill_tokens_with_decodes``), the
+   first and third with the defaults: output tok/s, its ratio to the roofline
+   prediction with measured peaks, ITL p50/p99, decode steps' fraction of the
+   bandwidth floor. Every run draws its own prompts (a run repeating an
+   earlier run's prompts would be served from the prefix cache), and the
+   prompt tokens actually computed are recorded to show it;
 3. batch-1 decode 128 -> 128, pipeline on/off: tok/s and fraction of the floor.
 
-Usage: python benchmarks/async_pipeline_gpu.py OUT.json [--model llama-3-8b] [--chunks 8192,2048,1024]
-(``--small --model M --identity-model M`` with a tiny model: a CPU smoke run).
+Usage: python benchmarks/async_pipeline_gpu.py OUT.json [--model llama-3-8b] [--caps 2048,8192,1024,512]
+[--workloads 1,2,3] (``--small --model M --identity-model M`` with a tiny model: a CPU smoke run).
 """
 from __future__ import annotations
 
@@ -103,19 +107,28 @@ def count_syncs(engine: LLMEngine, steps: int = 20) -> float:
     return len(caught) / steps
 
 
-def workload(engine: LLMEngine, peaks: dict, n: int, inputs: tuple[int, int], outputs: tuple[int, int],
-             overlap: bool, chunk: int, seed: int = 0) -> dict:
+WORKLOADS = {1: (256, (32, 512), (256, 256)), 2: (256, (100, 1024), (100, 1024)),
+             3: (2048, (256, 2048), (64, 512))}   # requests, input range, output range
+SMALL_WORKLOAD = (8, (10, 60), (10, 60))
+
+
+def workload(engine: LLMEngine, peaks: dict, shape: tuple, overlap: bool, cap: int, seed: int) -> dict:
+    n, inputs, outputs = shape
     rng = random.Random(seed)
     in_lens = [rng.randint(*inputs) for _ in range(n)]
     out_lens = [rng.randint(*outputs) for _ in range(n)]
     prompts = random_prompts(rng, engine.model_config.vocab_size, in_lens)
     engine.overlap = overlap
-    engine.scheduler.config.max_num_batched_tokens = chunk
+    engine.scheduler.config.max_prefill_tokens_with_decodes = cap
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in out_lens]
-    run = run_requests(engine, prompts, params, f"w{overlap}{chunk}", record_kv=False)
+    computed_before = engine.scheduler.stats.num_prefill_tokens
+    run = run_requests(engine, prompts, params, f"w{seed}", record_kv=False)
     duration = run.duration()
     n_out = sum(run.num_output.values())
-    result = {"overlap": overlap, "max_num_batched_tokens": chunk, "requests": n, "duration_s": duration,
+    result = {"requests": n, "inputs": inputs, "outputs": outputs, "seed": seed, "overlap": overlap,
+              "max_prefill_tokens_with_decodes": cap, "duration_s": duration,
+              "prompt_tokens": sum(in_lens),
+              "prompt_tokens_computed": engine.scheduler.stats.num_prefill_tokens - computed_before,
               "output_tokens_per_s": n_out / duration, "total_tokens_per_s": (n_out + sum(in_lens)) / duration,
               "itl_ms": distribution_ms(run.itls()), "ttft_ms": distribution_ms(run.ttfts()),
               "decode_fraction_of_floor": decode_bandwidth_of(engine, run.steps, peaks)["fraction_of_floor"],
@@ -142,7 +155,9 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--identity-model", default="qwen2.5-0.5b")
     parser.add_argument("--small", action="store_true")
-    parser.add_argument("--chunks", default="8192,2048,1024")
+    parser.add_argument("--caps", default="2048,8192,1024,512",
+                        help="prompt-token caps beside decodes for workload 2 (the first is used for 1 and 3)")
+    parser.add_argument("--workloads", default="2,1,3")
     parser.add_argument("--no-off", action="store_true", help="no pipeline-off variant")
     parser.add_argument("--budget", type=float, default=300.0)
     args = parser.parse_args()
@@ -162,38 +177,41 @@ def main() -> None:
     small = args.small
     engine = LLMEngine(EngineConfig(args.model, random_weights=True, dtype="bfloat16" if not small else "float32",
                                     kv_cache_memory="60GiB" if not small else "256MiB",
-                                    max_model_len=2048 if not small else 256))
+                                    max_model_len=4096 if not small else 256))
     device = engine.runner.device
     peaks = measure_peaks(device, engine.runner.dtype, matmul=device.type == "cuda")
     report["peaks"] = peaks
-    n, inputs, outputs = (256, (100, 1024), (100, 1024)) if not small else (8, (10, 60), (10, 60))
-    variants = [(True, int(c)) for c in args.chunks.split(",")]
-    # Warm-up: the whole workload once (a 16-request warm-up left the first timed run ~25% slow, 2 s TTFT).
-    workload(engine, peaks, n, inputs, (8, 16), True, variants[0][1], seed=1)
-    if not args.no_off:
-        variants.insert(1, (False, variants[0][1]))
-    report["workload_256"] = []
-    for overlap, chunk in variants:
+    caps = [int(c) for c in args.caps.split(",")]
+    runs = []   # (workload, pipeline on, cap)
+    for w in (int(x) for x in args.workloads.split(",")):
+        runs += [(w, True, cap) for cap in (caps if w == 2 else caps[:1])]
+        if w == 2 and not args.no_off:
+            runs.insert(1, (2, False, caps[0]))
+    shape_of = (lambda w: SMALL_WORKLOAD) if small else WORKLOADS.get
+    n, inputs, _ = shape_of(2)
+    workload(engine, peaks, (n, inputs, (8, 16)), True, caps[0], seed=1)   # warm-up: builds the kernels
+    report["workloads"] = []
+    for seed, (w, overlap, cap) in enumerate(runs, start=2):
         if time.perf_counter() - start > args.budget:
-            report["workload_256"].append({"skipped": [overlap, chunk]})
+            report["workloads"].append({"workload": w, "skipped": [overlap, cap]})
             continue
-        report["workload_256"].append(workload(engine, peaks, n, inputs, outputs, overlap, chunk))
+        report["workloads"].append({"workload": w} | workload(engine, peaks, shape_of(w), overlap, cap, seed))
         save()
     report["bs1"] = []
     for overlap in (True, False):
-        r = workload(engine, peaks, 1, (128, 128) if not small else (20, 20), (128, 128) if not small else (20, 20),
-                     overlap, 8192)
+        r = workload(engine, peaks, (1, (128, 128), (128, 128)) if not small else (1, (20, 20), (20, 20)),
+                     overlap, caps[0], seed=100 + overlap)
         report["bs1"].append({"overlap": overlap, "decode_tokens_per_s": 1e3 / r["itl_ms"]["mean"],
                               "decode_fraction_of_floor": r["decode_fraction_of_floor"]})
     report["seconds"] = time.perf_counter() - start
     save()
-    print(f"{'variant':28} {'out tok/s':>10} {'of roofline':>11} {'ITL p50':>8} {'ITL p99':>8} {'p99/p50':>8} "
+    print(f"{'variant':34} {'out tok/s':>10} {'of roofline':>11} {'ITL p50':>8} {'ITL p99':>8} {'p99/p50':>8} "
           f"{'decode/floor':>12}")
-    for r in report["workload_256"]:
+    for r in report["workloads"]:
         if "skipped" in r:
             continue
-        name = f"pipeline {'on' if r['overlap'] else 'off'}, chunk {r['max_num_batched_tokens']}"
-        print(f"{name:28} {r['output_tokens_per_s']:10.0f} {r.get('fraction_of_roofline', 0):11.1%} "
+        name = f"w{r['workload']} pipeline {'on' if r['overlap'] else 'off'}, cap {r['max_prefill_tokens_with_decodes']}"
+        print(f"{name:34} {r['output_tokens_per_s']:10.0f} {r.get('fraction_of_roofline', 0):11.1%} "
               f"{r['itl_ms']['p50']:8.1f} {r['itl_ms']['p99']:8.1f} {r['itl_p99_over_p50']:8.2f} "
               f"{r['decode_fraction_of_floor']:12.1%}")
     for r in report["bs1"]:

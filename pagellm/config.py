@@ -55,6 +55,10 @@ class EngineConfig:
     max_model_len: int | None = _setting(None, "longest prompt + output (default: the model's context length)")
     max_num_seqs: int = _setting(256, "sequences scheduled at once")
     max_num_batched_tokens: int | None = _setting(None, "tokens per step (default: 8192 on CUDA, 2048 on CPU)")
+    max_prefill_tokens_with_decodes: int | None = _setting(
+        None, "prompt tokens a step may take while other sequences decode (they all wait for the step, so this "
+              "bounds their inter-token latency; with nothing decoding the whole --max-num-batched-tokens goes to "
+              "prompts); default: 2048 on CUDA, no cap on CPU")
     enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of prompt prefixes already computed")
     cpu_offload_memory: str | int | None = _setting(
         None, "keep this much of the decoder layers' weights in host memory, streamed to the device one layer "
@@ -143,6 +147,12 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 8192 if self.torch_device.type == "cuda" else 2048
+
+    @property
+    def prefill_tokens_with_decodes(self) -> int | None:
+        if self.max_prefill_tokens_with_decodes is not None:
+            return self.max_prefill_tokens_with_decodes
+        return 2048 if self.torch_device.type == "cuda" else None
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:

@@ -51,6 +51,7 @@ workload = st.fixed_dictionaries({
     "prefix_caching": st.booleans(),
     "fork_rate": st.floats(0, 0.3),
     "sliding_window": st.sampled_from([None, 1, 3, 7]),
+    "prefill_cap": st.sampled_from([None, 1, 2, 5]),
 })
 
 
@@ -79,7 +80,8 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
     rng = random.Random(w["seed"])
     null_block = w["num_blocks"] if w["sliding_window"] else None   # the KV cache's spare block past the pool
     bm = BlockManager(w["num_blocks"], w["block_size"], w["prefix_caching"], w["sliding_window"], null_block)
-    scheduler = Scheduler(SchedulerConfig(w["max_seqs"], w["budget"], 10_000), bm)
+    scheduler = Scheduler(SchedulerConfig(w["max_seqs"], w["budget"], 10_000,
+                                          max_prefill_tokens_with_decodes=w["prefill_cap"]), bm)
     capacity = w["num_blocks"] * w["block_size"]
     live: list[Sequence] = []
     shared_prefix = [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
@@ -95,9 +97,12 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
     for _ in range(2000):
         if not (scheduler.waiting or scheduler.running):
             break
+        decoding = any(seq.num_uncomputed_tokens == 1 for seq in scheduler.running)
         batch = scheduler.schedule()
         assert batch.seqs or batch.preempted, "scheduler stalled with work left"
         assert batch.num_tokens <= w["budget"]
+        if decoding and w["prefill_cap"] is not None:
+            assert sum(n for n in batch.num_new_tokens if n > 1) <= w["prefill_cap"]
         for src, dst in bm.take_pending_copies():
             assert bm.ref_counts[dst] == 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -120,6 +125,30 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
     assert not (scheduler.waiting or scheduler.running)
     assert bm.num_free_blocks == bm.num_blocks
     assert all(r == 0 for r in bm.ref_counts)
+
+
+def test_prompt_chunks_beside_decodes_are_capped_and_take_the_budget_alone():
+    """A 5,000-token prompt arriving while one sequence decodes: 1,000 prompt tokens a step (the
+    cap) for 5 steps, the decode in every one of them; alone, the same prompt takes one step."""
+    def steps_to_prefill(with_decode: bool) -> list[tuple[int, int]]:
+        bm = BlockManager(1024, 16, enable_prefix_caching=False)
+        scheduler = Scheduler(SchedulerConfig(8, 8192, 10_000, max_prefill_tokens_with_decodes=1000), bm)
+        rng = random.Random(0)
+        if with_decode:
+            decoder = Sequence(0, "d", 0, [1, 2, 3], SamplingParams(max_tokens=100), 0, 0.0)
+            scheduler.add(decoder)
+            advance(scheduler, scheduler.schedule(), rng)   # its prompt: now it decodes
+        prompt = Sequence(1, "p", 0, [rng.randrange(50) for _ in range(5000)], SamplingParams(max_tokens=5), 0, 0.0)
+        scheduler.add(prompt)
+        shape = []
+        while prompt.num_output_tokens == 0:
+            batch = scheduler.schedule()
+            shape.append((len(batch.seqs), dict(zip(batch.seqs, batch.num_new_tokens))[prompt]))
+            advance(scheduler, batch, rng)
+        return shape
+
+    assert steps_to_prefill(with_decode=True) == [(2, 1000)] * 5
+    assert steps_to_prefill(with_decode=False) == [(1, 5000)]
 
 
 def test_prefix_cache_reuses_blocks_and_leaves_last_token_to_compute():

@@ -65,6 +65,17 @@ def test_greedy_matches_hf_with_preemption_and_chunked_prefill(model_dir):
     assert llm.engine.block_manager.num_free_blocks == 12
 
 
+def test_greedy_matches_hf_with_prompt_chunks_capped_beside_decodes(model_dir):
+    llm = LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=64, max_num_seqs=3,
+              max_num_batched_tokens=16, max_prefill_tokens_with_decodes=3)
+    reference = hf_model(model_dir)
+    batch = prompts(reference.config.vocab_size)
+    outputs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert llm.engine.scheduler.stats.num_chunked_prefills > 0
+    for prompt, output in zip(batch, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(reference, prompt, MAX_TOKENS)
+
+
 def test_prefill_logits_match_hf(model_dir):
     llm = LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=64)
     reference = hf_model(model_dir)

@@ -136,7 +136,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_num_seqs, config.batched_tokens, self.max_model_len, config.swap_min_tokens,
             num_lookahead=config.num_speculative_tokens if speculating else 0,
-            lookahead_max_seqs=config.speculative_max_batch), self.block_manager)
+            lookahead_max_seqs=config.speculative_max_batch,
+            max_prefill_tokens_with_decodes=config.prefill_tokens_with_decodes), self.block_manager)
         self.proposer = make_proposer(config, self.model_config, self.max_model_len, num_blocks, open_model)
         self.spec_stats = SpecStats()
         self.eos_token_ids = set(self.model_config.eos_token_ids)

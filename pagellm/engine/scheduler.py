@@ -5,7 +5,12 @@ One rule covers prefill, chunked prefill and decode (as in vLLM v1): a sequence
 needs ``num_tokens - num_computed_tokens`` more tokens computed; running
 sequences are served first, oldest first, so decodes are never starved by a long
 prompt; waiting sequences fill what budget is left, a long prompt being split
-across steps. When the pool runs out, the most recently admitted running
+across steps. While any sequence decodes, prompt tokens in a step are further
+capped at ``max_prefill_tokens_with_decodes``: a step's time grows with its
+prompt tokens and every running decode waits for it, so this cap bounds the
+inter-token latency of the decodes (ITL p99) at little cost in throughput (the
+prompt's compute is the same in any chunking, and a decode step reads the
+weights anyway). With nothing decoding the whole budget goes to prompts. When the pool runs out, the most recently admitted running
 sequence is preempted: its blocks are freed and it goes back to the front of
 the queue to be recomputed later (its full blocks usually survive in the prefix
 cache, so recomputation is often cheap).
@@ -65,6 +70,7 @@ class SchedulerConfig:
     swap_min_tokens: int = 512    # a preempted sequence with this many computed tokens swaps, when it can
     num_lookahead: int = 0              # speculative decoding: proposed tokens per decoding sequence
     lookahead_max_seqs: int = 0         # ... only while at most this many sequences run
+    max_prefill_tokens_with_decodes: int | None = None   # prompt tokens beside running decodes (None: no cap)
 
 
 @dataclass
@@ -85,6 +91,19 @@ class ScheduledBatch:
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
+
+
+@dataclass
+class _PrefillBudget:
+    """Prompt tokens a step may still take (decodes, one token each, are never held back)."""
+    left: int
+
+    def take(self, num_uncomputed: int, budget: int) -> int:
+        if num_uncomputed == 1:
+            return min(1, budget)
+        num_tokens = min(num_uncomputed, budget, self.left)
+        self.left -= num_tokens
+        return num_tokens
 
 
 @dataclass
@@ -110,20 +129,29 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        prefill = self._prefill_budget()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens, prefill)
         if not batch.preempted:
-            self._schedule_waiting(batch, budget)
+            self._schedule_waiting(batch, min(budget, prefill.left))
         self._count(batch)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _prefill_budget(self) -> _PrefillBudget:
+        cap = self.config.max_prefill_tokens_with_decodes
+        decoding = cap is not None and any(seq.num_uncomputed_tokens == 1 for seq in self.running)
+        return _PrefillBudget(cap if decoding else self.config.max_num_batched_tokens)
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, prefill: _PrefillBudget) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             if seq.reached_length(self.config.max_model_len):   # its last token is still on the device
                 index += 1
                 continue
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = prefill.take(seq.num_uncomputed_tokens, budget)
+            if not num_tokens:   # a prompt chunk, and the step has no prompt budget left
+                index += 1
+                continue
             lookahead = self._lookahead(seq, budget - num_tokens)
             while not self.block_manager.can_allocate(seq, num_tokens + lookahead):
                 if lookahead:   # no room to speculate: decode plainly, preempt no one for a proposal
