@@ -193,7 +193,7 @@ def recapture(engine):
     runner = engine.runner
     runner.graphs = None
     torch.cuda.empty_cache()
-    runner.graphs = runner._capture_graphs()
+    runner.graphs = runner.capture_graphs()
 
 
 def decode_run(engine, prompt, output_len, bandwidth):

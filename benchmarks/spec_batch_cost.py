@@ -1,12 +1,15 @@
 """When speculation stops paying with batch size: the cost of one
 verification step (k+1 query tokens per sequence) against one decode step (1
 token per sequence), for B sequences at a given context, on the engine's own
-worker path. With acceptance rate a, a verification step yields on average
-E = (1 - a^(k+1)) / (1 - a) tokens per sequence (n-gram: no draft cost), so it
-pays while E > verify / decode; the table gives the acceptance rate needed
-for each B (the ``speculative_max_batch`` rule's basis).
+worker path (CUDA graphs included). With acceptance rate a, a verification
+step yields on average E = (1 - a^(k+1)) / (1 - a) tokens per sequence
+(n-gram: no draft cost), so it pays while E > verify / decode; the table gives
+the acceptance rate needed for each B and k (the ``speculative_max_batch``
+rule's basis).
 
     python benchmarks/spec_batch_cost.py --model qwen2.5-coder-0.5b --context 256 --k 4
+    # the H200 figures: benchmarks/spec_gpu.py (random Llama-3-8B, bf16)
+    python benchmarks/spec_batch_cost.py --model llama-3-8b --random-weights --dtype bfloat16 --k 1 2 4
 """
 from __future__ import annotations
 
@@ -16,12 +19,16 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from pagellm import LLM, SamplingParams
+from pagellm.engine.block_manager import BlockManager
+from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.model_runner import ModelRunner
 from pagellm.engine.scheduler import ScheduledBatch
 from pagellm.engine.sequence import Sequence
 from pagellm.engine.step import build_step_input
@@ -39,59 +46,84 @@ def break_even(ratio: float, k: int) -> float | None:
     return lo
 
 
-def step_seconds(llm: LLM, seqs: list[Sequence], k: int, repeats: int) -> float:
-    engine = llm.engine
+def step_seconds(runner: ModelRunner, block_size: int, seqs: list[Sequence], k: int, repeats: int) -> float:
+    """Median seconds of one step of ``seqs`` (each at its last token), verifying k proposals each (k = 0: decode)."""
     batch = ScheduledBatch()
     for seq in seqs:
         batch.add(seq, 1)
         if k:
             batch.proposals[seq] = Proposal(seq.token_ids[-k:])
-    step = build_step_input(batch, engine.config.block_size, [])
-    engine.runner.execute(step)   # warm-up
+    step = build_step_input(batch, block_size, [])
+    runner.execute(step)   # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        engine.runner.execute(step)
+        runner.execute(step)   # waits for the device: it returns the sampled tokens
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def contexts(block_manager: BlockManager, vocab: int, count: int, context: int, lookahead: int) -> list[Sequence]:
+    """``count`` sequences of ``context`` random tokens holding blocks for ``lookahead`` more
+    (their K/V content does not matter for timing)."""
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(count):
+        seq = Sequence(i, str(i), 0, torch.randint(0, vocab, (context,), generator=g).tolist(),
+                       SamplingParams(temperature=0), 0, 0.0)
+        block_manager.allocate(seq, context + lookahead + 1)
+        seq.num_computed_tokens = context - 1
+        seqs.append(seq)
+    return seqs
+
+
+def measure(engine: LLMEngine, context: int, ks: list[int], batches: list[int], repeats: int) -> list[dict]:
+    """Per batch size: the decode step, and per k the verification step, its ratio
+    to decode and the acceptance rate it breaks even at. The sequences are freed after."""
+    seqs = contexts(engine.block_manager, engine.model_config.vocab_size, max(batches), context, max(ks))
+    rows = []
+    try:
+        for b in batches:
+            decode = step_seconds(engine.runner, engine.config.block_size, seqs[:b], 0, repeats)
+            row = {"batch": b, "decode_ms": decode * 1e3}
+            for k in ks:
+                verify = step_seconds(engine.runner, engine.config.block_size, seqs[:b], k, repeats)
+                row[f"k{k}"] = {"verify_ms": verify * 1e3, "ratio": verify / decode,
+                                "break_even_acceptance": break_even(verify / decode, k)}
+            rows.append(row)
+            print(f"B={b:>3}: decode {decode * 1e3:7.2f} ms; " + "; ".join(
+                f"k={k} {row[f'k{k}']['ratio']:.2f}x (pays above a={row[f'k{k}']['break_even_acceptance']})"
+                for k in ks), flush=True)
+    finally:
+        for seq in seqs:
+            engine.block_manager.free(seq)
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, nargs="+", default=[4])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    llm = LLM(args.model, dtype="float32", quantization=args.quantization, kv_cache_memory="1GiB",
-              max_model_len=args.context + 64)
-    engine, size = llm.engine, llm.engine.config.block_size
-    g = torch.Generator().manual_seed(0)
-    seqs = []
-    for i in range(max(args.batches)):   # contexts in the pool (their K/V content does not matter for timing)
-        prompt = torch.randint(0, engine.model_config.vocab_size, (args.context,), generator=g).tolist()
-        seq = Sequence(i, str(i), 0, prompt, SamplingParams(temperature=0), 0, 0.0)
-        engine.block_manager.allocate(seq, args.context + args.k + 1)
-        seq.num_computed_tokens = args.context - 1
-        seqs.append(seq)
-    rows = []
-    for b in args.batches:
-        decode = step_seconds(llm, seqs[:b], 0, args.repeats)
-        verify = step_seconds(llm, seqs[:b], args.k, args.repeats)
-        rows.append({"batch": b, "decode_ms": decode * 1e3, "verify_ms": verify * 1e3, "ratio": verify / decode,
-                     "break_even_acceptance": break_even(verify / decode, args.k)})
-        print(f"B={b:>3}: decode {decode * 1e3:8.1f} ms, verify (k={args.k}) {verify * 1e3:8.1f} ms, "
-              f"ratio {verify / decode:5.2f}, pays above acceptance {rows[-1]['break_even_acceptance']}", flush=True)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, random_weights=args.random_weights,
+              kv_cache_memory="1GiB", max_model_len=args.context + max(args.k) + 64)
+    rows = measure(llm.engine, args.context, args.k, args.batches, args.repeats)
+    device = llm.engine.runner.device
     payload = {"benchmark": "spec_batch_cost", "date": datetime.date.today().isoformat(),
-               "command": "benchmarks/spec_batch_cost.py " + " ".join(__import__("sys").argv[1:]),
-               "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+               "command": "benchmarks/spec_batch_cost.py " + " ".join(sys.argv[1:]),
+               "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                          else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
                "versions": {"python": platform.python_version(), "torch": torch.__version__},
-               "model": args.model, "quantization": args.quantization, "context": args.context, "k": args.k,
-               "uptime_before": uptime_before,
+               "model": args.model + (" (random)" if args.random_weights else ""), "dtype": args.dtype,
+               "quantization": args.quantization, "context": args.context, "uptime_before": uptime_before,
                "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                "figures": rows}
     if args.json:

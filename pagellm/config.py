@@ -92,7 +92,8 @@ class EngineConfig:
     speculative_model: str | None = _setting(None, "draft model (HF folder, .gguf file or built-in name) sharing "
                                                    "the target's tokenizer")
     num_speculative_tokens: int = _setting(4, "tokens proposed per decoding sequence and step")
-    speculative_max_batch: int = _setting(8, "no speculation while more sequences than this run")
+    speculative_max_batch: int = _setting(32, "no speculation while more sequences than this run; below, k is "
+                                              "lowered so that a step verifies at most 4x this many tokens")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:

@@ -11,7 +11,8 @@ import pytest
 from pagellm import LLM, SamplingParams
 from pagellm.engine.cuda_graphs import CudaGraphs, graph_batch_sizes, graph_seq_sizes, graph_token_sizes
 from pagellm.utils.math import cdiv
-from test_spec_decode import ARCHS, repetitive_prompts, token_ids, with_oracle
+from pagellm.engine.model_runner import ModelRunner
+from test_spec_decode import ARCHS, draft_pair, repetitive_prompts, token_ids, with_oracle  # noqa: F401 (fixture)
 from tiny_models import make_tiny_hf_model
 
 
@@ -27,8 +28,8 @@ def test_graph_sizes():
 class RecordingGraphs(CudaGraphs):
     """Eager padded batches; remembers each step's (tokens, sequences, padded shape)."""
 
-    def __init__(self, llm: LLM, max_batch: int, max_tokens: int) -> None:
-        runner = llm.engine.runner
+    def __init__(self, llm: LLM, max_batch: int, max_tokens: int, runner: ModelRunner | None = None) -> None:
+        runner = runner or llm.engine.runner
         super().__init__(runner.model, runner.backend, runner.kv_cache, max_batch, max_tokens,
                          cdiv(runner.max_model_len, runner.kv_spec.block_size), runner.max_model_len, capture=False)
         self.steps = []
@@ -60,3 +61,23 @@ def test_padded_batches_give_the_unpadded_tokens(arch, tmp_path_factory):
     assert token_ids(spec.generate(prompts, params)) == token_ids(expected)
     assert spec.engine.spec_stats.num_accepted > 0
     assert any(not s.decode and n < s.num_tokens and b < s.num_seqs for n, b, s in graphs.steps)
+
+
+def test_draft_forwards_through_padded_graphs(draft_pair):
+    """The draft model's forwards go through its runner's graphs (decode for
+    the one-token forwards, varlen for the prompts and catch-ups), and padding changes none
+    of its proposals: the same accepted count as the unpadded draft."""
+    target, draft = draft_pair
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    config = dict(dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=64, speculative_model=str(draft),
+                  num_speculative_tokens=3)
+    eager = LLM(str(target), **config)
+    prompts = repetitive_prompts(eager.engine.model_config.vocab_size)
+    expected = token_ids(eager.generate(prompts, params))
+    padded = LLM(str(target), **config)
+    runner = padded.engine.proposer.runner
+    runner.graphs = graphs = RecordingGraphs(padded, max_batch=8, max_tokens=64, runner=runner)
+    assert token_ids(padded.generate(prompts, params)) == expected
+    assert padded.engine.spec_stats == eager.engine.spec_stats and 0 < eager.engine.spec_stats.num_accepted
+    assert any(s.decode and n < s.num_tokens for n, _, s in graphs.steps)
+    assert any(not s.decode and n < s.num_tokens for n, _, s in graphs.steps)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from pagellm import LLM, SamplingParams
+from pagellm.engine.scheduler import lookahead_for_batch
 from pagellm.server.metrics import ServerMetrics
 from pagellm.spec.ngram import lookup
 from pagellm.spec.proposal import Proposal
@@ -149,6 +150,28 @@ def test_stop_strings_and_max_tokens(tiny_llama):
                        "pagellm:spec_decode_acceptance_rate": pytest.approx(spec.num_accepted / spec.num_proposed),
                        "pagellm:spec_decode_mean_tokens_per_step": pytest.approx(
                            (spec.num_accepted + spec.num_steps) / spec.num_steps)}
+
+
+def test_lookahead_lowered_with_the_batch(tiny_llama):
+    """k while B (k + 1) verified tokens fit in 4 x speculative_max_batch, fewer above, none past it."""
+    assert [lookahead_for_batch(4, 32, b) for b in (1, 25, 26, 32, 33)] == [4, 4, 3, 3, 0]
+    assert [lookahead_for_batch(8, 32, b) for b in (14, 15, 16, 24, 32)] == [8, 7, 7, 4, 3]
+    kw = dict(dtype="float32", block_size=4, num_kv_blocks=128)
+    off = LLM(str(tiny_llama), **kw)
+    prompts = repetitive_prompts(off.engine.model_config.vocab_size)[:3]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (10, 20, 30)]
+    expected = off.generate(prompts, params)
+    on = LLM(str(tiny_llama), speculative_method="ngram", num_speculative_tokens=4, speculative_max_batch=2, **kw)
+    oracle, seen = with_oracle(on, prompts, expected), {}
+    propose = oracle.propose
+
+    def recording(batch):
+        running = len(on.engine.scheduler.running)
+        seen[running] = max(seen.get(running, 0), *batch.lookahead.values())
+        propose(batch)
+    oracle.propose = recording
+    assert token_ids(on.generate(prompts, params)) == token_ids(expected)
+    assert seen == {2: 3, 1: 4}   # 8 verified tokens: k = 3 for two sequences; three: no speculation
 
 
 def chained_block_hashes(tokens: list[int], block_size: int) -> set[int]:

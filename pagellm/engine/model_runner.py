@@ -43,7 +43,7 @@ import torch
 
 from pagellm import sizing
 from pagellm.config import EngineConfig
-from pagellm.engine.cuda_graphs import CudaGraphs
+from pagellm.engine.cuda_graphs import CudaGraphs, GraphShape
 from pagellm.engine.kv_cache import KVCache, KVCacheSpec, wait_for_swaps
 from pagellm.engine.memory import MemoryReport, estimated_activation_bytes, plan_num_blocks
 from pagellm.engine.sampler import Draws, SamplingTensors, draw_tokens, score_tokens
@@ -226,10 +226,10 @@ class ModelRunner:
                                    offload_tier="disk" if self.engine.disk_offload else "host",
                                    kv_cache_dtype=self.engine.kv_cache_dtype)
         self.rank_memory = (self.groups.gather(self.memory) or []) if self.groups else [self.memory]
-        self.graphs = self._capture_graphs()
+        self.graphs = self.capture_graphs()
         return num_blocks
 
-    def _capture_graphs(self) -> CudaGraphs | None:
+    def capture_graphs(self) -> CudaGraphs | None:
         """CUDA graphs need a GPU, graph-safe kernels (the Triton backend), no streamed layers and
         one pipeline stage."""
         if (self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton"
@@ -287,8 +287,7 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(step)
         rows = step.logits_indices.to(self.device, non_blocking=True)
         scored = None
-        shape = (self.graphs.shape_for(len(step.input_ids), meta)
-                 if kv_cache is self.kv_cache and step.scoring is None and self.graphs is not None else None)
+        shape = self._graph_shape(step, meta) if kv_cache is self.kv_cache and step.scoring is None else None
         if shape is not None:
             wait_for_swaps(ready)
             logits = self.graphs.run(shape, input_ids, positions, meta, rows)
@@ -310,6 +309,21 @@ class ModelRunner:
             return replace(verify(logits, tensors, draws.output(), step.num_logits, step.verification),
                            scored=scored)
         return _Sampled(draws.to_host(), step.num_logits, scored)
+
+    def _graph_shape(self, step: StepInput, meta: AttentionMetadata) -> GraphShape | None:
+        return self.graphs.shape_for(len(step.input_ids), meta) if self.graphs is not None else None
+
+    def logits(self, step: StepInput) -> torch.Tensor:
+        """The logits of ``step``'s sampled rows, through a CUDA graph when one
+        fits: a step without swaps, copies or scoring, on one process (the
+        draft model's forwards, ``spec.draft``)."""
+        input_ids, positions, meta = self.prepare(step)
+        rows = step.logits_indices.to(self.device, non_blocking=True)
+        shape = self._graph_shape(step, meta)
+        if shape is not None:
+            return self.graphs.run(shape, input_ids, positions, meta, rows)
+        hidden = self.model(input_ids, positions, ForwardContext(meta, self.kv_cache.layers, self.backend))
+        return self.model.compute_logits(hidden[rows])
 
     def _keep(self, step_id: int, token_ids: torch.Tensor) -> None:
         """Hold a step's sampled ids on the device for the next step's deferred tokens."""

@@ -35,7 +35,11 @@ preempts admits no one, so no step both swaps a sequence out and one in.
 Speculative decoding (``num_lookahead > 0``): a decoding sequence also gets
 slots for up to ``num_lookahead`` proposed tokens (``ScheduledBatch.lookahead``),
 counted against the budget, only while at most ``lookahead_max_seqs`` sequences
-run and only when the pool has room: a proposal never preempts anyone. The
+run and only when the pool has room: a proposal never preempts anyone. With B
+sequences running, k is lowered so that the step verifies at most
+``VERIFY_TOKENS_PER_MAX_SEQ x lookahead_max_seqs`` query tokens (``lookahead_for_batch``):
+a verification step costs about a decode step until its tokens outgrow what one
+weight read hides, then grows with them (measured: README, speculative decoding). The
 slots are allocated but never published to the prefix cache; those of rejected
 tokens are given back after the step (``BlockManager.release_unverified``).
 
@@ -60,6 +64,19 @@ from pagellm.engine.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from pagellm.spec.proposal import Proposal
+
+
+VERIFY_TOKENS_PER_MAX_SEQ = 4   # at B = lookahead_max_seqs, k = 3
+
+
+def lookahead_for_batch(k: int, max_seqs: int, num_running: int) -> int:
+    """Proposed tokens per decoding sequence while ``num_running`` sequences run:
+    ``k`` while ``num_running x (k + 1)`` verified queries stay within
+    ``VERIFY_TOKENS_PER_MAX_SEQ x max_seqs``, as many as fit above that (at least
+    3), none above ``max_seqs`` sequences."""
+    if num_running > max_seqs:
+        return 0
+    return min(k, VERIFY_TOKENS_PER_MAX_SEQ * max_seqs // num_running - 1)
 
 
 @dataclass
@@ -175,11 +192,10 @@ class Scheduler:
         compute) without a grammar, and never past ``max_tokens`` or
         ``max_model_len`` (the verified step adds up to lookahead + 1 tokens)."""
         c = self.config
-        if (not c.num_lookahead or len(self.running) > c.lookahead_max_seqs or seq.num_uncomputed_tokens != 1
-                or seq.grammar is not None):
+        if not c.num_lookahead or seq.num_uncomputed_tokens != 1 or seq.grammar is not None:
             return 0
-        return max(0, min(c.num_lookahead, budget, seq.params.max_tokens - seq.num_output_tokens - 1,
-                          c.max_model_len - seq.num_tokens - 1))
+        return max(0, min(lookahead_for_batch(c.num_lookahead, c.lookahead_max_seqs, len(self.running)), budget,
+                          seq.params.max_tokens - seq.num_output_tokens - 1, c.max_model_len - seq.num_tokens - 1))
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

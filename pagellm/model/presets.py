@@ -153,6 +153,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 80,
         "num_key_value_heads": 8,
     },
+    # meta-llama/Llama-3.2-1B (tied embeddings, llama3 rope scaling with factor 32)
+    "llama-3.2-1b": {
+        **_LLAMA31_COMMON,
+        "head_dim": 64,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "rope_scaling": {
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "tie_word_embeddings": True,
+        "transformers_version": "4.45.0.dev0",
+    },
     # mistralai/Mistral-7B-v0.1 (sliding-window attention over 4096 tokens)
     "mistral-7b": {
         "architectures": ["MistralForCausalLM"],
@@ -265,6 +284,7 @@ HF_REPOS: dict[str, str] = {
     "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
     "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",

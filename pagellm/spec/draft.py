@@ -11,7 +11,10 @@ the rest, which the next forward overwrites. Then k forwards: the first
 computes what the shadow lacks (the whole prompt the first time, else the
 target's last one or two tokens) and draws one token; each of the other k-1
 feeds the last draw and draws the next. A draw at output position ``j`` uses
-the request's noise keys of ``j``, as the target's draw there would.
+the request's noise keys of ``j``, as the target's draw there would. On a GPU
+the forwards replay the draft runner's own CUDA graphs (captured over its pool
+at start: decode graphs for the k-1 one-token forwards, varlen ones for the
+catch-up), which, like the pool, are outside the engine's memory plan.
 
 A shadow lives while its sequence runs (the engine calls ``retain`` after
 each step: a preempted or finished sequence's shadow is freed). Its pool has as many blocks as the
@@ -31,7 +34,6 @@ from pagellm.engine.sampler import SamplingTensors, draw, sampling_probs
 from pagellm.engine.scheduler import ScheduledBatch
 from pagellm.engine.sequence import Sequence
 from pagellm.engine.step import build_step_input
-from pagellm.model.context import ForwardContext
 from pagellm.spec.proposal import Proposal
 
 
@@ -46,6 +48,7 @@ class DraftProposer:
         self.runner = runner
         spec = runner.kv_spec
         runner.kv_cache = KVCache(spec, num_blocks, runner.device)
+        runner.graphs = runner.capture_graphs()
         self.block_manager = BlockManager(num_blocks, spec.block_size, enable_prefix_caching=False,
                                           sliding_window=runner.config.sliding_window,
                                           null_block=runner.kv_cache.null_block)
@@ -106,9 +109,7 @@ class DraftProposer:
         the normalised distribution it was drawn from."""
         runner = self.runner
         step = build_step_input(batch, self.block_manager.block_size, [])
-        input_ids, positions, meta = runner.prepare(step)
-        hidden = runner.model(input_ids, positions, ForwardContext(meta, runner.kv_cache.layers, runner.backend))
-        logits = runner.model.compute_logits(hidden[step.logits_indices.to(runner.device)])
+        logits = runner.logits(step)
         t = SamplingTensors.from_metadata(step.sampling, runner.config.vocab_size, runner.device)
         logits, probs = sampling_probs(logits, t)
         tokens = draw(logits.argmax(dim=-1), probs, t).tolist()
