@@ -23,7 +23,8 @@
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
    ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
    bound (streamed bytes / pinned copy bandwidth + the all-resident eager step
-   measured in 2.-4.'s engine), and its peak device memory.
+   measured in 2.-4.'s engine), its peak device memory, and whether its greedy
+   tokens are the resident engine's (eager both: the same kernels and weights).
 6. weight offload at scale: Llama-3-70B shapes (141 GB in bf16) under
    ``gpu_memory="80GiB"`` with ``cpu_offload_memory="auto"``, built layer by
    layer in place (``model.builder``): the host memory it took (peak RSS), its
@@ -54,6 +55,7 @@ from pagellm.engine import kv_cache
 
 MODEL = "llama-3-8b"
 ONE = SamplingParams(temperature=0, max_tokens=1)
+GREEDY_32 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
 def timed(fn) -> float:
@@ -177,7 +179,7 @@ def decode_ms(llm: LLM, prompt: list[int], n: int) -> float:
     return (whole - first) / (n - 1) * 1e3
 
 
-def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -> dict:
+def offload_8gib(resident_eager_ms: float, resident_tokens: list[int], h2d_gb_s: float, prompt: list[int]) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
@@ -186,7 +188,9 @@ def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -
     memory = llm.engine.memory
     ms = decode_ms(llm, prompt, 16)
     bound_ms = resident_eager_ms + memory.host_weights_bytes / (h2d_gb_s * 1e9) * 1e3
-    return {"start_s": start_s, "offloaded_layers": memory.offloaded_layers,
+    return {"start_s": start_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10,
+            "greedy_tokens_equal_resident": tokens(llm, [prompt], GREEDY_32)[0] == resident_tokens,
+            "offloaded_layers": memory.offloaded_layers,
             "host_weights_bytes": memory.host_weights_bytes, "device_weights_bytes": memory.weights_bytes,
             "activation_bytes": memory.activation_bytes, "kv_cache_bytes": memory.kv_cache_bytes,
             "kv_blocks": memory.num_blocks, "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
@@ -267,7 +271,8 @@ def main() -> None:
                 record(name, fn, llm)
         if "offload_8gib" in sections:
             graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None   # the eager step, as offloading runs
-            record("resident", lambda: {"eager_decode_ms": decode_ms(llm, prompt, 32)})
+            record("resident", lambda: {"eager_decode_ms": decode_ms(llm, prompt, 32),
+                                        "greedy_tokens": tokens(llm, [prompt], GREEDY_32)[0]})
             llm.engine.runner.graphs = graphs
             record("resident_graphs", lambda: {"decode_ms": decode_ms(llm, prompt, 32)})
             del graphs
@@ -275,7 +280,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     if "offload_8gib" in sections:
-        record("offload_8gib", offload_8gib, figures["resident"].get("eager_decode_ms", 0.0),
+        resident = figures["resident"]
+        record("offload_8gib", offload_8gib, resident.get("eager_decode_ms", 0.0), resident.get("greedy_tokens"),
                figures.get("copies", {}).get("pinned_h2d_gb_s") or pinned_h2d_gb_s(), prompt)
     if "offload_70b" in sections:
         result["model"] = "llama-3-70b shapes, random bf16 weights"
