@@ -1,6 +1,6 @@
 """Memory tiers on one GPU, random weights, one process:
 
-    PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT
+    PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT [--sections a,b] [--name NAME]
 
 1. identity: a small model (qwen2.5-0.5b shapes) under forced swaps (12
    prompts of 300-700 tokens + 64 in a pool of 120 blocks, 256 tokens a step,
@@ -11,11 +11,11 @@
 2. copies (Llama-3-8B shapes, bf16 from here on): host<->device bandwidth of
    ``KVCache.swap`` (512 blocks each way, and 256 each way at once) and of one
    pinned copy.
-3. swap vs recompute: 8 prompts of 4,096 tokens + 256 generated, greedy, in a
-   pool of 1,040 blocks (less than half their 2,176 blocks of KV: 4 fit, and
-   their growth preempts); the same engine with its host tier (swaps and
+3. swap vs recompute: 4 prompts of 4,096 tokens + 4,096 generated, greedy, in a
+   pool of 1,040 blocks (all 4 prompts fit, then their growth to 2,048 blocks,
+   twice the pool, preempts); the same engine with its host tier (swaps and
    spills) and without it (recompute only), on different prompts (no
-   cross-variant cache hits); wall time, preemptions, recomputed tokens.
+   cross-variant cache hits); wall time, preemptions, swaps, recomputed tokens.
 4. host prefix tier: a 4,096-token prefix + 16 tokens computed, asked again
    (device hit), evicted to the host by other prompts, asked again (restored
    from the host: its blocks come in while the blocks of the prompts that
@@ -23,8 +23,17 @@
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
    ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
    bound (streamed bytes / pinned copy bandwidth + the all-resident eager step
-   measured in 2.-4.'s engine), and its peak device memory.
-``$OUT/memory-tiers.json`` is rewritten after every part; a table is printed last.
+   measured in 2.-4.'s engine), its peak device memory, and whether its greedy
+   tokens are the resident engine's (eager both: the same kernels and weights).
+6. weight offload at scale: Llama-3-70B shapes (141 GB in bf16) under
+   ``gpu_memory="80GiB"`` with ``cpu_offload_memory="auto"``, built layer by
+   layer in place (``model.builder``): the host memory it took (peak RSS), its
+   batch-1 eager decode step against the bound (streamed bytes / a pinned
+   1 GiB copy's bandwidth + the on-device floor: the same step with the
+   copies switched off, every offloaded layer computing from the buffer it
+   finds). Run it in a process of its own (``--sections offload_70b``): its peak
+   RSS is then its own, and running out of host memory loses no other figure.
+``$OUT/NAME.json`` (``memory-tiers``) is rewritten after every part; a table is printed last.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import gc
 import json
 import platform
 import random
+import resource
 import statistics
 import time
 
@@ -45,6 +55,7 @@ from pagellm.engine import kv_cache
 
 MODEL = "llama-3-8b"
 ONE = SamplingParams(temperature=0, max_tokens=1)
+GREEDY_32 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
 def timed(fn) -> float:
@@ -110,25 +121,22 @@ def copies(llm: LLM) -> dict:
     in_s = min(timed(lambda: kv.swap([], pairs)) for _ in range(3))
     half = [(i, n + i) for i in range(n // 2)], [(n // 2 + i, i) for i in range(n // 2)]
     both_s = min(timed(lambda: kv.swap(*half)) for _ in range(3))
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    h2d_s = min(timed(lambda: dev.copy_(host, non_blocking=True)) for _ in range(3))
     return {"blocks": n, "bytes": nbytes, "layer_groups": len(kv.layer_groups),
             "swap_out_gb_s": nbytes / out_s / 1e9, "swap_in_gb_s": nbytes / in_s / 1e9,
             "half_each_way_at_once_gb_s": nbytes / both_s / 1e9, "half_each_way_ms": both_s * 1e3,
-            "pinned_h2d_gb_s": nbytes / h2d_s / 1e9}
+            "pinned_h2d_gb_s": pinned_h2d_gb_s(nbytes)}
 
 
-def swap_vs_recompute(llm: LLM) -> dict:
+def swap_vs_recompute(llm: LLM, n: int = 4, prompt: int = 4096, out: int = 4096) -> dict:
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
     engine = llm.engine
     host = engine.block_manager.host
-    llm.generate(random_prompts(rng, 2, 4096), SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    llm.generate(random_prompts(rng, 2, prompt), SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     result = {}
     for name in ("swap", "recompute"):
         engine.block_manager.host = host if name == "swap" else None   # recompute only: no host tier at all
-        prompts = random_prompts(rng, 8, 4096)
+        prompts = random_prompts(rng, n, prompt)
         before = engine.stats()
         seconds = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
         after = engine.stats()
@@ -136,7 +144,8 @@ def swap_vs_recompute(llm: LLM) -> dict:
             "num_preemptions", "num_swapped_out", "kv_bytes_to_host", "kv_bytes_to_device", "num_prefill_tokens")}}
     engine.block_manager.host = host
     return result | {"speedup": result["recompute"]["seconds"] / result["swap"]["seconds"],
-                     "kv_pool_blocks": engine.block_manager.num_blocks, "kv_demand_blocks": 8 * (4096 + 256) // 16}
+                     "workload": f"{n} x ({prompt} + {out})", "kv_pool_blocks": engine.block_manager.num_blocks,
+                     "kv_demand_blocks": n * (prompt + out) // 16}
 
 
 def prefix_restore(llm: LLM) -> dict:
@@ -170,7 +179,7 @@ def decode_ms(llm: LLM, prompt: list[int], n: int) -> float:
     return (whole - first) / (n - 1) * 1e3
 
 
-def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -> dict:
+def offload_8gib(resident_eager_ms: float, resident_tokens: list[int], h2d_gb_s: float, prompt: list[int]) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
@@ -179,7 +188,9 @@ def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -
     memory = llm.engine.memory
     ms = decode_ms(llm, prompt, 16)
     bound_ms = resident_eager_ms + memory.host_weights_bytes / (h2d_gb_s * 1e9) * 1e3
-    return {"start_s": start_s, "offloaded_layers": memory.offloaded_layers,
+    return {"start_s": start_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10,
+            "greedy_tokens_equal_resident": tokens(llm, [prompt], GREEDY_32)[0] == resident_tokens,
+            "offloaded_layers": memory.offloaded_layers,
             "host_weights_bytes": memory.host_weights_bytes, "device_weights_bytes": memory.weights_bytes,
             "activation_bytes": memory.activation_bytes, "kv_cache_bytes": memory.kv_cache_bytes,
             "kv_blocks": memory.num_blocks, "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
@@ -187,16 +198,52 @@ def offload_8gib(resident_eager_ms: float, h2d_gb_s: float, prompt: list[int]) -
             "streamed_gb_s": memory.host_weights_bytes / ((ms - resident_eager_ms) / 1e3) / 1e9}
 
 
+def pinned_h2d_gb_s(nbytes: int = 1 << 30) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    return nbytes / min(timed(lambda: dev.copy_(host, non_blocking=True)) for _ in range(3)) / 1e9
+
+
+def offload_70b(prompt: list[int]) -> dict:
+    h2d_gb_s = pinned_h2d_gb_s()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    start = time.perf_counter()
+    llm = LLM("llama-3-70b", random_weights=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
+              max_num_batched_tokens=2048, gpu_memory="80GiB", cpu_offload_memory="auto")
+    start_s = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    memory, offload = llm.engine.memory, llm.engine.runner.offload
+    print(f"70b built in {start_s:.0f} s, {memory.offloaded_layers} layers streamed, peak RSS {peak_rss / 1e9:.1f} GB",
+          flush=True)
+    ms = decode_ms(llm, prompt, 6)
+    offload._fetch = lambda index, slot: slot   # no copies: every offloaded layer computes from a buffer as it is
+    floor_ms = decode_ms(llm, prompt, 8)
+    del offload._fetch
+    bound_ms = floor_ms + memory.host_weights_bytes / (h2d_gb_s * 1e9) * 1e3
+    return {"start_s": start_s, "offloaded_layers": memory.offloaded_layers,
+            "host_weights_bytes": memory.host_weights_bytes, "device_weights_bytes": memory.weights_bytes,
+            "kv_cache_bytes": memory.kv_cache_bytes, "kv_blocks": memory.num_blocks,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(), "rss_before_bytes": rss_before,
+            "peak_rss_bytes": peak_rss, "pinned_h2d_gb_s": h2d_gb_s, "decode_ms": ms, "floor_ms": floor_ms,
+            "bound_ms": bound_ms, "ratio_to_bound": ms / bound_ms,
+            "streamed_gb_s": memory.host_weights_bytes / ((ms - floor_ms) / 1e3) / 1e9}
+
+
+SECTIONS = ("identity", "copies", "swap_vs_recompute", "prefix_restore", "offload_8gib", "offload_70b")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--identity-only", action="store_true")
+    parser.add_argument("--sections", default=",".join(SECTIONS[:-1]), help=f"of {','.join(SECTIONS)}")
+    parser.add_argument("--name", default="memory-tiers")
     args = parser.parse_args()
+    sections = args.sections.split(",")
     figures: dict = {}
     result = {"device": torch.cuda.get_device_name(),
               "versions": {"torch": torch.__version__, "triton": triton.__version__,
                            "python": platform.python_version()},
-              "command": "PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT",
+              "command": f"PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT --sections {args.sections}",
               "date": datetime.date.today().isoformat(), "model": f"{MODEL} shapes, random bf16 weights",
               "figures": figures}
 
@@ -207,29 +254,38 @@ def main() -> None:
         except Exception as error:   # keep the other parts' figures
             figures[name] = {"error": repr(error)}
         figures[name]["section_s"] = time.perf_counter() - started
-        with open(f"{args.out}/memory-tiers.json", "w") as f:
+        with open(f"{args.out}/{args.name}.json", "w") as f:
             json.dump(result, f, indent=2)
         print(name, json.dumps(figures[name]), flush=True)
 
-    record("identity_fp32_torch", identity, "float32", "torch")
-    record("identity_bf16_triton", identity, "bfloat16", "triton")
-    if args.identity_only:
-        return
-    llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,
-              swap_space="8GiB", max_num_seqs=16)
-    record("copies", copies, llm)
-    record("swap_vs_recompute", swap_vs_recompute, llm)
-    record("prefix_restore", prefix_restore, llm)
+    if "identity" in sections:
+        record("identity_fp32_torch", identity, "float32", "torch")
+        record("identity_bf16_triton", identity, "bfloat16", "triton")
     prompt = list(range(1000, 1128))
-    graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None   # the eager step, as offloading runs
-    record("resident", lambda: {"eager_decode_ms": decode_ms(llm, prompt, 32)})
-    llm.engine.runner.graphs = graphs
-    record("resident_graphs", lambda: {"decode_ms": decode_ms(llm, prompt, 32)})
-    del llm, graphs
-    gc.collect()
-    torch.cuda.empty_cache()
-    record("offload_8gib", offload_8gib, figures["resident"].get("eager_decode_ms", 0.0),
-           figures["copies"].get("pinned_h2d_gb_s", 50.0), prompt)
+    if {"copies", "swap_vs_recompute", "prefix_restore", "offload_8gib"} & set(sections):
+        llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,
+                  swap_space="8GiB", max_num_seqs=16)
+        for name, fn in (("copies", copies), ("prefix_restore", prefix_restore),
+                         ("swap_vs_recompute", swap_vs_recompute)):
+            if name in sections:
+                record(name, fn, llm)
+        if "offload_8gib" in sections:
+            graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None   # the eager step, as offloading runs
+            record("resident", lambda: {"eager_decode_ms": decode_ms(llm, prompt, 32),
+                                        "greedy_tokens": tokens(llm, [prompt], GREEDY_32)[0]})
+            llm.engine.runner.graphs = graphs
+            record("resident_graphs", lambda: {"decode_ms": decode_ms(llm, prompt, 32)})
+            del graphs
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "offload_8gib" in sections:
+        resident = figures["resident"]
+        record("offload_8gib", offload_8gib, resident.get("eager_decode_ms", 0.0), resident.get("greedy_tokens"),
+               figures.get("copies", {}).get("pinned_h2d_gb_s") or pinned_h2d_gb_s(), prompt)
+    if "offload_70b" in sections:
+        result["model"] = "llama-3-70b shapes, random bf16 weights"
+        record("offload_70b", offload_70b, prompt)
     print(json.dumps(figures, indent=1))
 
 

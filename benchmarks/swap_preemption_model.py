@@ -3,7 +3,7 @@ scheduler and block manager (no model) replayed over workload shapes, with
 each step priced by a cost model taken from the H200 run of
 ``memory_tiers_gpu.py`` (Llama-3-8B, bf16):
 
-    PYTHONPATH=. python3 benchmarks/swap_preemption_model.py --out DIR
+    PYTHONPATH=. python3 benchmarks/swap_preemption_model.py --out DIR [--shapes 4x4096+4096,...] [--pools 1040,...]
 
 A step costs ``DECODE_MS`` (a graph-replayed decode step) plus ``PREFILL_US``
 per prompt or recomputed token (a 4,096-token prefix: 108 ms computed less 41
@@ -12,7 +12,8 @@ copied either way at ``COPY_GBPS`` (not overlapped: this favours recompute).
 Each shape runs in a pool of half its KV demand and in a tighter one (as
 many whole prompts as that holds, plus 12 blocks to grow into: the GPU run's
 1,040 blocks), with the host tier (swaps, spills, restores) and without
-(recompute only), the prefix cache on and off; ``$DIR/swap-preemption-model.json``.
+(recompute only), the prefix cache on and off; ``$DIR/swap-preemption-model.json``
+(``--name``). ``--shapes`` replaces the shapes (``N x PROMPT + OUTPUT``), ``--pools`` the two pools.
 """
 from __future__ import annotations
 
@@ -62,12 +63,17 @@ def replay(n: int, prompt: int, out: int, pool: int, host_tier: bool, prefix_cac
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", help="e.g. 4x4096+4096,8x4096+4096")
+    parser.add_argument("--pools", help="pool sizes in blocks, e.g. 1040 (default: half the demand, and tight)")
+    parser.add_argument("--name", default="swap-preemption-model")
     args = parser.parse_args()
+    shapes = SHAPES if args.shapes is None else [tuple(map(int, shape.replace("x", "+").split("+")))
+                                                 for shape in args.shapes.split(",")]
     rows = []
-    for (n, prompt, out), prefix_caching in itertools.product(SHAPES, (True, False)):
+    for (n, prompt, out), prefix_caching in itertools.product(shapes, (True, False)):
         half = n * (prompt + out) // BLOCK // 2
         tight = half // (prompt // BLOCK + 1) * (prompt // BLOCK + 1) + 12   # prompts + 12 blocks to grow into
-        for pool in (half, tight):
+        for pool in (half, tight) if args.pools is None else map(int, args.pools.split(",")):
             swap = replay(n, prompt, out, pool, True, prefix_caching)
             recompute = replay(n, prompt, out, pool, False, prefix_caching)
             rows.append({"requests": n, "prompt": prompt, "output": out, "pool_blocks": pool, "half_demand": half,
@@ -77,8 +83,11 @@ def main() -> None:
                   f"preemptions {swap['preemptions']} / {recompute['preemptions']}, "
                   f"{swap['seconds']:.2f} s vs {recompute['seconds']:.2f} s = {rows[-1]['speedup']:.2f}x", flush=True)
     model = {"decode_ms": DECODE_MS, "prefill_us_per_token": PREFILL_US, "copy_gb_s": COPY_GBPS}
-    with open(f"{args.out}/swap-preemption-model.json", "w") as f:
-        json.dump({"command": "PYTHONPATH=. python3 benchmarks/swap_preemption_model.py --out DIR",
+    command = " ".join(["PYTHONPATH=. python3 benchmarks/swap_preemption_model.py --out DIR"]
+                       + [f"--{k} {v}" for k, v in vars(args).items() if k != "out" and v is not None
+                          and v != "swap-preemption-model"])
+    with open(f"{args.out}/{args.name}.json", "w") as f:
+        json.dump({"command": command,
                    "cost_model": model, "rows": rows}, f, indent=2)
 
 

@@ -14,6 +14,7 @@ import json
 import random
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
@@ -27,6 +28,7 @@ from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.host_blocks import HostBlockPool
 from pagellm.engine.scheduler import Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
+from pagellm.model.builder import build_model, random_weights
 from pagellm.model.model_spec import load_model_config
 from pagellm.server.metrics import ServerMetrics
 from pagellm.sizing import Precision
@@ -251,6 +253,21 @@ def test_streamed_layers_give_the_resident_models_greedy_tokens(five_layers, qua
     assert (memory.host_weights_bytes, memory.offloaded_layers) == (4 * layer, 4)
     assert memory.weights_bytes == resident.engine.memory.weights_bytes - 2 * layer
     assert memory.offload_tier == ("disk" if disk else "host") and "4 layers streamed" in memory.summary()
+
+
+def test_offloaded_layers_are_built_in_their_final_home(five_layers):
+    # The meta device stands in for the GPU: a device-resident tensor never holds host memory, so the host
+    # holds exactly the 2 offloaded layers, filled from the stream (never a copy of the whole model).
+    config = load_model_config(str(five_layers))
+    weights = dict(random_weights(config, torch.float32, "cpu"))
+    model = build_model(config, torch.float32, "meta", weights.items(), host_layers=2)
+    on_host = {name: p for name, p in model.named_parameters() if p.device.type == "cpu"}
+    assert all(name.startswith(("layers.3.", "layers.4.")) for name in on_host)
+    assert sum(p.numel() * p.element_size() for p in on_host.values()) == \
+        2 * sum(t.numel() * t.element_size() for name, t in weights.items() if ".layers.0." in name)
+    assert torch.equal(on_host["layers.4.self_attn.qkv_proj.weight"][:config.q_size],
+                       weights["model.layers.4.self_attn.q_proj.weight"])
+    assert torch.equal(on_host["layers.3.mlp.down_proj.weight"], weights["model.layers.3.mlp.down_proj.weight"])
 
 
 def test_auto_offload_takes_the_fewest_layers_that_fit(five_layers):

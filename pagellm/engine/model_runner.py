@@ -55,7 +55,8 @@ from pagellm.model.builder import build_model
 from pagellm.model.config import ModelConfig
 from pagellm.model.context import ForwardContext
 from pagellm.model.key_smoothing import KEY_SMOOTHING_ALPHA
-from pagellm.model.layers import LinearMethod, RotaryEmbedding, dense_everywhere
+from pagellm.model.layers import LayerFactory, LinearMethod, dense_everywhere
+from pagellm.model.llama import LlamaForCausalLM
 from pagellm.model.offload import LayerOffload
 from pagellm.spec.verify import verify
 from pagellm.utils.math import cdiv
@@ -139,22 +140,12 @@ class ModelRunner:
                   else (0, model_config.num_hidden_layers))
         self.kv_spec = KVCacheSpec.for_model(model_config, self.dtype, engine.block_size, tp.size,
                                              layers[1] - layers[0], engine.kv_cache_dtype)
-        self.offload: LayerOffload | None = None
-        if engine.cpu_offload_memory is None:
-            self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers,
-                                     key_smoothing_alpha=smoothing)
-        else:   # built on the host; what stays on the device moves there
-            self.model = build_model(model_config, self.dtype, "cpu", weights, linear_method,
-                                     key_smoothing_alpha=smoothing)
-            num_offloaded = self._layers_to_offload()
-            if num_offloaded:
-                self.offload = LayerOffload(list(self.model.layers)[-num_offloaded:], self.device,
-                                            engine.disk_offload)
-            self.model.to(self.device)
-            rotary = self.model.rotary
-            with torch.device(self.device):   # the rotary table as a model built there computes it, bit for bit
-                rotary.cos_sin_cache = RotaryEmbedding(rotary.head_dim, rotary.max_positions, rotary.theta,
-                                                       rotary.scaling).cos_sin_cache
+        num_offloaded = 0 if engine.cpu_offload_memory is None else self._layers_to_offload(linear_method)
+        self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers,
+                                 key_smoothing_alpha=smoothing, host_layers=num_offloaded,
+                                 pin_host_layers=self.device.type == "cuda" and engine.disk_offload is None)
+        self.offload = (LayerOffload(list(self.model.layers)[-num_offloaded:], self.device, engine.disk_offload)
+                        if num_offloaded else None)
         self.backend = get_attention_backend(engine.attention_backend, self.device)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.host_weights_bytes = 0
@@ -169,12 +160,15 @@ class ModelRunner:
         self.kept_draws: dict[int, torch.Tensor] = {}   # step id -> its sampled ids, on the device
 
     # ---- start-up ------------------------------------------------------------
-    def _layers_to_offload(self) -> int:
+    def _layers_to_offload(self, linear_method: Callable[[str], LinearMethod]) -> int:
         """Decoder layers to keep off the device: those ``cpu_offload_memory``
         covers, or with ``auto`` the fewest that let ``gpu_memory`` hold the rest
-        beside the estimated activation peak and one ``max_model_len`` sequence's KV."""
-        layer = sum(p.numel() * p.element_size() for p in self.model.layers[0].parameters())
-        num_layers = len(self.model.layers)
+        beside the estimated activation peak and one ``max_model_len`` sequence's KV.
+        Sizes come from the model made on the meta device (no memory), before any is allocated."""
+        with torch.device("meta"):
+            shapes = LlamaForCausalLM(self.config, LayerFactory(self.dtype, linear_method))
+        layer = sum(p.numel() * p.element_size() for p in shapes.layers[0].parameters())
+        num_layers = len(shapes.layers)
         if self.engine.cpu_offload_memory != "auto":
             return min(num_layers, cdiv(parse_bytes(self.engine.cpu_offload_memory), layer))
         if self.engine.gpu_memory is None:
@@ -184,7 +178,7 @@ class ModelRunner:
                                                  self.max_model_len, self.dtype, fused_attention=True)
         budget = (parse_bytes(self.engine.gpu_memory) - activations
                   - self.kv_spec.bytes_per_token * self.max_model_len)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in shapes.parameters())
         num_offloaded = sizing.offloaded_layers(weights, layer, num_layers, budget)
         if num_offloaded is None:
             raise ValueError(f"gpu_memory {self.engine.gpu_memory} cannot hold the weights outside the decoder "

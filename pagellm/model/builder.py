@@ -8,6 +8,13 @@ decides how it is stored, so a quantized or sharded layer loads the same
 stream. For a quantized KV cache the loaded q|k|v projections then get key
 smoothing folded in (``key_smoothing``). Layers are created with ``torch.empty`` directly on the device: no
 throw-away initialisation, no copy.
+
+With weight offload (``host_layers``) the last layers are created in host
+memory instead (pinned, for copies to a GPU), the rest on the device, before
+any weight is read: each checkpoint tensor (or random tensor, made on the
+device) is then copied straight to its final home, so the host never holds
+more than the offloaded layers plus the tensor being loaded (a Llama-3-70B
+shape with 80 GB on the device needs ~60 GB of host memory, not 141).
 """
 from __future__ import annotations
 
@@ -26,15 +33,20 @@ from pagellm.model.llama import LlamaForCausalLM
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                 weights: Iterable[tuple[str, torch.Tensor]],
                 linear_method: Callable[[str], LinearMethod] = dense_everywhere, tp: TensorGroup = SINGLE,
-                layer_range: tuple[int, int] | None = None, key_smoothing_alpha: float | None = None
-                ) -> LlamaForCausalLM:
+                layer_range: tuple[int, int] | None = None, key_smoothing_alpha: float | None = None,
+                host_layers: int = 0, pin_host_layers: bool = False) -> LlamaForCausalLM:
     """The model on ``device`` with every parameter filled from ``weights``
     (this tensor rank's slices of pipeline stage ``layer_range``'s tensors;
     the stream's other tensors are skipped), and key smoothing with exponent
     ``key_smoothing_alpha`` folded in when one is given; ValueError when the stream lacks a tensor or holds one
-    with no place."""
+    with no place. The last ``host_layers`` decoder layers live in host memory (pinned with
+    ``pin_host_layers``)."""
     with torch.device(device):
-        model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method, tp), layer_range)
+        model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method, tp), layer_range, host_layers)
+    if pin_host_layers:
+        for layer in list(model.layers)[len(model.layers) - host_layers:]:
+            for param in layer.parameters():   # their pages are untouched until now: one layer at a time
+                param.data = param.data.pin_memory()
     num_tensors = len(expected_shapes(config))
     loaded = load_weights(model, tqdm(((name, tensor) for name, tensor in weights if model.holds(name)),
                                       total=num_tensors, desc="loading weights", unit="tensor", leave=False))

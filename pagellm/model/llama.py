@@ -11,8 +11,14 @@ Under pipeline parallelism a model holds only its stage's layers
 (``layer_range``): the first stage the embedding, the last the final norm and
 the LM head (and, tied, the embedding it reads); the others pass on
 ``(hidden, residual)``. A layer's KV sits at its index within the stage.
+
+The last ``host_layers`` decoder layers are made in host memory whatever the
+ambient device (weight offload, ``model.offload``, streams them from there), so
+a model bigger than the device is built with every layer in its final home.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -95,8 +101,8 @@ class LlamaForCausalLM(nn.Module):
         hf_prefix = "" if prefix == "lm_head" else "model."
         return [f"{hf_prefix}{module + '.' if module else ''}{part}.weight" for part in parts]
 
-    def __init__(self, config: ModelConfig, make: LayerFactory, layer_range: tuple[int, int] | None = None
-                 ) -> None:
+    def __init__(self, config: ModelConfig, make: LayerFactory, layer_range: tuple[int, int] | None = None,
+                 host_layers: int = 0) -> None:
         super().__init__()
         self.config = config
         self.layer_range = start, end = layer_range or (0, config.num_hidden_layers)
@@ -106,13 +112,17 @@ class LlamaForCausalLM(nn.Module):
         if self.is_first_stage or (self.is_last_stage and config.tie_word_embeddings):
             self.embed_tokens = make.vocab("embed_tokens", config.hidden_size, config.vocab_size)
         # Model-wide indices (``layers.5``) match the checkpoint; other stages' layers are empty modules.
-        self.layers = nn.ModuleList(DecoderLayer(config, i, i - start, self.rotary, make) if start <= i < end
-                                    else nn.Module() for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self._decoder_layer(config, i, make, on_host=i >= end - host_layers)
+                                    if start <= i < end else nn.Module() for i in range(config.num_hidden_layers))
         if self.is_last_stage:
             self.norm = make.norm(config.hidden_size, config.rms_norm_eps)
             # Tied: the LM head is the embedding matrix itself (one module, one copy of the weights).
             self.lm_head = self.embed_tokens if config.tie_word_embeddings else \
                 make.vocab("lm_head", config.hidden_size, config.vocab_size)
+
+    def _decoder_layer(self, config: ModelConfig, index: int, make: LayerFactory, on_host: bool) -> DecoderLayer:
+        with torch.device("cpu") if on_host else nullcontext():
+            return DecoderLayer(config, index, index - self.layer_range[0], self.rotary, make)
 
     def holds(self, name: str) -> bool:
         """Whether checkpoint tensor ``name`` (HF name) belongs to this stage."""

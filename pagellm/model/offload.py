@@ -1,12 +1,13 @@
 """Decoder layers whose weights live off the device and stream in one layer
 ahead of use (``EngineConfig.cpu_offload_memory``, ``disk_offload``).
 
-``LayerOffload(layers, device, disk_folder)`` takes decoder layers of a model
-built on the host. Their parameters, whatever the layer's ``LinearMethod``
-made them (dense weights, int8/int4 codes and scales, GGUF blocks), stay in
-host memory, pinned when the device is CUDA, or, with ``disk_folder``, in a
-safetensors file there read through mmap (pages come from disk as a copy
-needs them). The device holds two buffers of one layer's parameters each
+``LayerOffload(layers, device, disk_folder)`` takes decoder layers whose
+parameters the builder made in host memory (``build_model(host_layers=...)``,
+pinned when the device is CUDA; the rest of the model is on the device).
+Those parameters, whatever the layer's ``LinearMethod`` made them (dense
+weights, int8/int4 codes and scales, GGUF blocks), stay where they are, or,
+with ``disk_folder``, go to a safetensors file there read through mmap (pages
+come from disk as a copy needs them). The device holds two buffers of one layer's parameters each
 (every decoder layer has the same shapes): double buffering.
 
 A forward pre-hook on each offloaded layer waits for the copy of its
@@ -44,20 +45,17 @@ class LayerOffload:
         shapes = {name: (p.shape, p.dtype) for name, p in self.params[0].items()}
         if any({name: (p.shape, p.dtype) for name, p in params.items()} != shapes for params in self.params):
             raise ValueError("offloaded layers must have the same parameter shapes")
-        on_cuda = device.type == "cuda"
         host = [{name: p.data for name, p in params.items()} for params in self.params]
-        if disk_folder is not None:
-            self.host = _mmap_safetensors(host, Path(disk_folder) / "offloaded-layers.safetensors")
-        else:
-            self.host = [{name: t.pin_memory() if on_cuda else t for name, t in tensors.items()} for tensors in host]
+        self.host = (host if disk_folder is None
+                     else _mmap_safetensors(host, Path(disk_folder) / "offloaded-layers.safetensors"))
         self.buffers = [{name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype)
                          in shapes.items()} for _ in range(2)]
         self.holds: list[int | None] = [None, None]   # the layer each buffer holds (or is being filled with)
         self._current = 1                             # the buffer of the layer that ran last
-        self._stream = torch.cuda.Stream(device) if on_cuda else None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready: list[torch.cuda.Event | None] = [None, None]
         for index, layer in enumerate(layers):
-            self._point(index, 0)   # off the host tensors, so moving the model moves none of them
+            self._point(index, 0)
             layer.register_forward_pre_hook(functools.partial(self._before, index))
 
     @property
