@@ -261,7 +261,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(),
               "versions": {"torch": torch.__version__, "triton": triton.__version__,
                            "python": platform.python_version()},
-              "command": f"PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT --sections {args.sections}",
+              "command": f"PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT --sections {args.sections}"
+                         + (f" --name {args.name}" if args.name != "memory-tiers" else ""),
               "date": datetime.date.today().isoformat(), "model": f"{MODEL} shapes, random bf16 weights",
               "figures": figures}
 

@@ -143,6 +143,15 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
     host_pool = [[None] * size for _ in range(w["num_host_blocks"])]
     capacity = w["num_blocks"] * size
     live: list[Sequence] = []
+    in_flight: list[tuple[int, int, list]] = []   # write-backs started: (device, host, its contents then)
+
+    def write_back(copies: list[tuple[int, int, list]]) -> list:
+        """The write-backs land: each reads its device block as late as its step allows (unless that differs
+        from what it held when started: a step wrote it without waiting) and writes its host block."""
+        for dev, hst, contents in copies:
+            assert device[dev] == contents, "a step wrote a block whose write-back it did not wait for"
+            host_pool[hst] = contents
+        return []
     arrivals: dict[int, list[Sequence]] = {}   # step -> requests arriving then (later ones may hit evicted prefixes)
     shared = [rng.randrange(20) for _ in range(32)]
     for i in range(w["num_requests"]):
@@ -162,6 +171,8 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
         if not batch:
             continue
         copies = host.take_swaps()
+        if copies.wait_write_back or copies.out:   # waited for, or ahead of these swap-outs on their stream
+            in_flight = write_back(in_flight)
         for dev, hst in copies.out:   # the worker's order: out, in, copy-on-write, forward
             host_pool[hst] = list(device[dev])
         for dev, hst in copies.in_:
@@ -171,8 +182,7 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
                 device[seq.block_table[pos // size]][pos % size] = tuple(seq.token_ids[:pos + 1])
-        for dev, hst in copies.write_back:   # beside the forward, unordered with it: replayed after it here
-            host_pool[hst] = list(device[dev])
+        in_flight += [(dev, hst, list(device[dev])) for dev, hst in copies.write_back]   # read late or now
         for seq, n in zip(batch.seqs, batch.num_new_tokens):   # attention reads every visible position
             window = w["sliding_window"]
             first = max(0, seq.num_computed_tokens - window + 1) if window else 0
@@ -187,6 +197,7 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
                 bm.free_outside_window(seq)
         check_invariants(bm, [s for s in live if not s.finished])
         check_host(host, [s for s in live if not s.finished])
+    write_back(in_flight)
     assert not (scheduler.waiting or scheduler.running)
     assert bm.num_free_blocks == bm.num_blocks and all(r == 0 for r in bm.ref_counts)
     host.take_swaps()
@@ -234,8 +245,9 @@ def test_prefix_evicted_to_host_is_restored_not_recomputed(tiny_llama, reference
 
 def test_freed_cached_blocks_are_written_back_once_ahead_of_their_eviction():
     """Closed-form counts: n freed cached blocks queue exactly n lazy copies to the host; matched and freed
-    again, none; evicted later, none; restored, n copies in and none out; freed and handed out again before
-    the next step, n ordinary swap-outs (their copies must precede that step's writes)."""
+    again, none (and no wait); evicted later, none, the step waiting for the write-backs it overwrites;
+    restored, n copies in and none out; freed and handed out again before the next step, n ordinary
+    swap-outs (their copies must precede that step's writes)."""
     n, size = 5, 4
     host = HostBlockPool(4 * n)
     bm = BlockManager(2 * n, size, host=host)
@@ -256,13 +268,14 @@ def test_freed_cached_blocks_are_written_back_once_ahead_of_their_eviction():
     on_host = {d: h for d, h in copies.write_back}
     bm.free(allocated(1, prefix + [1]))   # a device hit of all n blocks, freed again
     assert host.take_swaps() == HostCopies.none()
-    big = allocated(2, other)   # takes every block: the n cached ones leave the device without a copy
-    assert host.take_swaps() == HostCopies.none()
+    big = allocated(2, other)   # takes every block: the n cached ones leave the device without a copy,
+    assert host.take_swaps() == HostCopies([], [], [], wait_write_back=True)   # once their write-backs are done
     bm.free(big)
     assert len(host.take_swaps().write_back) == 2 * n
     restored = allocated(3, prefix + [2])
     copies = host.take_swaps()
     assert copies.out == copies.write_back == [] and sorted(h for _, h in copies.in_) == sorted(on_host.values())
+    assert copies.wait_write_back   # into blocks of big's write-backs
     bm.free(restored)
     freed = allocated(4, third)
     blocks = set(freed.block_table)

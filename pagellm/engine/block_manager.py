@@ -203,6 +203,8 @@ class BlockManager:
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
+        if self.host is not None:
+            self.host.taking(block_id)
         old_hash = self.block_hash[block_id]
         if old_hash is not None:
             if self.cached_blocks.get(old_hash) == block_id:

@@ -13,10 +13,12 @@ Write-back ahead: a full cached block is copied to the host when its last
 holder lets go (``write_ahead``: it enters the device's free queue still
 cached), not when the pool hands it out again, so a later step that takes it
 (a restore, a long prompt) finds it on the host already and no spill sits on
-its critical path. Such a copy is *lazy* (``write_back``): the worker runs it
-after the step's swap-ins, beside the forward, which never waits for it (the
-block stays in the free queue, unwritten, for this step) and the next step
-waits for it before writing anything. If the block is handed out again
+its critical path. Such a copy is *lazy* (``write_back``): the worker starts
+it after the step (the block stays in the free queue, unwritten, for this
+step), and a later step waits for it only if it writes that device block
+(``taking``) or restores from that host block (``reserve``):
+``HostCopies.wait_write_back``, which waits for every write-back started
+before (they run in order on one stream). If the block is handed out again
 before the copy was taken for a step, ``spill`` makes it an ordinary
 ``swap_out`` (it must reach the host before the step overwrites it); if the
 host block is taken for something else first, the copy is dropped. A hash
@@ -56,7 +58,8 @@ class HostCopies(NamedTuple):
     """One step's (device block, host block) pairs, in the order the worker runs them."""
     out: list[tuple[int, int]]          # device -> host, before the swap-ins and the forward
     in_: list[tuple[int, int]]          # host -> device, before the forward
-    write_back: list[tuple[int, int]]   # device -> host after the swap-ins, beside the forward
+    write_back: list[tuple[int, int]]   # device -> host after the step (its tokens' copy first)
+    wait_write_back: bool = False       # the step waits for earlier steps' write-backs before it writes
 
     @classmethod
     def none(cls) -> HostCopies:
@@ -80,6 +83,8 @@ class HostBlockPool:
         self.swap_in: dict[int, int] = {}                    # device block -> host block, in queue order
         self.write_back: dict[int, int] = {}                 # host block -> device block, lazy, in queue order
         self._busy: set[int] = set()                         # host blocks read by a queued swap-in
+        self._in_flight: tuple[set[int], set[int]] = (set(), set())   # (device, host) blocks of write-backs
+        self._wait = False                                   # that earlier steps started and none waited for
         self._free_later: list[int] = []
         self.stats = HostTierStats()
 
@@ -141,13 +146,23 @@ class HostBlockPool:
         if host_block is not None:
             self.cached.move_to_end(block_hash)
             self._busy.add(host_block)
+            self._wait |= host_block in self._in_flight[1]
         return host_block
+
+    def taking(self, device_block: int) -> None:
+        """The device pool hands ``device_block`` out: the step writes it."""
+        self._wait |= device_block in self._in_flight[0]
 
     # ---- the step contract -----------------------------------------------------
     def take_swaps(self) -> HostCopies:
         """The queued pairs; the blocks they read may be reused after."""
         copies = HostCopies(self.swap_out, list(self.swap_in.items()),
-                            [(device, host) for host, device in self.write_back.items()])
+                            [(device, host) for host, device in self.write_back.items()], self._wait)
+        if self._wait:   # the worker waits for every write-back started so far (they run in order)
+            self._in_flight = (set(), set())
+            self._wait = False
+        self._in_flight[0].update(device for device, _ in copies.write_back)
+        self._in_flight[1].update(host for _, host in copies.write_back)
         self.swap_out, self.swap_in, self.write_back = [], {}, {}
         self._busy.clear()
         self.free_blocks.extend(self._free_later)

@@ -45,10 +45,12 @@ which this step neither writes nor restores) go device -> host after the
 step: the worker starts them (``start_write_back``) once the step and its
 tokens' copy to the host are queued (a copy engine serves copies one after
 another, so queued beside the step they held up its tokens by their whole
-length) and nothing of the step waits for them; the next call makes the
-compute stream wait for them before anything else. The next call's streams
-wait for the compute stream, which waited for all of them. On the CPU
-everything runs in place, in the same order.
+length) and nothing of the step waits for them; a later call told to
+(``wait_write_back``: it writes one of their device blocks or reads one of
+their host blocks, ``host_blocks.py`` says when) makes the compute stream
+wait for all of them before anything else. The next call's streams wait for
+the compute stream, which waited for all the copies they could touch. On the
+CPU everything runs in place, in the same order.
 
 A quantized cache (``kv_cache_dtype`` int8 or fp8, ``kernels.kv_quant``) holds
 codes in the pool and a second tensor of scales ``[2, num_layers,
@@ -140,7 +142,7 @@ class KVCache:
         self._streams = ((torch.cuda.Stream(self.pool.device), torch.cuda.Stream(self.pool.device))
                          if on_cuda and num_host_blocks else None)   # (device -> host, host -> device)
         self._write_back_pending: list[tuple[int, int]] = []   # the last call's write-backs, not yet started
-        self._written_back: torch.cuda.Event | None = None   # the last call's write-backs, not yet waited for
+        self._written_back: torch.cuda.Event | None = None   # the last write-backs started, not yet waited for
 
     @property
     def nbytes(self) -> int:
@@ -155,14 +157,15 @@ class KVCache:
         return self.host_pools[0].shape[0]
 
     def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]],
-             write_back: list[tuple[int, int]] = ()) -> list[torch.cuda.Event | None]:
+             write_back: list[tuple[int, int]] = (), wait_write_back: bool = True) -> list[torch.cuda.Event | None]:
         """Copy (device, host) block pairs: ``out`` device -> host, then ``in_``
-        host -> device, then ``write_back`` device -> host. On CUDA: per layer,
-        the event the forward waits for before that layer touches its KV
-        (``[]``: nothing to wait for); nothing waits for ``write_back`` until the next call."""
+        host -> device, then (``start_write_back``) ``write_back`` device -> host.
+        ``wait_write_back``: first make the step wait for the write-backs of
+        earlier calls. On CUDA: per layer, the event the forward waits for
+        before that layer touches its KV (``[]``: nothing to wait for)."""
         self.start_write_back()   # the previous call's, if the worker did not start them after its step
         compute = torch.cuda.current_stream(self.pool.device) if self._streams else None
-        if self._written_back is not None:   # the previous call's write-backs, before this step writes anything
+        if wait_write_back and self._written_back is not None:   # the last one: they run in order
             compute.wait_event(self._written_back)
             self._written_back = None
         self._write_back_pending = list(write_back)

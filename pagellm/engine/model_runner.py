@@ -275,7 +275,7 @@ class ModelRunner:
     def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | _Sampled | None:
         """This rank's part of a step: the output on the last stage; elsewhere the
         hidden states go on to the next stage and this returns None."""
-        ready = kv_cache.swap(step.swap_out, step.swap_in, step.write_back)   # on CUDA each layer waits for its part
+        ready = kv_cache.swap(step.swap_out, step.swap_in, step.write_back, step.wait_write_back)   # asynchronous
         if step.block_copies:
             wait_for_swaps(ready)
             kv_cache.copy_blocks(step.block_copies)
