@@ -25,7 +25,9 @@ host block is taken for something else first, the copy is dropped. A hash
 already cached on the host is never copied again (a block matched, freed,
 matched and freed again moves once). The cost: every freed cached block
 crosses the link once device -> host, even if it is matched again before it
-would have been evicted (then the copy was not needed), and it may push an
+would have been evicted or never evicted (then the copy was not needed); a
+step whose tokens' copy to the host is queued while write-backs run gets
+them when those are done (one copy engine, in order); and it may push an
 older cached copy out of the host LRU sooner.
 
 Every movement is one (device block, host block) pair, queued in
@@ -33,7 +35,7 @@ Every movement is one (device block, host block) pair, queued in
 ``write_back`` (device -> host, lazy) until the engine takes them for the
 next ``StepInput`` (``HostCopies``); the worker runs every ``swap_out``
 before every ``swap_in``, both before the forward and the copy-on-write
-copies, and the ``write_back`` copies after the swap-ins. Three rules keep
+copies, and the ``write_back`` copies after the step. Three rules keep
 that order safe:
 
 * a host block read by a queued swap-in is neither freed nor evicted before
@@ -45,7 +47,8 @@ that order safe:
 * a lazy copy's device block is not handed out in its step (then the copy is
   a ``swap_out``) and its host block is not read by a swap-in of its step
   (its hash is still on the device, so no restore asks for it) nor written
-  by another copy (``take`` drops the lazy copy of the block it evicts).
+  by another copy (``take`` drops the lazy copy of the block it evicts;
+  once started, later copies into it follow it on its stream).
 """
 from __future__ import annotations
 
