@@ -20,7 +20,7 @@
    (device hit), evicted by other prompts (each prompt's blocks were written
    back to the host when it finished: write-back ahead), asked again
    (restored from the host: its blocks come in; the last prompt's
-   write-backs go out beside the step); five rounds, medians of the time
+   write-backs go out after its token); five rounds, medians of the time
    until ``generate`` returns (the device drained before each call) and of
    the time until the write-backs it left running are done too.
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
