@@ -17,9 +17,12 @@
    spills) and without it (recompute only), on different prompts (no
    cross-variant cache hits); wall time, preemptions, swaps, recomputed tokens.
 4. host prefix tier: a 4,096-token prefix + 16 tokens computed, asked again
-   (device hit), evicted to the host by other prompts, asked again (restored
-   from the host: its blocks come in while the blocks of the prompts that
-   evicted it spill out); three rounds, medians.
+   (device hit), evicted by other prompts (each prompt's blocks were written
+   back to the host when it finished: write-back ahead), asked again
+   (restored from the host: its blocks come in; the last prompt's
+   write-backs go out after its token); five rounds, medians of the time
+   until ``generate`` returns (the device drained before each call) and of
+   the time until the write-backs it left running are done too.
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
    ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
    bound (streamed bytes / pinned copy bandwidth + the all-resident eager step
@@ -148,13 +151,24 @@ def swap_vs_recompute(llm: LLM, n: int = 4, prompt: int = 4096, out: int = 4096)
                      "kv_demand_blocks": n * (prompt + out) // 16}
 
 
-def prefix_restore(llm: LLM) -> dict:
+def prefix_restore(llm: LLM, num_rounds: int = 5) -> dict:
     rng = random.Random(1)
     engine = llm.engine
-    run = lambda prompt: timed(lambda: llm.generate([prompt], ONE, use_tqdm=False))   # noqa: E731
+
+    def run(prompt: list[int]) -> tuple[float, float]:
+        """Seconds until generate returns its token, and until the copies it left running beside (the
+        write-backs of blocks it freed, which a server's next steps overlap) are done as well."""
+        torch.cuda.synchronize()   # the previous call's write-backs drain before the clock starts
+        start = time.perf_counter()
+        llm.generate([prompt], ONE, use_tqdm=False)
+        torch.cuda.current_stream().synchronize()
+        to_tokens = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return to_tokens, time.perf_counter() - start
+
     run(random_prompts(rng, 1, 4112)[0])   # warm: the same shapes
     rounds = []
-    for _ in range(3):
+    for _ in range(num_rounds):
         prefix = random_prompts(rng, 1, 4096)[0]
         computed = run(prefix + random_prompts(rng, 1, 16)[0])
         device_hit = run(prefix + random_prompts(rng, 1, 16)[0])
@@ -163,11 +177,14 @@ def prefix_restore(llm: LLM) -> dict:
         before = engine.stats()
         restored = run(prefix + random_prompts(rng, 1, 16)[0])
         after = engine.stats()
-        rounds.append({"computed_s": computed, "device_hit_s": device_hit, "restored_s": restored,
+        rounds.append({"computed_s": computed[0], "device_hit_s": device_hit[0], "restored_s": restored[0],
+                       "computed_drained_s": computed[1], "device_hit_drained_s": device_hit[1],
+                       "restored_drained_s": restored[1],
                        **{k: after[k] - before[k] for k in ("host_prefix_hit_tokens", "num_prefill_tokens",
                                                             "kv_bytes_to_host", "kv_bytes_to_device")}})
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("computed_s", "device_hit_s", "restored_s")}
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     return {"rounds": rounds, **med, "speedup": med["computed_s"] / med["restored_s"],
+            "speedup_drained": med["computed_drained_s"] / med["restored_drained_s"],
             "exposed_copy_ms": (med["restored_s"] - med["device_hit_s"]) * 1e3}
 
 
@@ -235,7 +252,8 @@ SECTIONS = ("identity", "copies", "swap_vs_recompute", "prefix_restore", "offloa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sections", default=",".join(SECTIONS[:-1]), help=f"of {','.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS[:-1]),
+                        help=f"of {','.join(SECTIONS)} (identity_torch or identity_triton: one of identity's two)")
     parser.add_argument("--name", default="memory-tiers")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -243,7 +261,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(),
               "versions": {"torch": torch.__version__, "triton": triton.__version__,
                            "python": platform.python_version()},
-              "command": f"PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT --sections {args.sections}",
+              "command": f"PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT --sections {args.sections}"
+                         + (f" --name {args.name}" if args.name != "memory-tiers" else ""),
               "date": datetime.date.today().isoformat(), "model": f"{MODEL} shapes, random bf16 weights",
               "figures": figures}
 
@@ -258,9 +277,9 @@ def main() -> None:
             json.dump(result, f, indent=2)
         print(name, json.dumps(figures[name]), flush=True)
 
-    if "identity" in sections:
-        record("identity_fp32_torch", identity, "float32", "torch")
-        record("identity_bf16_triton", identity, "bfloat16", "triton")
+    for short, dtype, backend in (("fp32", "float32", "torch"), ("bf16", "bfloat16", "triton")):
+        if "identity" in sections or f"identity_{backend}" in sections:
+            record(f"identity_{short}_{backend}", identity, dtype, backend)
     prompt = list(range(1000, 1128))
     if {"copies", "swap_vs_recompute", "prefix_restore", "offload_8gib"} & set(sections):
         llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,

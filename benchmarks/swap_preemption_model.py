@@ -23,7 +23,7 @@ import json
 import random
 
 from pagellm.engine.block_manager import BlockManager
-from pagellm.engine.host_blocks import HostBlockPool
+from pagellm.engine.host_blocks import HostBlockPool, HostCopies
 from pagellm.engine.scheduler import Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
 from pagellm.sampling_params import SamplingParams
@@ -46,10 +46,11 @@ def replay(n: int, prompt: int, out: int, pool: int, host_tier: bool, prefix_cac
     ms, copied = 0.0, 0
     while scheduler.waiting or scheduler.running:
         batch = scheduler.schedule()
-        swap_out, swap_in = host.take_swaps() if host else ([], [])
-        copied += len(swap_out) + len(swap_in)
+        copies = host.take_swaps() if host else HostCopies.none()
+        waited = len(copies.out) + len(copies.in_)   # the write-backs run beside the step
+        copied += waited + len(copies.write_back)
         computed = sum(k for k in batch.num_new_tokens if k > 1)
-        ms += DECODE_MS + computed * PREFILL_US / 1e3 + (len(swap_out) + len(swap_in)) * BLOCK_BYTES / COPY_GBPS / 1e6
+        ms += DECODE_MS + computed * PREFILL_US / 1e3 + waited * BLOCK_BYTES / COPY_GBPS / 1e6
         for seq, k in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += k
             if seq.num_computed_tokens == seq.num_tokens:

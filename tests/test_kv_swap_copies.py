@@ -25,18 +25,18 @@ def test_grouped_run_copies_do_what_one_pair_at_a_time_does(storage, monkeypatch
     """Against a naive replay (each pair in queue order, whole blocks): runs of
     consecutive host blocks cut by staging chunks, three layer groups, a host
     block written twice, one spilled and restored in the same call, a device
-    block read by a swap-out and written by a swap-in; scales move with codes."""
+    block read by a swap-out and written by a swap-in, write-backs after the swap-ins; scales move with codes."""
     spec = kv_cache.KVCacheSpec(num_layers=5, num_kv_heads=2, head_dim=4, dtype=storage, block_size=2,
                                 has_null_block=False)
     layer_block = spec.bytes_per_block // spec.num_layers
     monkeypatch.setattr(kv_cache, "GROUP_COPY_BYTES", 5 * layer_block // 3)   # groups of 1, 2, 2 layers
     monkeypatch.setattr(kv_cache, "STAGE_BYTES", 2 * 2 * layer_block)         # 2 blocks of a group at a time
-    kv = kv_cache.KVCache(spec, num_blocks=12, device="cpu", num_host_blocks=10)
+    kv = kv_cache.KVCache(spec, num_blocks=12, device="cpu", num_host_blocks=12)
     assert kv.layer_groups == [(0, 1), (1, 3), (3, 5)]
     tensors = [t for t in (kv.pool, kv.scales) if t is not None]
     for t in tensors + kv.host_pools + kv.host_scales:
         t.copy_(torch.randint(-100, 100, t.shape).to(t.dtype))
-    expected_host = {h: host_parts(kv, h) for h in range(10)}
+    expected_host = {h: host_parts(kv, h) for h in range(12)}
     expected_pool = [t.clone() for t in tensors]
     out = list(zip(random.Random(0).sample(range(12), 8), [2, 3, 4, 7, 5, 6, 3, 9]))   # host block 3 twice
     in_ = {out[0][0]: 3, 1: 0, 10: 8, 11: 1}   # host block 3 read after both writes; out[0]'s block rewritten
@@ -45,8 +45,11 @@ def test_grouped_run_copies_do_what_one_pair_at_a_time_does(storage, monkeypatch
     for d, h in in_.items():
         for t, part in zip(expected_pool, expected_host[h]):
             t[:, :, d] = part
-    assert kv.swap(out, list(in_.items())) == []   # nothing to wait for on the CPU
-    for h in range(10):
+    write_back = list(zip([d for d in range(2, 10) if d != out[0][0]][:2], [11, 10]))   # blocks no swap-in writes
+    for d, h in write_back:
+        expected_host[h] = [t[:, :, d].clone() for t in expected_pool]
+    assert kv.swap(out, list(in_.items()), write_back) == []   # nothing to wait for on the CPU
+    for h in range(12):
         assert all(torch.equal(a, b) for a, b in zip(host_parts(kv, h), expected_host[h]))
     assert all(torch.equal(t, expected) for t, expected in zip(tensors, expected_pool))
 

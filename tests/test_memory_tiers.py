@@ -25,7 +25,7 @@ from pagellm.cli import main
 from pagellm.config import EngineConfig
 from pagellm.engine import kv_cache
 from pagellm.engine.block_manager import BlockManager
-from pagellm.engine.host_blocks import HostBlockPool
+from pagellm.engine.host_blocks import HostBlockPool, HostCopies
 from pagellm.engine.scheduler import Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
 from pagellm.model.builder import build_model, random_weights
@@ -143,6 +143,15 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
     host_pool = [[None] * size for _ in range(w["num_host_blocks"])]
     capacity = w["num_blocks"] * size
     live: list[Sequence] = []
+    in_flight: list[tuple[int, int, list]] = []   # write-backs started: (device, host, its contents then)
+
+    def write_back(copies: list[tuple[int, int, list]]) -> list:
+        """The write-backs land: each reads its device block as late as its step allows (unless that differs
+        from what it held when started: a step wrote it without waiting) and writes its host block."""
+        for dev, hst, contents in copies:
+            assert device[dev] == contents, "a step wrote a block whose write-back it did not wait for"
+            host_pool[hst] = contents
+        return []
     arrivals: dict[int, list[Sequence]] = {}   # step -> requests arriving then (later ones may hit evicted prefixes)
     shared = [rng.randrange(20) for _ in range(32)]
     for i in range(w["num_requests"]):
@@ -161,16 +170,19 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
         assert batch.seqs or batch.preempted or not (scheduler.waiting or scheduler.running), "scheduler stalled"
         if not batch:
             continue
-        swap_out, swap_in = host.take_swaps()
-        for dev, hst in swap_out:   # the worker's order: out, in, copy-on-write, forward
+        copies = host.take_swaps()
+        if copies.wait_write_back or copies.out:   # waited for, or ahead of these swap-outs on their stream
+            in_flight = write_back(in_flight)
+        for dev, hst in copies.out:   # the worker's order: out, in, copy-on-write, forward
             host_pool[hst] = list(device[dev])
-        for dev, hst in swap_in:
+        for dev, hst in copies.in_:
             device[dev] = list(host_pool[hst])
         for src, dst in bm.take_pending_copies():
             device[dst] = list(device[src])
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
                 device[seq.block_table[pos // size]][pos % size] = tuple(seq.token_ids[:pos + 1])
+        in_flight += [(dev, hst, list(device[dev])) for dev, hst in copies.write_back]   # read late or now
         for seq, n in zip(batch.seqs, batch.num_new_tokens):   # attention reads every visible position
             window = w["sliding_window"]
             first = max(0, seq.num_computed_tokens - window + 1) if window else 0
@@ -185,6 +197,7 @@ def test_swap_storm_keeps_contents_and_frees_every_block(w):
                 bm.free_outside_window(seq)
         check_invariants(bm, [s for s in live if not s.finished])
         check_host(host, [s for s in live if not s.finished])
+    write_back(in_flight)
     assert not (scheduler.waiting or scheduler.running)
     assert bm.num_free_blocks == bm.num_blocks and all(r == 0 for r in bm.ref_counts)
     host.take_swaps()
@@ -210,6 +223,10 @@ def test_prefix_evicted_to_host_is_restored_not_recomputed(tiny_llama, reference
     first, second = shared_prefix_prompts()   # 64 shared tokens (16 blocks), then 5 of their own
     assert tokens(llm, [first]) == reference["shared"][:1]
     fill_device_cache(llm)
+    steps: list[HostCopies] = []
+    if swap_space is not None:   # record each step's copies
+        take = llm.engine.block_manager.host.take_swaps
+        llm.engine.block_manager.host.take_swaps = lambda: steps.append(take()) or steps[-1]
     before = llm.engine.scheduler.stats.num_prefill_tokens
     assert tokens(llm, [second]) == reference["shared"][1:]
     computed = llm.engine.scheduler.stats.num_prefill_tokens - before
@@ -218,10 +235,59 @@ def test_prefix_evicted_to_host_is_restored_not_recomputed(tiny_llama, reference
         assert computed == 69
     else:                    # 16 blocks come back from the host; only the 5 tokens after them are computed
         assert computed == 5 and stats["host_prefix_hit_tokens"] == 64
+        restore = next(copies for copies in steps if copies.in_)   # the blocks it took were on the host already
+        assert len(restore.in_) == 16 and restore.out == []
         assert stats["kv_bytes_to_device"] == 16 * 2048 and stats["kv_bytes_to_host"] >= 16 * 2048
         scraped = generate_latest(ServerMetrics(llm.engine.stats).registry).decode()
         assert "pagellm:host_prefix_cache_hit_tokens_total 64.0" in scraped
         assert f"pagellm:kv_bytes_to_device_total {16 * 2048:.1f}" in scraped
+
+
+def test_freed_cached_blocks_are_written_back_once_ahead_of_their_eviction():
+    """Closed-form counts: n freed cached blocks queue exactly n lazy copies to the host; matched and freed
+    again, none (and no wait); evicted later, none, the step waiting for the write-backs it overwrites;
+    restored, n copies in and none out; freed and handed out again before the next step, n ordinary
+    swap-outs (their copies must precede that step's writes)."""
+    n, size = 5, 4
+    host = HostBlockPool(4 * n)
+    bm = BlockManager(2 * n, size, host=host)
+    rng = random.Random(0)
+    prefix, other, third = ([rng.randrange(100) for _ in range(k * size)] for k in (n, 2 * n, n))
+
+    def allocated(i: int, prompt: list[int]) -> Sequence:
+        seq = Sequence(i, str(i), 0, prompt, SamplingParams(max_tokens=1), 0, 0.0)
+        bm.allocate(seq, seq.num_tokens - bm.match_prefix(seq))
+        return seq
+
+    first = allocated(0, prefix)
+    blocks = list(first.block_table)
+    assert host.take_swaps() == HostCopies.none()
+    bm.free(first)
+    copies = host.take_swaps()
+    assert copies.out == copies.in_ == [] and sorted(d for d, _ in copies.write_back) == sorted(blocks)
+    on_host = {d: h for d, h in copies.write_back}
+    bm.free(allocated(1, prefix + [1]))   # a device hit of all n blocks, freed again
+    assert host.take_swaps() == HostCopies.none()
+    big = allocated(2, other)   # takes every block: the n cached ones leave the device without a copy,
+    assert host.take_swaps() == HostCopies([], [], [], wait_write_back=True)   # once their write-backs are done
+    bm.free(big)
+    assert len(host.take_swaps().write_back) == 2 * n
+    restored = allocated(3, prefix + [2])
+    copies = host.take_swaps()
+    assert copies.out == copies.write_back == [] and sorted(h for _, h in copies.in_) == sorted(on_host.values())
+    assert copies.wait_write_back   # into blocks of big's write-backs
+    bm.free(restored)
+    freed = allocated(4, third)
+    blocks = set(freed.block_table)
+    bm.free(freed)
+    allocated(5, other[::-1])   # hands every block out again in the same step
+    copies = host.take_swaps()
+    assert copies.write_back == [] and {d for d, _ in copies.out} == blocks
+    small = HostBlockPool(2)
+    small.write_ahead(7, 70)   # device block 7 (hash 70) to host block 1, then 8 to 0
+    small.write_ahead(8, 80)
+    small.copy_out(9, small.take())   # a swap-out evicts the older cached copy: its lazy copy is dropped
+    assert small.take_swaps() == HostCopies([(9, 1)], [], [(8, 0)])
 
 
 # ---- weight offload ------------------------------------------------------------------------------------

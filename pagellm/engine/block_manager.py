@@ -21,10 +21,12 @@ null block (``kv_cache.py`` says which id), never allocated and never read.
 With a host tier (``host``, ``host_blocks.py``), a preempted sequence may be
 swapped out (``swap_out``: its computed blocks are copied to host blocks, its
 device blocks freed, its progress kept) and back in when it is scheduled
-again (``swap_in``: fresh device blocks, copied back); and a cached block
-handed out again is first spilled to the host's prefix cache, from which
-``match_prefix`` restores it on a later hit (a fresh device block, copied
-back, published under its hash) instead of recomputing it.
+again (``swap_in``: fresh device blocks, copied back); and a cached block is
+copied to the host's prefix cache when its last holder lets go (write-back
+ahead, ``host_blocks.py``: beside the next step, so that handing it out
+again later costs no copy), from which ``match_prefix`` restores it on a
+later hit (a fresh device block, copied back, published under its hash)
+instead of recomputing it.
 """
 from __future__ import annotations
 
@@ -201,6 +203,8 @@ class BlockManager:
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
+        if self.host is not None:
+            self.host.taking(block_id)
         old_hash = self.block_hash[block_id]
         if old_hash is not None:
             if self.cached_blocks.get(old_hash) == block_id:
@@ -217,8 +221,11 @@ class BlockManager:
         self.ref_counts[block_id] -= 1
         if self.ref_counts[block_id] == 0:
             self.free_queue[block_id] = None
-            if self.block_hash[block_id] is None:
+            block_hash = self.block_hash[block_id]
+            if block_hash is None:
                 self.free_queue.move_to_end(block_id, last=False)
+            elif self.host is not None and self.cached_blocks.get(block_hash) == block_id:
+                self.host.write_ahead(block_id, block_hash)
 
     # ---- prefix cache --------------------------------------------------------
     def _hash_block(self, seq: Sequence, index: int) -> int:

@@ -39,9 +39,18 @@ returns, per layer, the event after which that layer's blocks are in place
 (set at each group's first layer): the forward waits for it where a layer
 first touches its KV (``ForwardContext.kv``), so layer 0 attends while later
 groups still copy. Waiting on the last group's event covers every copy of
-the call (the copy-on-write copies and CUDA graph replays do). The next
-call's streams wait for the compute stream, which waited for all of them. On
-the CPU everything runs in place, in the same order.
+the call but the write-backs (the copy-on-write copies and CUDA graph replays
+do). The write-backs (``host_blocks.py``: freed cached blocks copied ahead,
+which this step neither writes nor restores) go device -> host after the
+step: the worker starts them (``start_write_back``) once the step and its
+tokens' copy to the host are queued (a copy engine serves copies one after
+another, so queued beside the step they held up its tokens by their whole
+length) and nothing of the step waits for them; a later call told to
+(``wait_write_back``: it writes one of their device blocks or reads one of
+their host blocks, ``host_blocks.py`` says when) makes the compute stream
+wait for all of them before anything else. The next call's streams wait for
+the compute stream, which waited for all the copies they could touch. On the
+CPU everything runs in place, in the same order.
 
 A quantized cache (``kv_cache_dtype`` int8 or fp8, ``kernels.kv_quant``) holds
 codes in the pool and a second tensor of scales ``[2, num_layers,
@@ -132,6 +141,8 @@ class KVCache:
                             for start, stop in self.layer_groups] if spec.quantized else []
         self._streams = ((torch.cuda.Stream(self.pool.device), torch.cuda.Stream(self.pool.device))
                          if on_cuda and num_host_blocks else None)   # (device -> host, host -> device)
+        self._write_back_pending: list[tuple[int, int]] = []   # the last call's write-backs, not yet started
+        self._written_back: torch.cuda.Event | None = None   # the last write-backs started, not yet waited for
 
     @property
     def nbytes(self) -> int:
@@ -145,16 +156,25 @@ class KVCache:
     def num_host_blocks(self) -> int:
         return self.host_pools[0].shape[0]
 
-    def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> list[torch.cuda.Event | None]:
+    def swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]],
+             write_back: list[tuple[int, int]] = (), wait_write_back: bool = True) -> list[torch.cuda.Event | None]:
         """Copy (device, host) block pairs: ``out`` device -> host, then ``in_``
-        host -> device. On CUDA: per layer, the event the forward waits for
+        host -> device, then (``start_write_back``) ``write_back`` device -> host.
+        ``wait_write_back``: first make the step wait for the write-backs of
+        earlier calls. On CUDA: per layer, the event the forward waits for
         before that layer touches its KV (``[]``: nothing to wait for)."""
-        if not (out or in_):
-            return []
-        rows = max(1, STAGE_BYTES // max(stop - start for start, stop in self.layer_groups)
-                   // (self.spec.bytes_per_block // self.spec.num_layers))
-        streams = self._streams or (None, None)
+        self.start_write_back()   # the previous call's, if the worker did not start them after its step
         compute = torch.cuda.current_stream(self.pool.device) if self._streams else None
+        if wait_write_back and self._written_back is not None:   # the last one: they run in order
+            compute.wait_event(self._written_back)
+            self._written_back = None
+        self._write_back_pending = list(write_back)
+        if not (out or in_):
+            if not self._streams:
+                self.start_write_back()
+            return []
+        rows = self._stage_rows()
+        streams = self._streams or (None, None)
         with _on(streams[0], compute):
             out_plan = _CopyPlan.build(out, rows, self.pool.device)
         with _on(streams[1], compute):
@@ -173,7 +193,31 @@ class KVCache:
                         in_plan.to_device(device, host, done if written_and_read else None, done)
                     done = streams[1].record_event() if streams[1] is not None else None
             ready[start] = done
+        if not self._streams:
+            self.start_write_back()
         return ready if self._streams else []
+
+    def start_write_back(self) -> None:
+        """Start the last ``swap`` call's write-backs. The worker calls it after queuing
+        the step and its tokens' copy to the host: on CUDA they follow all of it
+        on the device -> host stream (a copy engine serves one copy after another,
+        so queued earlier they would hold up the step's tokens)."""
+        pairs, self._write_back_pending = self._write_back_pending, []
+        if not pairs:
+            return
+        stream = self._streams[0] if self._streams else None
+        with _on(stream, torch.cuda.current_stream(self.pool.device) if stream is not None else None):
+            plan = _CopyPlan.build(pairs, self._stage_rows(), self.pool.device)
+            for group, (start, stop) in enumerate(self.layer_groups):
+                for device, host in self._group_tensors(group, start, stop):
+                    plan.to_host(device, host)
+            if stream is not None:
+                self._written_back = stream.record_event()
+
+    def _stage_rows(self) -> int:
+        """Blocks of the largest layer group that fit in ``STAGE_BYTES``."""
+        return max(1, STAGE_BYTES // max(stop - start for start, stop in self.layer_groups)
+                   // (self.spec.bytes_per_block // self.spec.num_layers))
 
     def _group_tensors(self, group: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(device view ``[2, layers, blocks, ...]``, host tensor ``[blocks, layers, 2, ...]``) of a layer group."""

@@ -51,7 +51,7 @@ from typing import Protocol
 from pagellm.config import EngineConfig
 from pagellm.engine.block_manager import BlockManager
 from pagellm.engine.detokenizer import IncrementalDetokenizer
-from pagellm.engine.host_blocks import HostBlockPool, HostTierStats
+from pagellm.engine.host_blocks import HostBlockPool, HostCopies, HostTierStats
 from pagellm.engine.parallel import Workers, open_model, start_runner
 from pagellm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence, SequenceStatus
@@ -317,7 +317,7 @@ class LLMEngine:
         step_id = next(self._step_ids) if self._overlapping else None
         previous = self._in_flight.previous if self._in_flight is not None else None
         done, failed = self._execute(batch, self.block_manager.take_pending_copies(),
-                                     host.take_swaps() if host is not None else ([], []), previous, step_id)
+                                     host.take_swaps() if host is not None else HostCopies.none(), previous, step_id)
         rows: dict[Sequence, int] = {}
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -367,7 +367,7 @@ class LLMEngine:
             observer.on_step(batch, outputs)
         return outputs
 
-    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]], swaps: tuple[list, list] = ([], []),
+    def _execute(self, batch: ScheduledBatch, copies: list[tuple[int, int]], swaps: HostCopies = HostCopies.none(),
                   previous: PreviousStep | None = None, step_id: int | None = None
                   ) -> tuple[list[tuple[Sequence, PendingOutput, int]], dict[str, Exception]]:
         """Launch a batch on the worker: per sequence (sequence, pending step
@@ -380,7 +380,7 @@ class LLMEngine:
             parts = _split(batch, copies, self.config.pipeline_parallel_size)
             result = self.runner.launch(*[build_step_input(part, self.config.block_size, part_copies,
                                                            pin_memory=self._pin_memory,
-                                                           swaps=swaps if i == 0 else ([], []),
+                                                           swaps=swaps if i == 0 else HostCopies.none(),
                                                            previous=previous, step_id=step_id)
                                           for i, (part, part_copies) in enumerate(parts)])
             return [(seq, result, index) for index, seq in enumerate(batch.seqs)], {}

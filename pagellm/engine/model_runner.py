@@ -251,6 +251,7 @@ class ModelRunner:
         with torch.inference_mode():
             parts = [self._run(step, self.kv_cache) for step in steps]
         pending = PendingOutput(parts if self.model.is_last_stage else None, self._record_event())
+        self.kv_cache.start_write_back()   # behind the step's tokens on the copy engine
         if self.groups is None:
             return pending
         return PendingOutput(None, _output=self._deliver(pending.result()))
@@ -274,7 +275,7 @@ class ModelRunner:
     def _run(self, step: StepInput, kv_cache: KVCache) -> StepOutput | _Sampled | None:
         """This rank's part of a step: the output on the last stage; elsewhere the
         hidden states go on to the next stage and this returns None."""
-        ready = kv_cache.swap(step.swap_out, step.swap_in)   # asynchronous on CUDA: each layer waits for its part
+        ready = kv_cache.swap(step.swap_out, step.swap_in, step.write_back, step.wait_write_back)   # asynchronous
         if step.block_copies:
             wait_for_swaps(ready)
             kv_cache.copy_blocks(step.block_copies)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagellm.engine.host_blocks import HostCopies
 from pagellm.engine.sampler import SamplerOutput, SamplingMetadata, row_keys
 from pagellm.engine.scheduler import ScheduledBatch
 from pagellm.engine.sequence import Sequence
@@ -58,9 +59,12 @@ class StepInput:
     sampling: SamplingMetadata
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst), run before the forward
     # (device block, host block) copies to and from the KV cache's host pool: all of swap_out, then all of
-    # swap_in, then block_copies, then the forward (kv_cache.py, host_blocks.py)
+    # swap_in, then block_copies, then the forward; write_back after the step, which does not wait for it
+    # (kv_cache.py, host_blocks.py)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    write_back: list[tuple[int, int]] = field(default_factory=list)
+    wait_write_back: bool = False   # wait for the write-backs of earlier steps first
     scoring: PromptScoring | None = None
     verification: Verification | None = None
     step_id: int | None = None              # set when the next step takes its sampled ids (``deferred``)
@@ -150,12 +154,12 @@ class StepOutput:
 
 
 def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[tuple[int, int]],
-                     pin_memory: bool = False, swaps: tuple[list, list] = ([], []),
+                     pin_memory: bool = False, swaps: HostCopies = HostCopies.none(),
                      previous: PreviousStep | None = None, step_id: int | None = None) -> StepInput:
     """The StepInput of a scheduled batch: each sequence computes its next
     ``num_new_tokens`` tokens from ``num_computed_tokens`` on. ``pin_memory``
     (for a CUDA worker) lets its copies to the device run asynchronously;
-    ``swaps`` are the host pool's (swap_out, swap_in) pairs; a sequence's
+    ``swaps`` are the host pool's copies; a sequence's
     placeholder token comes from its row of the ``previous`` step's draws."""
     input_ids: list[int] = []
     positions: list[int] = []
@@ -204,7 +208,8 @@ def build_step_input(batch: ScheduledBatch, block_size: int, block_copies: list[
                      attention=attention, num_logits=num_logits,
                      logits_indices=tensor(logits_indices, torch.int64),
                      sampling=sampling_metadata(sampled, drafts), block_copies=block_copies,
-                     swap_out=swaps[0], swap_in=swaps[1], scoring=scored.request(tensor),
+                     swap_out=swaps.out, swap_in=swaps.in_, write_back=swaps.write_back,
+                     wait_write_back=swaps.wait_write_back, scoring=scored.request(tensor),
                      verification=verification, step_id=step_id,
                      deferred=DeferredTokens(previous.step_id, tensor(deferred_positions, torch.int64),
                                              tensor(deferred_rows, torch.int64)) if deferred_positions else None)
