@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pagellm.model.layers import dense_linear
 
-SHAPES = {"1.5b gate|up": (17920, 1536), "1.5b down": (1536, 8960), "1.5b lm_head": (151936, 1536),
+SHAPES = {"1.5b q|k|v": (2048, 1536), "1.5b o": (1536, 1536), "1.5b gate|up": (17920, 1536), "1.5b down": (1536, 8960), "1.5b lm_head": (151936, 1536),
           "0.5b gate|up": (9728, 896), "0.5b lm_head": (151936, 896)}
 
 
