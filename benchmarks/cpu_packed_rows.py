@@ -1,14 +1,14 @@
 """Cost of the CPU matmuls by row count, against one row: what a speculative
 verification of k+1 rows (or a draft's catch-up) pays per layer. Kernels:
 torch's packed int8/int4 matmuls (the ``gguf`` CPU layouts, bf16 activations),
-and for fp32 ``F.linear`` (MKL's sgemm) against ``layers.dense_linear`` (the
+and for fp32 ``F.linear`` (MKL's sgemm) against ``kernels.cpu_linear`` (the
 model's fp32 path: oneDNN).
 
     python benchmarks/cpu_packed_rows.py --threads 1 --out benchmarks/results/cpu-2026-12-02-packed-rows.json
     python benchmarks/cpu_packed_rows.py --threads 1 --kernels fp32-F.linear,fp32-oneDNN --rows 1,2,3,4,5,9,128 \
         --out benchmarks/results/cpu-2026-12-02-fp32-rows.json
 
-Shapes of the Qwen2.5-Coder-1.5B (gate|up, down, LM head) and 0.5B (gate|up);
+Shapes of the Qwen2.5-Coder-1.5B (its linears and LM head) and 0.5B (gate|up, LM head);
 random codes (speed does not depend on the values). Row counts are timed
 interleaved, call by call, so the machine's load hits all alike; medians.
 """
@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagellm.model.layers import dense_linear
+from pagellm.kernels import cpu_linear
 
-SHAPES = {"1.5b q|k|v": (2048, 1536), "1.5b o": (1536, 1536), "1.5b gate|up": (17920, 1536), "1.5b down": (1536, 8960), "1.5b lm_head": (151936, 1536),
+SHAPES = {"1.5b q|k|v": (2048, 1536), "1.5b o": (1536, 1536), "1.5b gate|up": (17920, 1536),
+          "1.5b down": (1536, 8960), "1.5b lm_head": (151936, 1536),
           "0.5b gate|up": (9728, 896), "0.5b lm_head": (151936, 896)}
 
 
@@ -47,7 +48,7 @@ def kernel(name: str, n: int, k: int):
     weight = torch.randn(n, k)
     if name == "fp32-F.linear":
         return torch.float32, lambda x: F.linear(x, weight)
-    return torch.float32, lambda x: dense_linear(x, weight, None)
+    return torch.float32, lambda x: cpu_linear.linear(x, weight, None)
 
 
 def main() -> None:

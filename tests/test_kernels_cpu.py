@@ -233,17 +233,17 @@ def test_rotate_and_write_kv_matches_naive():
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 9, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_dense_linear_matches_float64(rows, bias):
-    """``layers.dense_linear`` (oneDNN on the CPU) against ``x.double() @ w.double().T``: fp32 accuracy for
+def test_cpu_linear_matches_float64(rows, bias):
+    """``cpu_linear.linear`` (oneDNN on the CPU) against ``x.double() @ w.double().T``: fp32 accuracy for
     the decode, verification and prefill row counts, 2-D and 3-D inputs, a non-contiguous input."""
-    from pagellm.model.layers import dense_linear
+    from pagellm.kernels.cpu_linear import linear
     gen = torch.Generator().manual_seed(rows)
     w, b = torch.randn(300, 200, generator=gen), torch.randn(300, generator=gen)
     x = torch.randn(rows, 260, generator=gen)[:, 30:230]       # rows 1040 bytes apart: not contiguous
     reference = x.double() @ w.double().T + (b.double() if bias else 0)
-    out = dense_linear(x, w, b if bias else None)
+    out = linear(x, w, b if bias else None)
     assert out.dtype == torch.float32 and out.shape == (rows, 300)
     # fp32 rounding of a 200-term dot product of unit normals: well under 1e-4 absolute
     assert (out.double() - reference).abs().max() < 1e-4
-    stacked = dense_linear(x.reshape(1, rows, 200), w, b if bias else None)
+    stacked = linear(x.reshape(1, rows, 200), w, b if bias else None)
     assert stacked.shape == (1, rows, 300) and torch.equal(stacked[0], out)

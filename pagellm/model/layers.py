@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagellm.distributed.groups import SINGLE, TensorGroup
+from pagellm.kernels import cpu_linear
 
 
 class RMSNorm(nn.Module):
@@ -83,23 +84,6 @@ class LinearMethod(Protocol):
     # Optional: ``scale_rows(layer, factors [output_size])`` multiplies row i of W by factors[i] in storage.
 
 
-ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight^T + bias``. fp32 on the CPU goes to oneDNN's inner product
-    on the weight as stored (no packed copy): torch's ``F.linear`` takes MKL's
-    sgemm there, which on this AMD host costs 2-6x one row's time for 2-9 rows
-    (one row takes a GEMV path), so every multi-row decode step (a speculative
-    verification of k+1 rows, a draft's catch-up) cost several steps; oneDNN's
-    costs 1.4-1.9x one row for 2-9 rows, and less than ``F.linear`` for one row
-    and for prefill too (``benchmarks/cpu_linear_rows.py``). Autograd keeps
-    ``F.linear`` (the oneDNN op has no backward)."""
-    if ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
 class DenseLinearMethod:
     """The matrix as it is, ``[output_size, input_size]`` in the model dtype."""
 
@@ -114,7 +98,7 @@ class DenseLinearMethod:
             config = triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
             if config is not None:
                 return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
-        return dense_linear(x, layer.weight, layer.bias)
+        return cpu_linear.linear(x, layer.weight, layer.bias)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
