@@ -9,6 +9,9 @@ machine shared with other work the CPU-time ratio is the steadier figure.
 
     # draft model, code completion (benchmarks/data/spec_code_prompts.json)
     python benchmarks/spec_decode.py --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --max-tokens 64
+    # the same, target fp32 (plain and speculative), draft in the GGUF file's blocks (packed int8/int4)
+    python benchmarks/spec_decode.py --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --quantization none \
+        --draft-quantization gguf --max-tokens 32 --limit 10
     # n-gram lookup, code editing: the prompt holds the code being rewritten (spec_code_edits.json)
     python benchmarks/spec_decode.py --model qwen2.5-coder-0.5b --method ngram --workload edits --max-tokens 256
 """
@@ -59,6 +62,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="first N prompts only")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--draft-quantization", help="the draft's weight format (default: --quantization)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a shared "
@@ -71,7 +75,8 @@ def main() -> int:
     load_start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory="512MiB",
               max_model_len=4096, speculative_method=args.method,
-              speculative_model=args.draft if args.method == "draft" else None, num_speculative_tokens=args.k)
+              speculative_model=args.draft if args.method == "draft" else None,
+              speculative_quantization=args.draft_quantization, num_speculative_tokens=args.k)
     load_s = time.perf_counter() - load_start
     prompts = prompts_of(llm, args.workload, args.limit)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -114,6 +119,7 @@ def write(args: argparse.Namespace, llm: LLM, uptime_before: str, figures: dict,
                "versions": {"python": platform.python_version(), "torch": torch.__version__},
                "model": args.model, "draft": args.draft, "method": args.method, "workload": args.workload,
                "k": args.k, "max_tokens": args.max_tokens, "quantization": llm.engine.quantization,
+               "draft_quantization": args.draft_quantization or args.quantization,
                "uptime_before": uptime_before,
                "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
                "figures": figures, "per_prompt": rows}

@@ -91,6 +91,9 @@ class EngineConfig:
         choices=("ngram", "draft"))
     speculative_model: str | None = _setting(None, "draft model (HF folder, .gguf file or built-in name) sharing "
                                                    "the target's tokenizer")
+    speculative_quantization: str | None = _setting(
+        None, "how the draft model's weight matrices are stored (as --quantization; default: the target's). A "
+              "cheaper draft format is lossless: the target verifies every proposal")
     num_speculative_tokens: int = _setting(4, "tokens proposed per decoding sequence and step")
     speculative_max_batch: int = _setting(32, "no speculation while more sequences than this run; below, k is "
                                               "lowered so that a step verifies at most 4x this many tokens")
@@ -105,7 +108,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        check_quantization(self.quantization)   # a clear error now rather than after loading
+        for quantization in (self.quantization, self.speculative_quantization):
+            check_quantization(quantization)    # a clear error now rather than after loading
         if self.disk_offload is not None and self.cpu_offload_memory is None:
             raise ValueError("disk_offload holds the layers cpu_offload_memory offloads: set cpu_offload_memory too")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
@@ -117,6 +121,8 @@ class EngineConfig:
             raise ValueError(f"speculative_method must be ngram or draft, got {self.speculative_method!r}")
         if (self.speculative_method == "draft") != (self.speculative_model is not None):
             raise ValueError("speculative_model is needed by, and only by, speculative_method='draft'")
+        if self.speculative_quantization is not None and self.speculative_model is None:
+            raise ValueError("speculative_quantization is the draft model's format: it needs speculative_model")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.speculative_method is not None and self.world_size > 1:

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from pagellm import LLM, SamplingParams
+from pagellm.config import EngineConfig
 from pagellm.engine.scheduler import lookahead_for_batch
+from pagellm.model.layers import DenseLinearMethod, Linear
 from pagellm.server.metrics import ServerMetrics
 from pagellm.spec.ngram import lookup
 from pagellm.spec.proposal import Proposal
@@ -238,6 +240,22 @@ def test_draft_model_greedy_identical_under_preemption(draft_pair):
     same = LLM(str(target), speculative_model=str(target), num_speculative_tokens=3, **pool)
     assert token_ids(same.generate(prompts[:2], params)) == expected[:2]
     assert same.engine.spec_stats.acceptance_rate == 1.0
+    # The draft in its own format (int8 codes of the target, which stays dense): still the target's tokens.
+    cheap = LLM(str(target), speculative_model=str(target), speculative_quantization="int8",
+                num_speculative_tokens=3, **pool)
+    assert token_ids(cheap.generate(prompts[:2], params)) == expected[:2]
+    methods = {type(module.method).__name__ for module in cheap.engine.proposer.runner.model.modules()
+               if isinstance(module, Linear)}
+    assert methods == {"Int8LinearMethod", "DenseLinearMethod"}     # the embedding and LM head stay dense
+    assert isinstance(cheap.engine.runner.model.layers[0].mlp.down_proj.method, DenseLinearMethod)
+    assert cheap.engine.spec_stats.acceptance_rate > 0.5
+
+
+def test_draft_format_needs_a_draft_and_a_known_format():
+    with pytest.raises(ValueError, match="needs speculative_model"):
+        EngineConfig(model="m", speculative_quantization="int8")
+    with pytest.raises(ValueError, match="int3"):
+        EngineConfig(model="m", speculative_model="d", speculative_quantization="int3")
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:

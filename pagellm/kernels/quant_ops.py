@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from pagellm.kernels import torch_quant
+from pagellm.kernels import cpu_linear, torch_quant
 
 CPU_MATMUL_DTYPE = torch.bfloat16   # activations, scales and outputs of the packed CPU matmuls
 INT4PACK_GROUP = 32                 # Q4_K's groups; the int4pack kernel takes 32, 64, 128 or 256
@@ -92,10 +92,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 def gguf_linear(x: torch.Tensor, data: torch.Tensor, qtype: GGMLQuantizationType | None) -> torch.Tensor:
     """``x @ W^T`` for a GGUF tensor's blocks (``qtype`` None: ``data`` is a float matrix)."""
     if qtype is None:
-        return F.linear(x, data)
+        return cpu_linear.linear(x, data, None)
     rows = max(1, ROWS_ELEMENTS // x.shape[-1])
-    return torch.cat([F.linear(x, torch_quant.dequantize_gguf(data[start:start + rows], qtype, x.dtype))
-                      for start in range(0, data.shape[0], rows)], dim=-1)
+    return torch.cat([cpu_linear.linear(x, torch_quant.dequantize_gguf(data[start:start + rows], qtype, x.dtype),
+                                        None) for start in range(0, data.shape[0], rows)], dim=-1)
 
 
 def packs_as_int4(qtype: GGMLQuantizationType, rows: int) -> bool:

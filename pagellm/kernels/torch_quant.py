@@ -30,8 +30,9 @@ Python loop over blocks or rows.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from pagellm.kernels import cpu_linear
 
 
 # --------------------------------------------------------------------------- int8 / int4
@@ -85,7 +86,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Reference: ``x @ dequant(q)^T + bias``."""
-    return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
+    return cpu_linear.linear(x, dequantize_int8(q, scale, x.dtype), bias)
 
 
 def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +101,7 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """Reference: ``x @ dequant(packed)^T + bias``."""
-    return F.linear(x, dequantize_int4(packed, scale, zero, x.dtype), bias)
+    return cpu_linear.linear(x, dequantize_int4(packed, scale, zero, x.dtype), bias)
 
 
 # --------------------------------------------------------------------------- GGUF blocks

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagellm.distributed.groups import SINGLE, TensorGroup
+from pagellm.kernels import cpu_linear
 
 
 class RMSNorm(nn.Module):
@@ -97,7 +98,7 @@ class DenseLinearMethod:
             config = triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
             if config is not None:
                 return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
-        return F.linear(x, layer.weight, layer.bias)
+        return cpu_linear.linear(x, layer.weight, layer.bias)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)

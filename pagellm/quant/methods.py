@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from pagellm.kernels import quant_ops
+from pagellm.kernels import cpu_linear, quant_ops
 from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, gguf_row_bytes, quantize_int4,
                                          quantize_int8)
 from pagellm.model.layers import Linear, read
@@ -239,7 +239,7 @@ class GGUFLinearMethod:
     def _matmul(self, layer: Linear, group: _ShardGroup, x: torch.Tensor, xq: torch.Tensor | None) -> torch.Tensor:
         """One group's ``x @ W^T`` (``xq``: ``x`` as ``[M, K]`` bf16, for the packed groups)."""
         if group.kind == "float":
-            return F.linear(x, getattr(layer, f"weight_{group.first}"))
+            return cpu_linear.linear(x, getattr(layer, f"weight_{group.first}"), None)
         qweight = getattr(layer, f"qweight_{group.first}")
         if group.kind == "blocks":
             return quant_ops.gguf_linear(x, qweight, self.shard_types[group.first])

@@ -47,7 +47,9 @@ def make_proposer(config: EngineConfig, target: ModelConfig, max_model_len: int,
     from pagellm.quant import quantization_policy, resolve_quantization
     from pagellm.spec.draft import DraftProposer
     draft_config = replace(config, model=config.speculative_model, speculative_method=None, speculative_model=None,
-                           swap_space=None, cpu_offload_memory=None, disk_offload=None)   # the draft stays resident
+                           speculative_quantization=None, quantization=config.speculative_quantization or
+                           config.quantization, swap_space=None, cpu_offload_memory=None,
+                           disk_offload=None)   # the draft stays resident
     model_config, checkpoint, weights, _ = open_model(draft_config)
     if model_config.vocab_size != target.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({model_config.vocab_size}) differs from the target's "
