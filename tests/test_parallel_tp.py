@@ -4,7 +4,8 @@ than ranks, so each is replicated), int8 weights, an int8 KV cache (each rank
 quantizes and smooths its own KV heads, as one process does them), a vocabulary
 the ranks do not divide (the last slice padded), a calibrated int4-awq checkpoint written by `pagellm
 quantize` (each rank cuts its columns of the input smoothing; w8a8's sharded layers are
-checked in test_parallel_layers), a tiny GGUF's Q8_0 blocks
+checked in test_parallel_layers), a tiny GGUF's Q8_0 blocks, a tied model's GGUF holding its
+matrix twice (served once: each rank looks up its int8 vocabulary rows of the LM head)
 and the real Qwen2.5-Coder-0.5B GGUF; under a small KV pool and token budget,
 so chunked prefill and preemption happen on every rank alike. (The real
 model's one-process reference is HF transformers, whose greedy tokens
@@ -49,6 +50,10 @@ def _jobs(tmp_path_factory, qwen_path) -> list[Job]:
     gguf = write_tiny_gguf(make_tiny_hf_model(tmp_path_factory.mktemp("gguf"), arch="llama", num_kv_heads=2),
                            tmp_path_factory.mktemp("gguf-file") / "tiny-q8.gguf", GGMLQuantizationType.Q8_0)
     jobs.append(Job("llama-gguf-q8_0", str(gguf), batch, MAX_TOKENS, dict(SMALL_POOL, quantization="gguf")))
+    twice = write_tiny_gguf(make_tiny_hf_model(tmp_path_factory.mktemp("tied"), arch="qwen2", tie_word_embeddings=True),
+                            tmp_path_factory.mktemp("gguf-twice") / "tied.gguf", GGMLQuantizationType.Q5_0,
+                            lm_head_qtype=GGMLQuantizationType.Q8_0)
+    jobs.append(Job("qwen2-gguf-tied-twice", str(twice), batch, MAX_TOKENS, dict(SMALL_POOL, quantization="gguf")))
     if qwen_path is not None:
         jobs.append(Job(REAL, str(qwen_path), [[750, 75698, 1445, 982, 262]], 6,
                         dict(dtype="float32", num_kv_blocks=8, max_model_len=64)))
@@ -88,12 +93,12 @@ def outputs(tmp_path_factory, request):
 # gguf on the CPU multiplies in bf16 (quant_ops.gguf_cpu_linear): each rank rounds its partial sums of the
 # row-parallel layers, one process the whole sum, so a greedy path may part at a near-tie of the one process:
 # within two bf16 steps of its logits (2^-4 apart between 8 and 16)
-NEAR_TIE_JOBS = {"llama-gguf-q8_0": 0.13}
+NEAR_TIE_JOBS = {"llama-gguf-q8_0": 0.13, "qwen2-gguf-tied-twice": 0.13}
 
 
 @pytest.mark.parametrize("name", [*ARCHS, "qwen2-bias-int8", "qwen2-bias-kv-int8", "llama-mqa-kv-int8",
                                   "llama-odd-vocab", "llama-odd-vocab-int8", "qwen2-int4-awq-saved",
-                                  "llama-gguf-q8_0", REAL])
+                                  "llama-gguf-q8_0", "qwen2-gguf-tied-twice", REAL])
 def test_tp2_greedy_matches_one_process(outputs, name):
     parallel, single, _, top_logprobs = outputs
     if name not in single:

@@ -215,17 +215,18 @@ def test_quantized_weight_bytes_match_the_analyzer(name, quantization, w_bits, g
 
 
 def cpu_packed_bytes(path) -> int:
-    """What ``gguf`` mode holds on the CPU, counted from the file's tensor list: the token embedding in
-    its blocks; Q4_K linears as int4 codes with a bf16 scale and zero per 32; other quantized linears as
-    int8 with a bf16 scale per row; float tensors in float32."""
+    """What ``gguf`` mode holds on the CPU for the Qwen2.5 files, counted from the file's tensor list: not
+    the token embedding (these files hold the tied matrix twice: the LM head's rows serve the lookups);
+    the LM head and quantized linears other than Q4_K as int8 with a bf16 scale per row; Q4_K linears as
+    int4 codes with a bf16 scale and zero per 32; float tensors in float32."""
     total = 0
     for t in GGUFReader(path).tensors:
         cols, rows = (int(d) for d in t.shape[:2]) if len(t.shape) > 1 else (int(t.shape[0]), 1)
         if t.name == "token_embd.weight":
-            total += int(t.n_bytes)
-        elif t.tensor_type == GGMLQuantizationType.F32:
+            continue
+        if t.tensor_type == GGMLQuantizationType.F32:
             total += rows * cols * 4
-        elif t.tensor_type == GGMLQuantizationType.Q4_K and rows % 16 == 0:
+        elif t.tensor_type == GGMLQuantizationType.Q4_K and rows % 16 == 0 and t.name != "output.weight":
             total += rows * cols // 2 + cols // 32 * rows * 2 * 2
         else:
             total += rows * cols + rows * 2
@@ -235,8 +236,10 @@ def cpu_packed_bytes(path) -> int:
 def test_gguf_mode_keeps_the_file_s_codes_and_its_outputs(qwen_gguf):
     llm = LLM(str(qwen_gguf), dtype="float32", num_kv_blocks=64, max_model_len=256, quantization="auto")
     assert llm.engine.quantization == "gguf"
+    model = llm.engine.runner.model
+    assert model.lm_head is model.embed_tokens
     assert llm.engine.memory.weights_bytes == cpu_packed_bytes(qwen_gguf)
-    assert llm.engine.memory.weights_bytes <= 1.16 * os.path.getsize(qwen_gguf)   # the issue asks 1.15x: README
+    assert llm.engine.memory.weights_bytes <= 1.15 * os.path.getsize(qwen_gguf)
     float_llm = LLM(str(qwen_gguf), dtype="float32", num_kv_blocks=64, max_model_len=256)
     prompts = ["def fibonacci(n):", "import numpy as np\n", "class Stack:\n    def push(self, item):"]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=5)
@@ -255,6 +258,33 @@ def test_gguf_mode_holds_the_1_5b_within_its_file_size(qwen15_gguf):
     llm = LLM(str(qwen15_gguf), dtype="float32", num_kv_blocks=16, max_model_len=64, quantization="gguf")
     assert llm.engine.memory.weights_bytes == cpu_packed_bytes(qwen15_gguf)
     assert llm.engine.memory.weights_bytes <= 1.15 * os.path.getsize(qwen15_gguf)
+
+
+def test_gguf_holding_a_tied_matrix_twice_serves_it_once(tmp_path):
+    """A tied model whose file holds its matrix twice (a Q5_0 embedding and a Q8_0 LM head, as llama.cpp
+    wrote the Qwen2.5 files): ``gguf`` on the CPU holds the LM head alone, as int8, whose rows serve the
+    lookups within half an int8 step of gguf's dequantized LM head; an untied model keeps both tensors."""
+    from gguf.quants import dequantize as gguf_dequantize
+    from pagellm.model.checkpoint import open_checkpoint
+    from tiny_models import make_tiny_hf_model, write_tiny_gguf
+    held = {}
+    for tied in (False, True):
+        folder = make_tiny_hf_model(tmp_path, arch="qwen2", tie_word_embeddings=tied)
+        path = write_tiny_gguf(folder, tmp_path / f"tied{tied}.gguf", GGMLQuantizationType.Q5_0,
+                               lm_head_qtype=GGMLQuantizationType.Q8_0)
+        checkpoint = open_checkpoint(path)
+        shared = checkpoint.sharing_embedding()
+        assert not checkpoint.config.tie_word_embeddings and shared.config.tie_word_embeddings == tied
+        assert ("lm_head.weight" in shared.tensor_names()) != tied
+        llm = LLM(str(path), dtype="float32", num_kv_blocks=16, quantization="gguf")
+        model, held[tied] = llm.engine.runner.model, llm.engine.memory.weights_bytes
+        assert (model.lm_head is model.embed_tokens) == tied
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    assert held[True] == held[False] - tensors["token_embd.weight"].n_bytes
+    head = torch.from_numpy(gguf_dequantize(tensors["output.weight"].data, GGMLQuantizationType.Q8_0))
+    step = model.lm_head.scales_0.float()[:, None]
+    rows = model.embed_tokens.embed(torch.arange(head.shape[0]))
+    assert rows.dtype == torch.float32 and ((rows - head).abs() <= step / 2 + 1e-6).all()
 
 
 def test_gguf_needs_a_gguf_file(tiny_llama):

@@ -150,10 +150,13 @@ def llama3_rope_factors(rope_theta: float, head_dim: int, factor: float, low: fl
 
 def write_tiny_gguf(hf_folder: Path, path: Path, qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
                     rope_factors: np.ndarray | None = None, with_tokenizer: bool = True,
-                    extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
+                    extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+                    lm_head_qtype: GGMLQuantizationType | None = None) -> Path:
     """Convert a tiny HF folder to GGUF: gguf-py's tensor names, 1-D tensors in F32, matrices in
     `qtype`, q/k rows permuted for llama (not for qwen2), tokenizer and chat template in metadata.
-    `rope_factors` adds a llama3 `rope_freqs` tensor; `extra_metadata(writer)` adds more keys."""
+    `rope_factors` adds a llama3 `rope_freqs` tensor; `extra_metadata(writer)` adds more keys;
+    `lm_head_qtype` writes `output.weight` in that type, a tied model's too (its embedding a
+    second time, as llama.cpp's converter wrote the Qwen2.5 files)."""
     cfg = json.loads((hf_folder / "config.json").read_text())
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}[cfg["model_type"]]
     n_layers, n_head, n_kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -177,19 +180,23 @@ def write_tiny_gguf(hf_folder: Path, path: Path, qtype: GGMLQuantizationType = G
         extra_metadata(w)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
-    for hf_name, tensor in hf_state_dict(hf_folder).items():
-        if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+    state = hf_state_dict(hf_folder)
+    if lm_head_qtype is not None:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings") and lm_head_qtype is None:
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         data = tensor.float().numpy()
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             data = llama_cpp_permute(data, n_head if ".q_proj." in hf_name else n_kv)
-        if data.ndim == 1 or qtype == GGMLQuantizationType.F32:
+        tensor_qtype = lm_head_qtype if hf_name == "lm_head.weight" and lm_head_qtype is not None else qtype
+        if data.ndim == 1 or tensor_qtype == GGMLQuantizationType.F32:
             w.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
-        elif qtype == GGMLQuantizationType.F16:
+        elif tensor_qtype == GGMLQuantizationType.F16:
             w.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float16))
         else:
-            w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name, gguf.quants.quantize(data, tensor_qtype), raw_dtype=tensor_qtype)
     if rope_factors is not None:
         w.add_tensor("rope_freqs.weight", rope_factors.astype(np.float32))
     w.write_header_to_file()

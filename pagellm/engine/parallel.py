@@ -62,6 +62,7 @@ def open_model(config: EngineConfig, with_tokenizer: bool = True):
     from pagellm.model.checkpoint import open_checkpoint
     checkpoint = open_checkpoint(config.model)
     if keeps_blocks(config.quantization, checkpoint):
+        checkpoint = checkpoint.sharing_embedding()   # a tied matrix the file holds twice is loaded once
         weights = checkpoint.block_tensors()
     else:   # several ranks: each reads only its slices
         weights = checkpoint.tensor_parts() if config.world_size > 1 else checkpoint.tensors()

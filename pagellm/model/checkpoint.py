@@ -14,7 +14,7 @@ checkpoint is opened, so a mismatch fails before any weight is read.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +71,14 @@ class Checkpoint:
         """GGUF only: quantized tensors as their blocks (``RawTensor``), float ones as float32 tensors."""
         for raw in self.raw_tensors():
             yield raw.name, raw if raw.is_quantized else raw.dequantize()
+
+    def sharing_embedding(self) -> "Checkpoint":
+        """A GGUF file tied where it holds a tied model's matrix twice
+        (``GGUFWeights.sharing_embedding``), so that matrix is loaded once; else itself."""
+        source = self.source.sharing_embedding() if isinstance(self.source, GGUFWeights) else self.source
+        if source is self.source:
+            return self
+        return replace(self, config=replace(self.config, tie_word_embeddings=True), source=source)
 
     def _gguf(self) -> GGUFWeights:
         if not isinstance(self.source, GGUFWeights):

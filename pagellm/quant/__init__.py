@@ -16,7 +16,10 @@ loaders, the attention and KV code and the sampler never change for a format.
 * ``gguf``: every matrix kept in the GGUF file's own blocks; on the CPU the
   linears are repacked at load for torch's packed CPU matmuls (Q4_K codes
   kept, other types requantized to per-row int8; ``quant_ops.pack_gguf_for_cpu``)
-  and only the token embedding stays in blocks.
+  and only an untied token embedding stays in blocks. A tied one is the LM
+  head, packed as int8 (whose rows serve the lookups); so is the embedding of
+  a file that holds a tied matrix twice (``Checkpoint.sharing_embedding``,
+  which the engine applies in this format), loaded once from ``output.weight``.
 * ``auto``: ``gguf`` for a GGUF file, ``none`` for other float checkpoints.
 * None (the default): ``none``, except that a checkpoint written by ``pagellm
   quantize`` always runs in its stored format (its ``quantization_config``).
@@ -102,8 +105,10 @@ def _gguf(checkpoint, config) -> MethodPolicy:
         raise ValueError(f"quantization 'gguf' cannot serve {', '.join(unserved)} blocks (served: "
                          f"{', '.join(t.name for t in GGUF_DEQUANTIZERS)}); use quantization 'none'")
     cpu = config is not None and config.torch_device.type == "cpu"
+    tied = checkpoint.config.tie_word_embeddings     # the embedding is the LM head: packed for its matmul too
     return lambda prefix: GGUFLinearMethod([types[name] for name in LlamaForCausalLM.checkpoint_names(prefix)],
-                                           cpu_packed=cpu and prefix != "embed_tokens")
+                                           cpu_packed=cpu and (prefix != "embed_tokens" or tied),
+                                           lookups=prefix == "embed_tokens")
 
 
 QUANTIZATION_FORMATS: dict[str, Callable[[object, object], MethodPolicy]] = {

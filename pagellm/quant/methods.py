@@ -21,8 +21,8 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from pagellm.kernels import cpu_linear, quant_ops
-from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, gguf_row_bytes, quantize_int4,
-                                         quantize_int8)
+from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, dequantize_int8, gguf_row_bytes,
+                                         quantize_int4, quantize_int8)
 from pagellm.model.layers import Linear, read
 
 FLOAT_GGUF_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -164,13 +164,16 @@ class GGUFLinearMethod:
     the layout of torch's packed CPU matmuls (``quant_ops.pack_gguf_for_cpu``:
     ``qweight`` and ``scales``; Q4_K keeps its codes, other types become
     per-row int8), consecutive shards packed alike share one matmul (q|k|v,
-    gate|up), and the layer multiplies in bf16. Such a layer serves no
-    embedding lookups (the policy leaves the token embedding in blocks).
+    gate|up), and the layer multiplies in bf16. ``lookups``: the layer serves
+    embedding lookups, so packed it is int8 even where Q4_K could stay int4
+    (the int4 layout interleaves rows; int8's rows are the matrix's rows).
     One instance per layer (it keeps the layer's shard groups)."""
 
-    def __init__(self, shard_types: list[GGMLQuantizationType], cpu_packed: bool = False) -> None:
+    def __init__(self, shard_types: list[GGMLQuantizationType], cpu_packed: bool = False, lookups: bool = False
+                 ) -> None:
         self.shard_types = shard_types
         self.cpu_packed = cpu_packed
+        self.lookups = lookups
         self.groups: list[_ShardGroup] = []
 
     def create_weights(self, layer: Linear) -> None:
@@ -188,7 +191,7 @@ class GGUFLinearMethod:
         groups: list[_ShardGroup] = []
         for i, (rows, qtype) in enumerate(zip(output_sizes, self.shard_types)):
             kind = ("float" if qtype in FLOAT_GGUF_TYPES else "blocks" if not self.cpu_packed else
-                    "int4" if quant_ops.packs_as_int4(qtype, rows) else "int8")
+                    "int4" if quant_ops.packs_as_int4(qtype, rows) and not self.lookups else "int8")
             last = groups[-1] if groups else None
             if last is not None and last.kind == kind and (kind == "int8" or kind == "int4" and sum(
                     output_sizes[j] for j in last.shards) % quant_ops.INT4PACK_ROWS == 0):
@@ -256,7 +259,9 @@ class GGUFLinearMethod:
         (group,) = self.groups
         if group.kind == "float":
             return F.embedding(ids, layer.weight_0)
-        if group.kind != "blocks":
-            raise ValueError("a GGUF layer repacked for the CPU matmuls serves no embedding lookups")
-        rows = dequantize_gguf(layer.qweight_0[ids.reshape(-1)], self.shard_types[0], layer.params_dtype)
+        flat = ids.reshape(-1)
+        if group.kind == "int8":
+            rows = dequantize_int8(layer.qweight_0[flat], layer.scales_0[flat], layer.params_dtype)
+        else:   # "blocks" ("int4" is never made for lookups)
+            rows = dequantize_gguf(layer.qweight_0[flat], self.shard_types[0], layer.params_dtype)
         return rows.reshape(*ids.shape, layer.input_size)
