@@ -50,7 +50,8 @@ class EngineConfig:
     block_size: int = _setting(16, "tokens per KV-cache block, a power of two")
     num_kv_blocks: int | None = _setting(None, "KV pool size in blocks (overrides --kv-cache-memory and "
                                                "--gpu-memory)")
-    kv_cache_memory: str | int | None = _setting(None, "KV pool budget, e.g. 4GiB")
+    kv_cache_memory: str | int | None = _setting(None, "KV pool budget, e.g. 4GiB (a speculative draft model's pool, "
+                                                        "as many blocks as the target's, is paid from it too)")
     gpu_memory: str | int | None = _setting(None, "total budget for weights + activations + KV, e.g. 40GiB")
     max_model_len: int | None = _setting(None, "longest prompt + output (default: the model's context length)")
     max_num_seqs: int = _setting(256, "sequences scheduled at once")

@@ -251,6 +251,23 @@ def test_draft_model_greedy_identical_under_preemption(draft_pair):
     assert cheap.engine.spec_stats.acceptance_rate > 0.5
 
 
+def test_draft_weights_and_pool_are_in_the_memory_plan(draft_pair):
+    """The budget pays for both pools (as many blocks each) and the draft's weights: closed forms."""
+    target, draft = draft_pair
+    alone = LLM(str(target), kv_cache_memory="1MiB").engine.runner
+    kv = LLM(str(target), speculative_model=str(draft), kv_cache_memory="1MiB").engine
+    per_block = alone.kv_spec.bytes_per_block + kv.proposer.runner.kv_spec.bytes_per_block
+    assert kv.runner.kv_cache.num_blocks == kv.proposer.block_manager.num_blocks == 2**20 // per_block
+    total = 2 * (alone.weights_bytes + kv.proposer.runner.weights_bytes) + alone.memory.activation_bytes + 300 * per_block
+    budget = LLM(str(target), speculative_model=str(draft), gpu_memory=total).engine
+    draft_weights = budget.proposer.runner.weights_bytes
+    left = total - budget.runner.weights_bytes - draft_weights - budget.memory.activation_bytes
+    assert budget.runner.kv_cache.num_blocks == left // per_block
+    assert budget.memory.draft_bytes == draft_weights + budget.runner.kv_cache.num_blocks * (per_block -
+                                                                                          alone.kv_spec.bytes_per_block)
+    assert "draft model" in budget.memory.summary()
+
+
 def test_draft_format_needs_a_draft_and_a_known_format():
     with pytest.raises(ValueError, match="needs speculative_model"):
         EngineConfig(model="m", speculative_quantization="int8")

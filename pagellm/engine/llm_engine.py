@@ -61,7 +61,7 @@ from pagellm.engine.structured import GrammarCompiler
 from pagellm.inputs import Prompt, TokenizedPrompt
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagellm.sampling_params import SamplingParams
-from pagellm.spec import make_proposer
+from pagellm.spec import make_proposer, open_draft
 from pagellm.spec.stats import SpecStats
 from pagellm.utils.math import cdiv
 
@@ -120,8 +120,10 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or positions
         self.workers = Workers.connect(config, self.max_model_len)   # None on one process
         try:
+            draft = open_draft(config, self.model_config, self.max_model_len, open_model)
             self.runner, self.quantization = start_runner(config, self.model_config, checkpoint, weights,
-                                                          self.max_model_len, self.workers and self.workers.groups)
+                                                          self.max_model_len, self.workers and self.workers.groups,
+                                                          draft)
         except Exception:
             self.close()
             raise
@@ -138,7 +140,7 @@ class LLMEngine:
             num_lookahead=config.num_speculative_tokens if speculating else 0,
             lookahead_max_seqs=config.speculative_max_batch,
             max_prefill_tokens_with_decodes=config.prefill_tokens_with_decodes), self.block_manager)
-        self.proposer = make_proposer(config, self.model_config, self.max_model_len, num_blocks, open_model)
+        self.proposer = make_proposer(config, draft, num_blocks)
         self.spec_stats = SpecStats()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

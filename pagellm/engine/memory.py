@@ -47,6 +47,7 @@ class MemoryReport:
     offloaded_layers: int = 0
     offload_tier: str = "host"
     kv_cache_dtype: str = "auto"
+    draft_bytes: int = 0            # a speculative draft model: its weights and its KV pool
 
     @property
     def kv_tokens(self) -> int:
@@ -67,7 +68,9 @@ class MemoryReport:
                 f" = {self.kv_tokens} tokens), max concurrency at {self.max_model_len} tokens: "
                 f"{self.max_concurrency:.2f}"
                 + (f"; host KV pool {format_bytes(self.host_kv_cache_bytes)} ({self.num_host_blocks} blocks)"
-                   if self.num_host_blocks else ""))
+                   if self.num_host_blocks else "")
+                + (f"; draft model {format_bytes(self.draft_bytes)} (weights and its KV pool)" if self.draft_bytes
+                   else ""))
 
     def to_dict(self) -> dict:
         return asdict(self) | {"kv_tokens": self.kv_tokens, "max_concurrency": self.max_concurrency}

@@ -203,10 +203,14 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak), True
 
-    def allocate_kv_cache(self, activation_bytes: int, activation_measured: bool) -> int:
-        """Size the pool from the budget, allocate it, capture the graphs; returns the block count."""
-        num_blocks = plan_num_blocks(self.engine, self.kv_spec.bytes_per_block, self.weights_bytes,
-                                     activation_bytes)
+    def allocate_kv_cache(self, activation_bytes: int, activation_measured: bool,
+                          draft: ModelRunner | None = None) -> int:
+        """Size the pool from the budget, allocate it, capture the graphs; returns the block count. A
+        speculative ``draft`` model (weights loaded) will get a pool of as many blocks: the budget
+        pays for its weights and its blocks too."""
+        draft_block, draft_weights = (draft.kv_spec.bytes_per_block, draft.weights_bytes) if draft else (0, 0)
+        num_blocks = plan_num_blocks(self.engine, self.kv_spec.bytes_per_block + draft_block,
+                                     self.weights_bytes + draft_weights, activation_bytes)
         if self.groups:
             num_blocks = self.groups.agree_min(num_blocks)
         num_host_blocks = parse_bytes(self.engine.swap_space or 0) // self.kv_spec.bytes_per_block
@@ -218,7 +222,8 @@ class ModelRunner:
                                    host_weights_bytes=self.host_weights_bytes,
                                    offloaded_layers=len(self.offload.layers) if self.offload else 0,
                                    offload_tier="disk" if self.engine.disk_offload else "host",
-                                   kv_cache_dtype=self.engine.kv_cache_dtype)
+                                   kv_cache_dtype=self.engine.kv_cache_dtype,
+                                   draft_bytes=draft_weights + draft_block * num_blocks)
         self.rank_memory = (self.groups.gather(self.memory) or []) if self.groups else [self.memory]
         self.graphs = self.capture_graphs()
         return num_blocks

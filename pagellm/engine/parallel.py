@@ -70,8 +70,9 @@ def open_model(config: EngineConfig, with_tokenizer: bool = True):
 
 
 def start_runner(config: EngineConfig, model_config, checkpoint, weights, max_model_len: int,
-                 groups: ParallelGroups | None) -> tuple[ModelRunner, str]:
-    """(this rank's runner with its KV pool allocated, the weight format it runs)."""
+                 groups: ParallelGroups | None, draft: ModelRunner | None = None) -> tuple[ModelRunner, str]:
+    """(this rank's runner with its KV pool allocated, the weight format it runs); a ``draft`` model's
+    weights and its pool of as many blocks are counted in the pool's sizing."""
     quantization = resolve_quantization(config.quantization, checkpoint)
     check_quantization_fits(quantization, model_config, config.torch_device)
     if groups and config.cpu_offload_memory is not None:
@@ -86,7 +87,7 @@ def start_runner(config: EngineConfig, model_config, checkpoint, weights, max_mo
     if groups:
         groups.wait_all()   # profiling runs the model's collectives, under their timeout
     profile = profile_step_input(config.batched_tokens, config.max_num_seqs, max_model_len, config.block_size)
-    runner.allocate_kv_cache(*runner.profile_activations(profile))
+    runner.allocate_kv_cache(*runner.profile_activations(profile), draft)
     return runner, quantization
 
 

@@ -34,18 +34,14 @@ class Proposer(Protocol):
         """After a step: drop any state of sequences no longer running."""
 
 
-def make_proposer(config: EngineConfig, target: ModelConfig, max_model_len: int, num_blocks: int,
-                  open_model: Callable) -> Proposer | None:
-    """The proposer ``config`` asks for (None: no speculation). ``open_model``
-    is the engine's (config -> model config, checkpoint, weights, tokenizer)."""
-    if config.speculative_method is None:
+def open_draft(config: EngineConfig, target: ModelConfig, max_model_len: int, open_model: Callable):
+    """The draft model's runner with its weights loaded and no KV pool yet (None: no draft model), built
+    before the target sizes its pool so that the draft's weights and pool are part of the memory plan.
+    ``open_model`` is the engine's (config -> model config, checkpoint, weights, tokenizer)."""
+    if config.speculative_method != "draft":
         return None
-    if config.speculative_method == "ngram":
-        from pagellm.spec.ngram import NgramProposer
-        return NgramProposer()
     from pagellm.engine.model_runner import ModelRunner
     from pagellm.quant import quantization_policy, resolve_quantization
-    from pagellm.spec.draft import DraftProposer
     draft_config = replace(config, model=config.speculative_model, speculative_method=None, speculative_model=None,
                            speculative_quantization=None, quantization=config.speculative_quantization or
                            config.quantization, swap_space=None, cpu_offload_memory=None,
@@ -55,6 +51,16 @@ def make_proposer(config: EngineConfig, target: ModelConfig, max_model_len: int,
         raise ValueError(f"the draft model's vocabulary ({model_config.vocab_size}) differs from the target's "
                          f"({target.vocab_size}): they must share a tokenizer")
     quantization = resolve_quantization(draft_config.quantization, checkpoint)
-    runner = ModelRunner(draft_config, model_config, weights, max_model_len,
-                         quantization_policy(quantization, checkpoint, draft_config))
-    return DraftProposer(runner, num_blocks)
+    return ModelRunner(draft_config, model_config, weights, max_model_len,
+                       quantization_policy(quantization, checkpoint, draft_config))
+
+
+def make_proposer(config: EngineConfig, draft, num_blocks: int) -> Proposer | None:
+    """The proposer ``config`` asks for (None: no speculation); ``draft`` is ``open_draft``'s runner."""
+    if config.speculative_method is None:
+        return None
+    if config.speculative_method == "ngram":
+        from pagellm.spec.ngram import NgramProposer
+        return NgramProposer()
+    from pagellm.spec.draft import DraftProposer
+    return DraftProposer(draft, num_blocks)

@@ -14,7 +14,9 @@ feeds the last draw and draws the next. A draw at output position ``j`` uses
 the request's noise keys of ``j``, as the target's draw there would. On a GPU
 the forwards replay the draft runner's own CUDA graphs (captured over its pool
 at start: decode graphs for the k-1 one-token forwards, varlen ones for the
-catch-up), which, like the pool, are outside the engine's memory plan.
+catch-up). The draft's weights and its pool are in the engine's memory plan
+(``ModelRunner.allocate_kv_cache`` sizes the target's pool with them); its
+graphs, like the target's, come out of the reserve left on the card.
 
 A shadow lives while its sequence runs (the engine calls ``retain`` after
 each step: a preempted or finished sequence's shadow is freed). Its pool has as many blocks as the
