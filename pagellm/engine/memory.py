@@ -12,7 +12,7 @@ from pagellm.sizing import Precision
 from pagellm.utils.units import format_bytes, parse_bytes
 
 _CPU_DEFAULT_KV = 2**30        # 1 GiB when no budget is given on the CPU
-_CUDA_RESERVE = 2**30          # left free on the card when no budget is given
+_CUDA_RESERVE = 2**30          # left free on the card when no budget is given, per model (its CUDA graphs' buffers)
 
 
 def precision_of(dtype: torch.dtype) -> Precision:
@@ -76,8 +76,11 @@ class MemoryReport:
         return asdict(self) | {"kv_tokens": self.kv_tokens, "max_concurrency": self.max_concurrency}
 
 
-def plan_num_blocks(engine: EngineConfig, bytes_per_block: int, weights_bytes: int, activation_bytes: int) -> int:
-    """Blocks in the pool: given outright, from a KV budget, or what a total budget leaves."""
+def plan_num_blocks(engine: EngineConfig, bytes_per_block: int, weights_bytes: int, activation_bytes: int,
+                    num_models: int = 1) -> int:
+    """Blocks in the pool: given outright, from a KV budget, or what a total budget leaves (on a card
+    without a budget, a reserve is left for each of ``num_models`` models' CUDA graphs: a speculative
+    draft captures its own)."""
     if engine.num_kv_blocks is not None:
         return engine.num_kv_blocks
     if engine.kv_cache_memory is not None:
@@ -91,7 +94,7 @@ def plan_num_blocks(engine: EngineConfig, bytes_per_block: int, weights_bytes: i
                 f"{format_bytes(weights_bytes)} and activations {format_bytes(activation_bytes)}")
     elif engine.torch_device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(engine.torch_device)
-        budget = free - activation_bytes - _CUDA_RESERVE
+        budget = free - activation_bytes - _CUDA_RESERVE * num_models
     else:
         budget = _CPU_DEFAULT_KV
     blocks = budget // bytes_per_block

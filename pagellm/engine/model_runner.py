@@ -210,7 +210,7 @@ class ModelRunner:
         pays for its weights and its blocks too."""
         draft_block, draft_weights = (draft.kv_spec.bytes_per_block, draft.weights_bytes) if draft else (0, 0)
         num_blocks = plan_num_blocks(self.engine, self.kv_spec.bytes_per_block + draft_block,
-                                     self.weights_bytes + draft_weights, activation_bytes)
+                                     self.weights_bytes + draft_weights, activation_bytes, 1 + (draft is not None))
         if self.groups:
             num_blocks = self.groups.agree_min(num_blocks)
         num_host_blocks = parse_bytes(self.engine.swap_space or 0) // self.kv_spec.bytes_per_block
