@@ -184,8 +184,10 @@ def oracle_part(args: argparse.Namespace, state: dict) -> dict:
 
 def ngram_part(args: argparse.Namespace, state: dict) -> dict:
     start = time.perf_counter()
+    # No prefix cache: every run of a prompt (plain, then each k) computes it alike (the recorded run had it on,
+    # so its speculative runs reused the plain run's blocks).
     llm = LLM(args.gguf, dtype="bfloat16", kv_cache_memory="4GiB", max_model_len=4096, speculative_method="ngram",
-              num_speculative_tokens=max(args.ngram_k))
+              num_speculative_tokens=max(args.ngram_k), enable_prefix_caching=False)
     load_s = time.perf_counter() - start
     prompts = prompts_of(llm, "edits", args.ngram_limit)
     params = SamplingParams(temperature=0, max_tokens=args.ngram_max_tokens)
