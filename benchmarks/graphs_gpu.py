@@ -158,13 +158,19 @@ def rotary_write_check():
     return out
 
 
+def graph_batch(engine, query_lens: list[int], context_lens: list[int], gen: torch.Generator):
+    """(ids, positions, metadata, graph shape): a synthetic batch laid out for the engine's graph inputs."""
+    runner = engine.runner
+    ids, pos, meta = synthetic_batch(query_lens, context_lens, runner.kv_spec.block_size, 1,
+                                     runner.graphs.inputs.block_tables.shape[1], engine.model_config.vocab_size, gen)
+    return ids, pos, meta, runner.graphs.shape_for(len(ids), meta)
+
+
 @section("graph_exactness")
 def graph_exactness(engine):
     runner = engine.runner
     graphs = runner.graphs
     gen = torch.Generator().manual_seed(1)
-    bs, width = runner.kv_spec.block_size, graphs.inputs.block_tables.shape[1]
-    vocab = engine.model_config.vocab_size
     cases = {"decode bs3 (graph 4)": ([1] * 3, [100, 300, 37]),
              "verify bs1 k=4 (graph 8)": ([5], [200]),
              "verify bs2 k=4 + 1 decode (graph 16)": ([5, 5, 1], [130, 600, 90]),
@@ -172,9 +178,8 @@ def graph_exactness(engine):
              "mixed: chunk 60 after 64 cached + 3 decodes (graph 64)": ([60, 1, 1, 1], [64, 20, 900, 33])}
     out = {}
     for name, (ql, cl) in cases.items():
-        ids, pos, meta = synthetic_batch(ql, cl, bs, 1, width, vocab, gen)
+        ids, pos, meta, shape = graph_batch(engine, ql, cl, gen)
         rows = torch.arange(len(ids), device="cuda")
-        shape = graphs.shape_for(len(ids), meta)
         with torch.inference_mode():
             eager = eager_logits(runner, ids, pos, meta, rows)
             replay = graphs.run(shape, ids, pos, meta, rows).clone()
@@ -306,15 +311,13 @@ def mixed_steps(engine):
     runner = engine.runner
     graphs = runner.graphs
     gen = torch.Generator().manual_seed(2)
-    bs, width = runner.kv_spec.block_size, graphs.inputs.block_tables.shape[1]
     out = []
     cases = [(56, 8, 512), (120, 8, 512), (248, 8, 512), (504, 8, 512), (32, 32, 512), (56, 8, 3800)]
     cases += [(t - 8, 8, 512) for t in (768, 1024, 1536, 2048) if t <= graphs.token_sizes[-1]]
     for chunk, decodes, context in cases:
         ql, cl = [chunk] + [1] * decodes, [0] + [context] * decodes
-        ids, pos, meta = synthetic_batch(ql, cl, bs, 1, width, engine.model_config.vocab_size, gen)
+        ids, pos, meta, shape = graph_batch(engine, ql, cl, gen)
         rows = torch.tensor([chunk - 1 + i for i in range(decodes + 1)], device="cuda")
-        shape = graphs.shape_for(len(ids), meta)
 
         def timed(fn, reps=20):
             with torch.inference_mode():

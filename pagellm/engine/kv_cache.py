@@ -169,10 +169,14 @@ class KVCache:
             compute.wait_event(self._written_back)
             self._written_back = None
         self._write_back_pending = list(write_back)
-        if not (out or in_):
-            if not self._streams:
-                self.start_write_back()
-            return []
+        ready = self._swap(out, in_, compute) if out or in_ else []
+        if not self._streams:   # on the CPU in place, in order; on CUDA the worker starts them after the step
+            self.start_write_back()
+        return ready if self._streams else []
+
+    def _swap(self, out: list[tuple[int, int]], in_: list[tuple[int, int]],
+              compute: torch.cuda.Stream | None) -> list[torch.cuda.Event | None]:
+        """``swap``'s ``out`` and ``in_`` copies, a layer group at a time; per layer, the event to wait for."""
         rows = self._stage_rows()
         streams = self._streams or (None, None)
         with _on(streams[0], compute):
@@ -193,9 +197,7 @@ class KVCache:
                         in_plan.to_device(device, host, done if written_and_read else None, done)
                     done = streams[1].record_event() if streams[1] is not None else None
             ready[start] = done
-        if not self._streams:
-            self.start_write_back()
-        return ready if self._streams else []
+        return ready
 
     def start_write_back(self) -> None:
         """Start the last ``swap`` call's write-backs. The worker calls it after queuing
