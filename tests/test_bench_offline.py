@@ -197,3 +197,39 @@ def test_prefill_flops_of_a_preset():
     non_embedding = config.num_parameters - 2 * config.vocab_size * config.hidden_size - \
         (2 * config.num_hidden_layers + 1) * config.hidden_size            # norms are not matmuls
     assert f["linear"] == 2 * non_embedding * 8 * 2048
+
+
+def test_step_records_hold_the_time_of_the_step_they_read(tiny):
+    """A call of ``engine.step()`` under the asynchronous pipeline launches step
+    N+1 and reads step N: its record is step N's (every scheduled step gets one
+    record, in order, and the moment its tokens were read lies in that
+    record's span). Given to N+1, the first decode step took the last prefill
+    step's time (``kv_quant_gpu.py``'s decode figure)."""
+    from pagellm import LLM
+    from pagellm.bench.runner import Run
+    from pagellm.bench.stats import step_shape
+
+    engine = LLM(tiny, dtype="float32", max_model_len=128, kv_cache_memory="8MiB", max_num_batched_tokens=16).engine
+    assert engine.overlap
+    run = Run(engine, record_kv=False)
+    scheduled, shapes, reads = [], {}, []
+
+    class Watch:
+        def on_schedule(self, batch):
+            if batch:
+                shapes[id(batch)] = step_shape(batch)
+                scheduled.append(shapes[id(batch)])
+
+        def on_step(self, batch, outputs):
+            reads.append((shapes.pop(id(batch)), run.clock()))
+
+    engine.add_observer(Watch())
+    for i, n in enumerate([20, 5, 11]):   # prompt chunks, then decode-only steps
+        run.add(f"r{i}", list(range(3, 3 + n)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    run.go()
+    assert [r.decode_only for r in run.steps].count(True) >= 2 and not run.steps[0].decode_only
+    assert [(r.num_seqs, r.num_tokens, r.decode_only, r.kv_tokens_read) for r in run.steps] == [
+        (s.num_seqs, s.num_tokens, s.decode_only, s.kv_read) for s in scheduled]
+    assert [shape for shape, _ in reads] == scheduled
+    for record, (_, read_at) in zip(run.steps, reads):
+        assert record.start <= read_at <= record.end

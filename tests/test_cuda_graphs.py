@@ -20,6 +20,8 @@ def test_graph_sizes():
     assert graph_token_sizes(512) == [8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
     assert graph_token_sizes(100) == [8, 16, 32, 64, 96, 100]
     assert graph_token_sizes(8) == [8] and graph_token_sizes(0) == []
+    above = graph_token_sizes(2304)[10:]   # every 256 tokens above 512: padding at most 256 / 768
+    assert above == [768, 1024, 1280, 1536, 1792, 2048, 2304] and graph_token_sizes(1000)[10:] == [768, 1000]
     assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert graph_seq_sizes(512, 256) == [4, 16, 64, 256] and graph_seq_sizes(96, 256) == [4, 16, 64, 96]
     assert graph_seq_sizes(8, 256) == [4, 8] and graph_seq_sizes(4, 256) == [4]

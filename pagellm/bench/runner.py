@@ -91,8 +91,8 @@ class Run:
                 outputs = engine.step()
                 end = self.clock()
                 off = time.perf_counter()
-                num_seqs, num_tokens, decode_only, kv_read = recorder.take()
-                idle = 0 if num_seqs or outputs else idle + 1
+                read = recorder.take()   # the steps this call read: its time is theirs (StepRecorder)
+                idle = 0 if read or outputs or engine.step_in_flight else idle + 1
                 if idle > max_idle_steps:
                     raise RuntimeError("the engine scheduled nothing for many steps with requests pending")
                 for out in outputs:   # a step that schedules nothing may still read the one in flight
@@ -105,9 +105,11 @@ class Run:
                     if out.finished:
                         self.finish[rid] = end
                         self.num_output[rid] = n
-                if num_seqs == 0:
+                if not read:
                     continue
-                record = StepRecord(start, end, num_seqs, num_tokens, decode_only, kv_read, clean=synced or pipelined)
+                shape = read[-1]
+                record = StepRecord(start, end, shape.num_seqs, shape.num_tokens, shape.decode_only, shape.kv_read,
+                                    clean=len(read) == 1 and (synced or pipelined))
                 if self.record_kv:
                     record.kv_used_blocks, record.kv_allocated_slots, record.kv_holding_slots = kv_occupancy(engine)
                 self.steps.append(record)

@@ -50,8 +50,9 @@ class StepRecord:
     num_tokens: int               # tokens computed this step
     decode_only: bool             # every scheduled sequence computed exactly its newest token
     kv_tokens_read: int           # decode-only: sum of context lengths (cached + new)
-    clean: bool                   # the previous step ended synchronised, so [start, end] is this step's alone,
-                                  # or left a step in flight (the pipeline: a step's read to the next one's)
+    clean: bool                   # the call read this step alone, and the call before ended synchronised (so
+                                  # [start, end] is this step's alone) or left it in flight (the pipeline: the
+                                  # previous step's read to this one's, i.e. this step's time on the device)
     kv_used_blocks: int = 0
     kv_allocated_slots: int = 0
     kv_holding_slots: int = 0
@@ -65,34 +66,58 @@ class StepRecord:
         return 1.0 - self.kv_holding_slots / self.kv_allocated_slots if self.kv_allocated_slots else 0.0
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """A scheduled batch as the step records see it (taken when it is scheduled)."""
+    num_seqs: int
+    num_tokens: int
+    decode_only: bool   # every sequence computes exactly its newest token
+    kv_read: int        # decode-only: sum of context lengths (cached + new); else 0
+
+
 class StepRecorder:
-    """A step observer (``LLMEngine.add_observer``) that notes each step's
-    batch shape; ``close()`` detaches it."""
+    """A step observer (``LLMEngine.add_observer``) that notes each batch's
+    shape when it is scheduled and hands out, per ``engine.step()`` call, the
+    shapes of the steps whose tokens that call read (``take``); ``close()``
+    detaches it.
+
+    A call's time belongs to the step it read, not the one it scheduled: under
+    the asynchronous pipeline a call launches step N+1 and then waits for step
+    N, so its time is step N's on the device. (Giving it to N+1 gave the first
+    decode-only step the last prefill step's time and left the last decode
+    step's time out.)"""
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.last: tuple[int, int, bool, int] | None = None
+        self.scheduled: dict[int, StepShape] = {}   # id(batch) -> shape, until its tokens are read
+        self.read: list[StepShape] = []
         engine.add_observer(self)
 
     def on_schedule(self, batch) -> None:
-        decode_only = bool(batch.seqs)
-        kv_read = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if n != 1 or seq.num_output_tokens == 0 or seq.num_computed_tokens != seq.num_tokens - 1:
-                decode_only = False
-                break
-            kv_read += seq.num_computed_tokens + 1
-        self.last = (len(batch.seqs), batch.num_tokens, decode_only, kv_read if decode_only else 0)
+        if batch:
+            self.scheduled[id(batch)] = step_shape(batch)
 
     def on_step(self, batch, outputs) -> None:
-        pass
+        self.read.append(self.scheduled.pop(id(batch)))
 
-    def take(self) -> tuple[int, int, bool, int]:
-        last, self.last = self.last, None
-        return last or (0, 0, False, 0)
+    def take(self) -> list[StepShape]:
+        """The shapes of the steps read since the last call."""
+        read, self.read = self.read, []
+        return read
 
     def close(self) -> None:
         self.engine.remove_observer(self)
+
+
+def step_shape(batch) -> StepShape:
+    decode_only = bool(batch.seqs)
+    kv_read = 0
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        if n != 1 or seq.num_output_tokens == 0 or seq.num_computed_tokens != seq.num_tokens - 1:
+            decode_only = False
+            break
+        kv_read += seq.num_computed_tokens + 1
+    return StepShape(len(batch.seqs), batch.num_tokens, decode_only, kv_read if decode_only else 0)
 
 
 def kv_occupancy(engine) -> tuple[int, int, int]:

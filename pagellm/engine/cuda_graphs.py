@@ -57,17 +57,23 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+LINEAR_TOKEN_STEP = 256   # varlen graph sizes above 512 tokens: every this many tokens
+
+
 def graph_token_sizes(max_tokens: int) -> list[int]:
-    """Padded token counts of the varlen graphs: powers of two from 8 and the
-    midpoints above 64 (at most a third of a graph is padding there), up to
-    ``max_tokens``; none when it is 0."""
+    """Padded token counts of the varlen graphs: powers of two from 8, the
+    midpoints from 64 to 512 (at most a third of a graph is padding there),
+    then every ``LINEAR_TOKEN_STEP`` tokens (a mixed step of prompt chunks
+    beside decodes, compute-bound there, pays for its padding in FLOPs: at
+    most 256 / 768 of it), up to ``max_tokens``; none when it is 0."""
     if max_tokens <= 0:
         return []
     sizes, size = [], 8
-    while size < max_tokens:
+    while size < min(max_tokens, 512):
         sizes += [size] if size < 64 else [size, size * 3 // 2]
         size *= 2
-    return [s for s in sizes if s < max_tokens] + [max_tokens]
+    sizes += list(range(512, max_tokens, LINEAR_TOKEN_STEP))
+    return sorted({s for s in sizes if s < max_tokens}) + [max_tokens]
 
 
 def graph_seq_sizes(num_tokens: int, max_batch: int) -> list[int]:
