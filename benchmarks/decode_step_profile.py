@@ -458,7 +458,8 @@ def kernel_profile(timeline: Timeline, count: int) -> dict:
             "host_self_us_top": [{"name": k, "calls": c, "us": t} for k, c, t in cpu[:12]]}
 
 
-WORKLOADS = {1: (256, (32, 512), (256, 256)), 2: (256, (100, 1024), (100, 1024))}   # as async_pipeline_gpu.py
+# as async_pipeline_gpu.py; 0: its warm-up (the second workload's prompts, 8-16 output tokens: builds the kernels)
+WORKLOADS = {0: (256, (100, 1024), (8, 16)), 1: (256, (32, 512), (256, 256)), 2: (256, (100, 1024), (100, 1024))}
 
 
 def workload(engine: LLMEngine, floor: Floor, peaks: dict, small: bool, number: int, cap: int,
@@ -478,6 +479,7 @@ def workload(engine: LLMEngine, floor: Floor, peaks: dict, small: bool, number: 
     try:
         if graphs is not None:
             graphs.token_sizes = [t for t in captured if t <= graph_tokens]
+        largest_graph = max(graphs.token_sizes, default=0) if graphs is not None else 0
         engine.step = timeline.step    # run_requests drives engine.step(): every call goes on the timeline
         run = run_requests(engine, prompts, params, f"w{number}-{seed}", record_kv=False)
     finally:
@@ -510,7 +512,7 @@ def workload(engine: LLMEngine, floor: Floor, peaks: dict, small: bool, number: 
     n_out = sum(run.num_output.values())
     itl, ttft = distribution_ms(run.itls()), distribution_ms(run.ttfts())
     out = {"workload": number, "requests": n, "max_prefill_tokens_with_decodes": cap,
-           "graph_tokens": max(graphs.token_sizes) if graphs is not None and graph_tokens else 0,
+           "graph_tokens": largest_graph,
            "duration_s": duration, "output_tokens_per_s": n_out / duration,
            "total_tokens_per_s": (n_out + sum(in_lens)) / duration, "itl_ms": itl, "ttft_ms": ttft,
            "itl_p99_over_p50": itl["p99"] / itl["p50"] if itl.get("p50") else None,
@@ -572,9 +574,10 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run with a tiny model)")
     parser.add_argument("--sections", default="measured,steady,steady144,workloads,bs1")
-    parser.add_argument("--graph-tokens", type=int, default=None, help="cuda_graph_max_tokens of the engine")
+    parser.add_argument("--graph-tokens", type=int, default=None, help="cuda_graph_max_tokens of the engine "
+                        "(default: the engine's)")
     parser.add_argument("--workloads", default="2:512:2048",
-                        help="W:GRAPH_TOKENS:CAP,...: workload W (1 or 2), varlen graphs up to GRAPH_TOKENS "
+                        help="W:GRAPH_TOKENS:CAP,...: workload W (1 or 2; 0: a warm-up), varlen graphs up to GRAPH_TOKENS "
                              "(of those captured), CAP prompt tokens beside decodes")
     args = parser.parse_args()
     out_dir = Path(args.out)

@@ -59,7 +59,7 @@ class EngineConfig:
     max_prefill_tokens_with_decodes: int | None = _setting(
         None, "prompt tokens a step may take while other sequences decode (they all wait for the step, so this "
               "bounds their inter-token latency; with nothing decoding the whole --max-num-batched-tokens goes to "
-              "prompts); default: 2048 on CUDA, no cap on CPU")
+              "prompts); default: 1024 on CUDA (measured on an H200: README, Performance), no cap on CPU")
     enable_prefix_caching: bool = _setting(True, "reuse the KV blocks of prompt prefixes already computed")
     cpu_offload_memory: str | int | None = _setting(
         None, "keep this much of the decoder layers' weights in host memory, streamed to the device one layer "
@@ -77,9 +77,11 @@ class EngineConfig:
         True, "overlap the host's work with the device: step N+1 is scheduled and launched while step N runs, "
               "its sampled tokens fed from the device (one process only; steps with structured outputs, "
               "penalties, prompt log-probs or speculative decoding run synchronously)")
-    cuda_graph_max_tokens: int = _setting(
-        512, "steps of up to this many tokens with multi-token queries (speculative verification, prefill "
-             "chunks beside decodes) replay CUDA graphs too, padded to the next captured size; 0: decode only")
+    cuda_graph_max_tokens: int | None = _setting(
+        None, "steps of up to this many tokens with multi-token queries (speculative verification, prefill "
+              "chunks beside decodes) replay CUDA graphs too, padded to the next captured size; default: the "
+              "largest step made while sequences decode (--max-prefill-tokens-with-decodes + --max-num-seqs; "
+              "512 without that cap); 0: decode only")
     random_weights: bool = _setting(False, "real shapes, random weights; MODEL may name a preset (benchmarks)")
     seed: int = _setting(0, "seeds the random weights and the sampling of requests that give no seed")
     tensor_parallel_size: int = _setting(1, "processes (GPUs) that split each layer (Megatron-style)")
@@ -160,7 +162,20 @@ class EngineConfig:
     def prefill_tokens_with_decodes(self) -> int | None:
         if self.max_prefill_tokens_with_decodes is not None:
             return self.max_prefill_tokens_with_decodes
-        return 2048 if self.torch_device.type == "cuda" else None
+        return 1024 if self.torch_device.type == "cuda" else None
+
+    @property
+    def graph_tokens(self) -> int:
+        """Tokens of the largest varlen CUDA graph: the setting, else every step made while
+        sequences decode (at most the cap on prompt tokens plus one token per sequence), so
+        none of the mixed steps that bound the decodes' inter-token latency runs eagerly (an
+        eager Llama-3-8B forward is ~40 ms of host work on the H200's host)."""
+        if self.cuda_graph_max_tokens is not None:
+            wanted = self.cuda_graph_max_tokens
+        else:
+            cap = self.prefill_tokens_with_decodes
+            wanted = cap + self.max_num_seqs if cap is not None else 512
+        return min(wanted, self.batched_tokens)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:

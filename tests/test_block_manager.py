@@ -103,6 +103,8 @@ def test_random_workload_keeps_invariants_and_frees_everything(w):
         assert batch.num_tokens <= w["budget"]
         if decoding and w["prefill_cap"] is not None:
             assert sum(n for n in batch.num_new_tokens if n > 1) <= w["prefill_cap"]
+            # what EngineConfig.graph_tokens relies on: no step beside decodes outgrows the CUDA graphs
+            assert batch.num_tokens <= w["prefill_cap"] + w["max_seqs"]
         for src, dst in bm.take_pending_copies():
             assert bm.ref_counts[dst] == 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):

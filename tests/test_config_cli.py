@@ -61,3 +61,16 @@ def test_the_engine_seed_makes_sampling_repeatable(tiny_llama, capsys):
     first = _generate(tiny_llama, capsys, "--seed", "3")
     assert _generate(tiny_llama, capsys, "--seed", "3") == first
     assert _generate(tiny_llama, capsys, "--seed", "4") != first
+
+
+def test_varlen_graphs_cover_the_steps_made_while_sequences_decode():
+    """Closed form of ``graph_tokens``: the prompt-token cap beside decodes plus one token per
+    sequence (the scheduler's bound, checked in test_block_manager), within the step budget."""
+    cuda = dict(model="m", device="cuda")
+    assert EngineConfig(**cuda).prefill_tokens_with_decodes == 1024
+    assert EngineConfig(**cuda).graph_tokens == 1024 + 256
+    assert EngineConfig(**cuda, max_prefill_tokens_with_decodes=300, max_num_seqs=20).graph_tokens == 320
+    assert EngineConfig(**cuda, max_num_seqs=10_000).graph_tokens == 8192             # the step budget
+    assert EngineConfig(**cuda, cuda_graph_max_tokens=0).graph_tokens == 0
+    assert EngineConfig(**cuda, cuda_graph_max_tokens=700).graph_tokens == 700
+    assert EngineConfig(model="m", device="cpu").graph_tokens == 512                   # no cap on the CPU

@@ -235,7 +235,7 @@ class ModelRunner:
                 or self.offload is not None or (self.groups and self.groups.num_stages > 1)):
             return None
         graphs = CudaGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
-                            min(self.engine.cuda_graph_max_tokens, self.engine.batched_tokens),
+                            self.engine.graph_tokens,
                             cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len)
         logger.info(f"captured {len(graphs.shapes)} CUDA graphs (decode batch 1..{graphs.sizes[-1]}, varlen "
                     f"{graphs.token_sizes[-1] if graphs.token_sizes else 0} tokens) "
