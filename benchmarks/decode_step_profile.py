@@ -292,6 +292,18 @@ class Timeline:
             s.events = {}
 
 
+def steps_to_completion(engine: LLMEngine) -> Timeline:
+    """Step the engine until its requests are done, every call on a (resolved) timeline."""
+    timeline = Timeline(engine)
+    try:
+        while engine.has_unfinished_requests():
+            timeline.step()
+    finally:
+        timeline.close()
+    timeline.resolve()
+    return timeline
+
+
 def run_steps(timeline: Timeline, count: int) -> None:
     for _ in range(count):
         timeline.step()
@@ -358,14 +370,10 @@ def as_measured(engine: LLMEngine, floor: Floor, small: bool) -> dict:
     n, length, out_len = (64, 4096, 64) if not small else (8, 40, 12)
     engine.scheduler.config.max_prefill_tokens_with_decodes = None   # as when that run was recorded
     add_requests(engine, "measured", [length] * n, [out_len] * n, seed=1)
-    timeline = Timeline(engine)
     try:
-        while engine.has_unfinished_requests():
-            timeline.step()
+        timeline = steps_to_completion(engine)
     finally:
-        timeline.close()
         engine.scheduler.config.max_prefill_tokens_with_decodes = engine.config.prefill_tokens_with_decodes
-    timeline.resolve()
     calls = [c for c in timeline.calls if c.launched is not None or c.read]
     by_schedule = [c for c in calls if c.launched is not None and c.launched.shape.decode_only]
     by_read = [c for c in calls if len(c.read) == 1 and c.read[0].decode_only]
@@ -553,13 +561,7 @@ def histogram(values: list[int], edges=(1, 16, 64, 128, 192, 256, 1 << 30)) -> d
 
 def bs1(engine: LLMEngine, floor: Floor, small: bool) -> dict:
     add_requests(engine, "bs1", [128 if not small else 20], [128 if not small else 20], seed=3)
-    timeline = Timeline(engine)
-    try:
-        while engine.has_unfinished_requests():
-            timeline.step()
-    finally:
-        timeline.close()
-    timeline.resolve()
+    timeline = steps_to_completion(engine)
     decode = [c for c in timeline.calls if c.launched is not None and c.launched.shape.decode_only][5:]
     out = summarize(timeline, floor, decode)
     print(json.dumps(out, indent=1), flush=True)

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode, speculative verification and small mixed batches
+"""CUDA graphs for decode, speculative verification and mixed batches (prompt chunks beside decodes)
 (as in gpt-fast / nano-vllm for decode; vLLM's "full graphs" for the rest).
 
 A step of a few tokens is small kernels back to back; launching them costs

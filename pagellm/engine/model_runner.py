@@ -12,7 +12,7 @@ three calls, as each needs the last one's answer:
    elsewhere;
 2. ``allocate_kv_cache(activation_bytes)``: size the pool from the budget,
    allocate it (``KVCache``) and capture the CUDA graphs (``engine.cuda_graphs``:
-   decode, and varlen ones for verification and small mixed batches);
+   decode, and varlen ones for verification and mixed batches);
 3. ``launch(step)`` for every step: it queues the step's kernels and returns
    a ``PendingOutput`` at once; its ``result()`` waits for the device (one
    event) and reads the sampled tokens, which were copied to pinned host
