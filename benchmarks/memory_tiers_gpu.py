@@ -176,6 +176,7 @@ def swap_vs_recompute(llm: LLM, n: int = 4, prompt: int = 4096, out: int = 4096)
 
 RESTORE_VARIANTS = {"overlap": (2, False),                 # the engine: 2 lanes, the graph waits per layer group
                     "lanes_replay_waits_all": (2, True),  # 2 lanes, the replay waits for all copies first
+                    "one_lane": (1, False),               # one lane, the graph waits per layer group
                     "before": (1, True)}                  # one lane, the replay waits for all (the earlier engine)
 TOP_LOGPROBS = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
 
