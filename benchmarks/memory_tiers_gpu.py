@@ -9,8 +9,8 @@
    kernels take fp16/bf16) and bf16 with Triton and CUDA graphs (random bf16
    weights give near-flat logits, so a different batch shape may flip a tie).
 2. copies (Llama-3-8B shapes, bf16 from here on): host<->device bandwidth of
-   ``KVCache.swap`` (512 blocks each way, and 256 each way at once) and of one
-   pinned copy.
+   ``KVCache.swap`` (512 blocks each way, the swap-in also on one lane, and
+   256 each way at once) and of one pinned copy.
 3. swap vs recompute: 4 prompts of 4,096 tokens + 4,096 generated, greedy, in a
    pool of 1,040 blocks (all 4 prompts fit, then their growth to 2,048 blocks,
    twice the pool, preempts); the same engine with its host tier (swaps and
@@ -20,9 +20,13 @@
    (device hit), evicted by other prompts (each prompt's blocks were written
    back to the host when it finished: write-back ahead), asked again
    (restored from the host: its blocks come in; the last prompt's
-   write-backs go out after its token); five rounds, medians of the time
+   write-backs go out after its token; its token and top-5 log-probs must
+   equal the device hit's bit for bit); five rounds, medians of the time
    until ``generate`` returns (the device drained before each call) and of
-   the time until the write-backs it left running are done too.
+   the time until the write-backs it left running are done too. Each round
+   runs every ``RESTORE_VARIANTS`` entry, interleaved: the engine, and with
+   the swap-ins on one lane and/or the graph replay waiting for all copies
+   first (the earlier engine), so the gains are measured in the same run.
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
    ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
    bound (streamed bytes / pinned copy bandwidth + the all-resident eager step

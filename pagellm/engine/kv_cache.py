@@ -28,37 +28,38 @@ device staging tensor (the pool fills the device: a transient of a long
 sequence's whole KV would not fit beside it).
 
 On CUDA the copies are asynchronous and overlap the step. Device -> host
-copies run on one side stream, host -> device on ``IN_LANES`` others (the
-link carries both directions at once); all first wait for the work already
-queued on the compute stream (the blocks' last writes and reads). The
-swap-ins' chunks go to the lanes in turn, each lane copying into a staging
-tensor of its own and scattering it into the pool, so the link stays busy
-while a scatter runs (on one stream each scatter held the next copy back:
-H200, 512 blocks of Llama-3-8B, 45.4 GB/s on one lane, 51.0 on two, 52.5 for
-one pinned copy); they may, as every swap-in writes a different device block. The swap-outs stay on one stream: a host block
-written twice must be written in queue order. Per group, the
-scatter of the swap-ins into the pool waits for that group's swap-outs (a
-device block swapped out and handed to another sequence in the same step is
-read before it is written; a host block spilled and restored in the same
-step is written before it is read: then the whole swap-in waits). ``swap``
-returns, per layer, the event after which that layer's blocks are in place
-(set at each group's first layer, after all lanes): the forward waits for it where a layer
-first touches its KV (``ForwardContext.kv``), so layer 0 attends while later
-groups still copy. These are the persistent ``layer_ready`` events, re-recorded by every call
-that copies: the CUDA graphs are captured waiting for them
-(``cuda_graphs.py``), so a graph replay waits layer group by layer group as
-well. Waiting on the last group's event covers every copy of
-the call but the write-backs (the copy-on-write copies do). The write-backs (``host_blocks.py``: freed cached blocks copied ahead,
-which this step neither writes nor restores) go device -> host after the
-step: the worker starts them (``start_write_back``) once the step and its
-tokens' copy to the host are queued (a copy engine serves copies one after
-another, so queued beside the step they held up its tokens by their whole
-length) and nothing of the step waits for them; a later call told to
-(``wait_write_back``: it writes one of their device blocks or reads one of
-their host blocks, ``host_blocks.py`` says when) makes the compute stream
-wait for all of them before anything else. The next call's streams wait for
-the compute stream, which waited for all the copies they could touch. On the
-CPU everything runs in place, in the same order.
+copies run on one side stream, host -> device on ``IN_LANES`` others (the link
+carries both directions at once); all first wait for the work already queued
+on the compute stream (the blocks' last writes and reads). The swap-ins'
+chunks go to the lanes in turn, each lane copying into a staging tensor of its
+own and scattering it into the pool, so the link stays busy while a scatter
+runs (on one stream each scatter held the next copy back: H200, 512 blocks of
+Llama-3-8B, 45.4 GB/s on one lane, 51.0 on two, 52.5 for one pinned copy);
+they may, as every swap-in writes a different device block. The swap-outs stay
+on one stream: a host block written twice must be written in queue order. Per
+group, the scatter of the swap-ins into the pool waits for that group's swap-
+outs (a device block swapped out and handed to another sequence in the same
+step is read before it is written; a host block spilled and restored in the
+same step is written before it is read: then the whole swap-in waits).
+``swap`` returns, per layer, the event after which that layer's blocks are in
+place (set at each group's first layer, after all lanes): the forward waits
+for it where a layer first touches its KV (``ForwardContext.kv``), so layer 0
+attends while later groups still copy. These are the persistent
+``layer_ready`` events, re-recorded by every call that copies: the CUDA graphs
+are captured waiting for them (``cuda_graphs.py``), so a graph replay waits
+layer group by layer group as well. Waiting on the last group's event covers
+every copy of the call but the write-backs (the copy-on-write copies do). The
+write-backs (``host_blocks.py``: freed cached blocks copied ahead, which this
+step neither writes nor restores) go device -> host after the step: the worker
+starts them (``start_write_back``) once the step and its tokens' copy to the
+host are queued (a copy engine serves copies one after another, so queued
+beside the step they held up its tokens by their whole length) and nothing of
+the step waits for them; a later call told to (``wait_write_back``: it writes
+one of their device blocks or reads one of their host blocks,
+``host_blocks.py`` says when) makes the compute stream wait for all of them
+before anything else. The next call's streams wait for the compute stream,
+which waited for all the copies they could touch. On the CPU everything runs
+in place, in the same order.
 
 A quantized cache (``kv_cache_dtype`` int8 or fp8, ``kernels.kv_quant``) holds
 codes in the pool and a second tensor of scales ``[2, num_layers,
