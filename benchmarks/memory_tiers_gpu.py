@@ -9,8 +9,8 @@
    kernels take fp16/bf16) and bf16 with Triton and CUDA graphs (random bf16
    weights give near-flat logits, so a different batch shape may flip a tie).
 2. copies (Llama-3-8B shapes, bf16 from here on): host<->device bandwidth of
-   ``KVCache.swap`` (512 blocks each way, and 256 each way at once) and of one
-   pinned copy.
+   ``KVCache.swap`` (512 blocks each way, the swap-in also on one lane, and
+   256 each way at once) and of one pinned copy.
 3. swap vs recompute: 4 prompts of 4,096 tokens + 4,096 generated, greedy, in a
    pool of 1,040 blocks (all 4 prompts fit, then their growth to 2,048 blocks,
    twice the pool, preempts); the same engine with its host tier (swaps and
@@ -20,9 +20,13 @@
    (device hit), evicted by other prompts (each prompt's blocks were written
    back to the host when it finished: write-back ahead), asked again
    (restored from the host: its blocks come in; the last prompt's
-   write-backs go out after its token); five rounds, medians of the time
+   write-backs go out after its token; its token and top-5 log-probs must
+   equal the device hit's bit for bit); five rounds, medians of the time
    until ``generate`` returns (the device drained before each call) and of
-   the time until the write-backs it left running are done too.
+   the time until the write-backs it left running are done too. Each round
+   runs every ``RESTORE_VARIANTS`` entry, interleaved: the engine, and with
+   the swap-ins on one lane and/or the graph replay waiting for all copies
+   first (the earlier engine), so the gains are measured in the same run.
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
    ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
    bound (streamed bytes / pinned copy bandwidth + the all-resident eager step
@@ -49,6 +53,7 @@ import random
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -122,12 +127,34 @@ def copies(llm: LLM) -> dict:
     kv.swap(pairs, pairs)   # warm-up
     out_s = min(timed(lambda: kv.swap(pairs, [])) for _ in range(3))
     in_s = min(timed(lambda: kv.swap([], pairs)) for _ in range(3))
+    with restore_variant(llm, lanes=1, graph_waits_all=False):
+        in_one_lane_s = min(timed(lambda: kv.swap([], pairs)) for _ in range(3))
     half = [(i, n + i) for i in range(n // 2)], [(n // 2 + i, i) for i in range(n // 2)]
     both_s = min(timed(lambda: kv.swap(*half)) for _ in range(3))
     return {"blocks": n, "bytes": nbytes, "layer_groups": len(kv.layer_groups),
             "swap_out_gb_s": nbytes / out_s / 1e9, "swap_in_gb_s": nbytes / in_s / 1e9,
+            "swap_in_one_lane_gb_s": nbytes / in_one_lane_s / 1e9,
             "half_each_way_at_once_gb_s": nbytes / both_s / 1e9, "half_each_way_ms": both_s * 1e3,
             "pinned_h2d_gb_s": pinned_h2d_gb_s(nbytes)}
+
+
+@contextmanager
+def restore_variant(llm: LLM, lanes: int, graph_waits_all: bool):
+    """The engine as it was before the overlap, in part: swap-ins on ``lanes`` of the
+    KV cache's host -> device streams; ``graph_waits_all``: a graph replay first waits
+    for every copy of its step (instead of each layer group's, inside the graph)."""
+    runner = llm.engine.runner
+    kv, graphs = runner.kv_cache, runner.graphs
+    streams = kv._streams
+    kv._streams = (streams[0], streams[1][:lanes])
+    if graph_waits_all:
+        replay = graphs.run
+        graphs.run = lambda *args: (kv_cache.wait_for_swaps(kv.layer_ready), replay(*args))[1]
+    try:
+        yield
+    finally:
+        kv._streams = streams
+        graphs.__dict__.pop("run", None)
 
 
 def swap_vs_recompute(llm: LLM, n: int = 4, prompt: int = 4096, out: int = 4096) -> dict:
@@ -151,41 +178,61 @@ def swap_vs_recompute(llm: LLM, n: int = 4, prompt: int = 4096, out: int = 4096)
                      "kv_demand_blocks": n * (prompt + out) // 16}
 
 
+RESTORE_VARIANTS = {"overlap": (2, False),                 # the engine: 2 lanes, the graph waits per layer group
+                    "lanes_replay_waits_all": (2, True),  # 2 lanes, the replay waits for all copies first
+                    "one_lane": (1, False),               # one lane, the graph waits per layer group
+                    "before": (1, True)}                  # one lane, the replay waits for all (the earlier engine)
+TOP_LOGPROBS = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+
+
 def prefix_restore(llm: LLM, num_rounds: int = 5) -> dict:
+    """Per round and variant (interleaved, so drift hits all alike): a new 4,096-token prefix
+    + a 16-token tail computed, asked again (device hit), evicted, asked again (restored);
+    the device hit and the restore ask the same prompt, so their token and top log-probs
+    must be equal bit for bit (the same kernels on the same K/V)."""
     rng = random.Random(1)
     engine = llm.engine
 
-    def run(prompt: list[int]) -> tuple[float, float]:
+    def run(prompt: list[int]) -> tuple[float, float, list]:
         """Seconds until generate returns its token, and until the copies it left running beside (the
-        write-backs of blocks it freed, which a server's next steps overlap) are done as well."""
+        write-backs of blocks it freed, which a server's next steps overlap) are done as well; its top log-probs."""
         torch.cuda.synchronize()   # the previous call's write-backs drain before the clock starts
         start = time.perf_counter()
-        llm.generate([prompt], ONE, use_tqdm=False)
+        out = llm.generate([prompt], TOP_LOGPROBS, use_tqdm=False)[0].outputs[0]
         torch.cuda.current_stream().synchronize()
         to_tokens = time.perf_counter() - start
         torch.cuda.synchronize()
-        return to_tokens, time.perf_counter() - start
+        return to_tokens, time.perf_counter() - start, [(out.token_ids, out.logprobs)]
 
     run(random_prompts(rng, 1, 4112)[0])   # warm: the same shapes
-    rounds = []
+    rounds: dict[str, list[dict]] = {name: [] for name in RESTORE_VARIANTS}
     for _ in range(num_rounds):
-        prefix = random_prompts(rng, 1, 4096)[0]
-        computed = run(prefix + random_prompts(rng, 1, 16)[0])
-        device_hit = run(prefix + random_prompts(rng, 1, 16)[0])
-        for prompt in random_prompts(rng, engine.block_manager.num_blocks // 256 + 2, 4096):
-            run(prompt)
-        before = engine.stats()
-        restored = run(prefix + random_prompts(rng, 1, 16)[0])
-        after = engine.stats()
-        rounds.append({"computed_s": computed[0], "device_hit_s": device_hit[0], "restored_s": restored[0],
-                       "computed_drained_s": computed[1], "device_hit_drained_s": device_hit[1],
-                       "restored_drained_s": restored[1],
-                       **{k: after[k] - before[k] for k in ("host_prefix_hit_tokens", "num_prefill_tokens",
-                                                            "kv_bytes_to_host", "kv_bytes_to_device")}})
-    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    return {"rounds": rounds, **med, "speedup": med["computed_s"] / med["restored_s"],
-            "speedup_drained": med["computed_drained_s"] / med["restored_drained_s"],
-            "exposed_copy_ms": (med["restored_s"] - med["device_hit_s"]) * 1e3}
+        for name, (lanes, graph_waits_all) in RESTORE_VARIANTS.items():
+            with restore_variant(llm, lanes, graph_waits_all):
+                prefix, tail = random_prompts(rng, 1, 4096)[0], random_prompts(rng, 1, 16)[0]
+                computed = run(prefix + tail)
+                device_hit = run(prefix + tail)
+                for prompt in random_prompts(rng, engine.block_manager.num_blocks // 256 + 2, 4096):
+                    run(prompt)
+                before = engine.stats()
+                restored = run(prefix + tail)
+                after = engine.stats()
+            rounds[name].append({
+                "computed_s": computed[0], "device_hit_s": device_hit[0], "restored_s": restored[0],
+                "computed_drained_s": computed[1], "device_hit_drained_s": device_hit[1],
+                "restored_drained_s": restored[1], "restored_identical_to_device_hit": restored[2] == device_hit[2],
+                "restored_token_equals_computed": restored[2][0][0] == computed[2][0][0],
+                **{k: after[k] - before[k] for k in ("host_prefix_hit_tokens", "num_prefill_tokens",
+                                                     "kv_bytes_to_host", "kv_bytes_to_device")}})
+    result = {}
+    for name, variant_rounds in rounds.items():
+        med = {k: statistics.median(r[k] for r in variant_rounds) for k in variant_rounds[0]
+               if not isinstance(variant_rounds[0][k], bool)}
+        result[name] = {"rounds": variant_rounds, **med, "speedup": med["computed_s"] / med["restored_s"],
+                        "speedup_drained": med["computed_drained_s"] / med["restored_drained_s"],
+                        "exposed_copy_ms": (med["restored_s"] - med["device_hit_s"]) * 1e3,
+                        "identical": all(r["restored_identical_to_device_hit"] for r in variant_rounds)}
+    return result | {"speedup": result["overlap"]["speedup"], "identical": result["overlap"]["identical"]}
 
 
 def decode_ms(llm: LLM, prompt: list[int], n: int) -> float:

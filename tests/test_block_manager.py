@@ -193,3 +193,24 @@ def test_copy_on_write_copies_a_shared_block_only_when_written():
     parent.append_token(9)
     bm.allocate(parent, 1)                 # parent is now the block's only holder: no copy
     assert bm.take_pending_copies() == [] and bm.num_used_blocks == 3
+
+
+def test_a_preempted_sequence_is_not_preempted_again_before_it_decodes():
+    """Three 24-token prompts + 32 tokens each in 18 blocks of 4, 16 tokens a step, recompute only:
+    the preempted sequences come back when their whole context fits, so none is preempted again
+    before it decoded a new token (admitted as soon as its first 16-token chunk fit, one was: 16 times
+    here, recomputing 404 prompt tokens instead of 150)."""
+    bm = BlockManager(18, 4, enable_prefix_caching=False)
+    scheduler = Scheduler(SchedulerConfig(8, 16, 10_000), bm)
+    for i in range(3):
+        scheduler.add(Sequence(i, str(i), 0, [i + 1] * 24, SamplingParams(max_tokens=32), 0, 0.0))
+    rng = random.Random(0)
+    outputs_at_preemption: dict[int, int] = {}
+    while scheduler.waiting or scheduler.running:
+        batch = scheduler.schedule()
+        for seq in batch.preempted:
+            assert outputs_at_preemption.get(seq.seq_id) != seq.num_output_tokens, "preempted again, no progress"
+            outputs_at_preemption[seq.seq_id] = seq.num_output_tokens
+        advance(scheduler, batch, rng)
+        check_invariants(bm, list(scheduler.running) + list(scheduler.waiting.values()))
+    assert scheduler.stats.num_preemptions > 0

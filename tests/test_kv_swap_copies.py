@@ -54,13 +54,18 @@ def test_grouped_run_copies_do_what_one_pair_at_a_time_does(storage, monkeypatch
     assert all(torch.equal(t, expected) for t, expected in zip(tensors, expected_pool))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: the copies run on side streams there"))])
-def test_each_layer_of_the_step_waits_for_its_own_swaps(device, monkeypatch):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the copies run on side streams there")
+
+
+@pytest.mark.parametrize("device,graph", [("cpu", False), pytest.param("cuda", False, marks=CUDA),
+                                          pytest.param("cuda", True, marks=CUDA)])
+def test_each_layer_of_the_step_waits_for_its_own_swaps(device, graph, monkeypatch):
     """A step's forward, layer by layer, behind asynchronous swaps (on CUDA 64
     MiB each way, so an unordered write would overtake the copies): it overwrites blocks
     just swapped out (their old K/V must reach the host first) and reads blocks
-    just swapped in (their host contents must be there)."""
+    just swapped in (their host contents must be there). ``graph``: the layers
+    run as a CUDA graph captured before the swap, waiting for the KV cache's
+    ``layer_ready`` events as the engine's graphs do."""
     spec = kv_cache.KVCacheSpec(num_layers=8, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16,
                                 has_null_block=False)   # 64 KiB a layer, 512 KiB a block
     monkeypatch.setattr(kv_cache, "GROUP_COPY_BYTES", 128 << 10)
@@ -74,13 +79,22 @@ def test_each_layer_of_the_step_waits_for_its_own_swaps(device, monkeypatch):
     in_ = list(zip(range(n, 2 * n), range(n)))
     old = kv.pool[:, :, :n].clone()
     incoming = torch.stack([host_parts(kv, h)[0] for _, h in in_], dim=2).to(device)
+    seen = torch.empty_like(incoming)
+
+    def step(ready: list[torch.cuda.Event | None]) -> None:
+        for layer in range(spec.num_layers):   # what the attention layers do, through ForwardContext.kv
+            ForwardContext(None, kv.layers, None, ready).kv(layer)
+            kv.pool[:, layer, :n] = -1.0
+            seen[:, layer] = kv.pool[:, layer, n:2 * n]
+
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            step(kv.layer_ready)
+        torch.cuda.synchronize()
     ready = kv.swap(out, in_)
     assert sum(event is not None for event in ready) == (4 if device == "cuda" else 0)
-    seen = torch.empty_like(incoming)
-    for layer in range(spec.num_layers):   # what the attention layers do, through ForwardContext.kv
-        ForwardContext(None, kv.layers, None, ready).kv(layer)
-        kv.pool[:, layer, :n] = -1.0
-        seen[:, layer] = kv.pool[:, layer, n:2 * n]
+    captured.replay() if graph else step(ready)
     if device == "cuda":
         torch.cuda.synchronize()   # before the CPU reads the host pool
     assert torch.equal(torch.stack([host_parts(kv, h)[0] for _, h in out], dim=2), old.cpu())

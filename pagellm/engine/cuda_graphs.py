@@ -33,6 +33,13 @@ before it can exit), and the decode split count falls as ``B_pad`` grows; with
 faster than the eager step on an H200, and decodes of long contexts beside a
 chunk got one split each.
 
+Host swaps: every graph is captured waiting, where each layer group first
+touches its KV, for that group's event of the KV cache (``KVCache.layer_ready``,
+external events: a replay waits for their last records before it, those of
+the step's own ``swap`` when it copies anything, else long-passed ones). So a
+step restoring blocks from the host replays at once: layer 0 computes while
+later groups still copy, as in the eager forward.
+
 Exactness: a replay runs the kernels an eager forward of the padded batch
 runs, so its tokens are that run's. With ``capture=False`` the same padded
 batch runs eagerly (no graph): the CPU tests compare its tokens with the
@@ -172,7 +179,8 @@ class CudaGraphs:
     def _forward(self, shape: GraphShape) -> torch.Tensor:
         """Logits of every row (decode) or hidden states (varlen) of the padded batch in the buffers."""
         input_ids, positions, meta = self.inputs.batch(shape)
-        hidden = self.model(input_ids, positions, ForwardContext(meta, self.kv_cache.layers, self.backend))
+        hidden = self.model(input_ids, positions,
+                            ForwardContext(meta, self.kv_cache.layers, self.backend, self.kv_cache.layer_ready))
         return self.model.compute_logits(hidden) if shape.decode else hidden
 
     @torch.inference_mode()

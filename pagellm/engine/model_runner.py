@@ -288,8 +288,7 @@ class ModelRunner:
         rows = step.logits_indices.to(self.device, non_blocking=True)
         scored = None
         shape = self._graph_shape(step, meta) if kv_cache is self.kv_cache and step.scoring is None else None
-        if shape is not None:
-            wait_for_swaps(ready)
+        if shape is not None:   # the graph waits for each layer group's swaps itself (cuda_graphs.py)
             logits = self.graphs.run(shape, input_ids, positions, meta, rows)
         else:
             hidden = self.model(input_ids, positions, ForwardContext(meta, kv_cache.layers, self.backend, ready),
