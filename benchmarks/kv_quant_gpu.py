@@ -23,6 +23,8 @@ Without a GPU, Triton's interpreter runs the checks on small fp16 int8 cases::
   limit; int8 prefill 8 x 2k over tiles, warps and stages. Every timed output is
   checked against the torch reference. The best become ``QUANT_DECODE``,
   ``DECODE`` and ``QUANT_PREFILL`` for the rest of the run (engine too).
+  ``--sweep-int8``, ``--sweep-bf16``, ``--sweep-prefill`` replace the lists
+  (an empty one skips that part).
 * ``--baseline FILE``: another revision's ``triton_attention.py``, whose kernels
   the kernels section times too, with its own defaults, in the same run.
 * engine (``--engine-workloads``, default all): random Llama-3-8B, bf16 weights. (a) decode at batch 64 with 4,096-
