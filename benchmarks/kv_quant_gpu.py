@@ -146,7 +146,7 @@ def attention_checks(name, storage, heads, kv_heads, dim, dtype, device, quick, 
                             k_scale=cache.k_scale, v_scale=cache.v_scale)
         err = kb.rel_err(split[rows], ref[rows])
         results.append(dict(check=f"decode 4 splits {label}", rel_err=err, ok=err < CHECK_TOLERANCE))
-        for i, variant in enumerate(CHECK_VARIANTS if device.type == "cuda" else CHECK_VARIANTS[:window and 1]):
+        for i, variant in enumerate(CHECK_VARIANTS if device.type == "cuda" else CHECK_VARIANTS[:1 if window else 0]):
             got = torch.full_like(q, float("nan"))
             scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)
             ta.decode_attention(q, cache.k, cache.v, meta, dim ** -0.5, window, got, **scales, **variant["decode"])
