@@ -121,6 +121,19 @@ def test_triton_reads_a_cache_s_scales_as_k_v_pairs():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_decode_split_policy():
+    """Splits: the largest power of two within programs_per_sm * SMs programs
+    (B * Hkv * splits), keys per split >= MIN_KEYS_PER_SPLIT, and max_splits."""
+    from pagellm.kernels.triton_attention import MIN_KEYS_PER_SPLIT, num_kv_splits
+    assert MIN_KEYS_PER_SPLIT == 64
+    assert num_kv_splits(1, 8, 32768, 132, programs_per_sm=8, max_splits=64) == 64      # 132 wanted
+    assert num_kv_splits(1, 8, 32768, 132, programs_per_sm=8, max_splits=32) == 32
+    assert num_kv_splits(1, 8, 900, 132, programs_per_sm=8, max_splits=64) == 8          # 15 by length
+    assert num_kv_splits(64, 8, 4096, 132, programs_per_sm=8, max_splits=64) == 2        # 1056 // 512
+    assert num_kv_splits(256, 8, 2048, 132, programs_per_sm=8, max_splits=64) == 1
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_triton_kernels_match_the_torch_reference_under_the_interpreter(tmp_path):
     """Write, decode (with and without forced splits) and prefill over bf16 and
     int8 caches, GQA, a sliding window, queries and values at fp16's edges: the

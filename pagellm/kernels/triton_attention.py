@@ -8,14 +8,16 @@ need not line up with the cache's blocks and any power-of-two block size works.
 
 ``attend`` routes each sequence by its query length, with no host sync:
 
-* **decode** (query_len == 1), flash-decoding: grid ``(B, Hkv, num_splits)``;
-  a program loads the ``H / Hkv`` query heads of one KV head as the rows of a
-  matrix (padded to 16 for the tensor cores), so each K/V tile is read once per
-  group, and walks its share of the sequence's keys with an online softmax.
-  Each sequence's visible keys (its window, or all of them) are cut into
-  ``num_splits`` equal runs; with one split the kernel writes the output,
-  otherwise it writes the partial (max, sum, normalised out) per split and a
-  second kernel merges them.
+* **decode** (query_len == 1), flash-decoding: grid ``(B, Hkv, num_splits)``
+  (or ``(Hkv, B, num_splits)``, ``heads_inner``); a program loads the
+  ``H / Hkv`` query heads of one KV head as the rows of a matrix (padded to 16
+  for the tensor cores), so each K/V tile is read once per group, and walks its
+  share of the sequence's keys with an online softmax. Each sequence's visible
+  keys (its window, or all of them) are cut into ``num_splits`` equal runs;
+  with one split the kernel writes the output, otherwise it writes the partial
+  (max, sum, normalised out) per split and a second kernel merges them. Only a
+  run's first and last tiles can hold keys it must not see: the tiles between
+  skip the mask (as prefill's do).
 * **prefill** (query_len > 1), FlashAttention-2 style: grid
   ``(T // BLOCK_M + B, H)``, one program per tile of ``BLOCK_M`` queries of one
   sequence and one head. Sequence b's tiles are numbered from
@@ -56,8 +58,25 @@ dim order, scales loaded 2 bytes a key) ran the int8 decode at 0.94x of the
 bf16 kernel's speed at 64 x 4k on an H200 although it read half the bytes: its
 compiled loop sent the converted V tile through shared memory (the join), spent
 2.4 instructions a code converting, and waited on the two scale loads every
-tile. This one runs it at 1.44x (0.73 of copy bandwidth). The quantized prefill
-went the other way (160 to 117 TFLOP/s; bf16 275 to 321), cause not found.
+tile. This one ran it at 1.44x (0.73 of copy bandwidth) with 128-key tiles, 4
+warps and 3 stages, a loop Triton 3.6 does not overlap: below 5 stages its
+pipeliner gives the code tiles one shared-memory buffer, so each tile's copies
+are issued after the previous tile's math and waited out before its own. Now
+(an H200 sweep, ``benchmarks/kv_quant_gpu.py``): 5 stages, so the next tile's
+codes and scales are in flight during a tile's math (two buffers); 64-key tiles
+on 2 warps (939 instructions a warp for 64 keys in the unmasked loop, against
+4 warps' 634: 29 instructions a key a program instead of 40, 4 programs an SM);
+no mask on the tiles inside a split; programs of one token's KV heads launched
+together (``heads_inner``); up to 64 splits at batch 1. int8 decode at 64 x 4k:
+1.64x the bf16 kernel, 0.83 of copy bandwidth (256 x 2k: 0.89).
+
+The quantized prefill is slower than before the even/odd split (160 to 117
+TFLOP/s; bf16 275 to 321) and tiles with two shared-memory buffers (5 stages)
+did not help (93-102). Unlike the bf16 kernel's, its wgmma operands (the
+converted K and V tiles) are written from registers to shared memory every tile,
+and each such write is followed by a ``fence.proxy.async`` (SASS ``MEMBAR.ALL.CTA``,
+four a tile), which may wait for the tile copies already in flight; not
+confirmed on the device.
 
 CUDA graphs: the decode path launches with a grid fixed by the batch size and
 the split count, and the split count depends only on (batch size, Hkv,
@@ -91,17 +110,20 @@ NEG_BIG = tl.constexpr(-1.0e30)
 MIN_SCALE = tl.constexpr(SCALE_MIN)
 
 MIN_GROUP_ROWS = 16            # tl.dot needs at least 16 rows
-DECODE_BLOCK_N = 64            # keys per decode tile
-DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 3
 # Split policy: aim for this many decode programs per SM, with no split
 # shorter than MIN_KEYS_PER_SPLIT keys and at most MAX_KV_SPLITS splits.
 DECODE_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 64
 MAX_KV_SPLITS = 32
-# A quantized cache's decode: tiles, warps, stages and programs per SM of its own
-# (a tile carries half the bytes), from a sweep on an H200 (benchmarks/kv_quant_gpu.py).
-QUANT_DECODE = dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=8)
+# Decode tiles (keys per tile), warps, pipeline stages, the split policy's
+# programs per SM and most splits, and the grid order (``_decode_kernel``'s HEADS_INNER).
+# The bf16 kernel's heads-inner order and more splits were within 1-2% in the
+# sweep of h200-2026-12-02-kv-quant-kernel.json: left as they were.
+DECODE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=DECODE_PROGRAMS_PER_SM,
+              max_splits=MAX_KV_SPLITS, heads_inner=False)
+# A quantized cache's decode: its own (a tile carries half the bytes), from a
+# sweep on an H200 (benchmarks/kv_quant_gpu.py, h200-2026-12-02-kv-quant-kernel.json).
+QUANT_DECODE = dict(block_n=64, num_warps=2, num_stages=5, programs_per_sm=8, max_splits=64, heads_inner=True)
 
 PREFILL = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
 # A quantized cache's prefill tiles (its key tiles are converted in registers and
@@ -420,6 +442,40 @@ def _attend_key_tile(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_star
 
 
 @triton.jit
+def _attend_runs(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, lo, full_lo, full_hi, hi, key_lo, window,
+                 k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block,
+                 stride_cache_token, scale_ptr, scale_head_offset, stride_scale_block,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
+                 FP8: tl.constexpr, EDGE_STAGES: tl.constexpr):
+    """``_attend_key_tile`` over the tiles from ``lo`` (a multiple of BLOCK_N) up
+    to key ``hi`` (exclusive), visible keys from ``key_lo``, in three runs: the
+    band's lower edge (masked), the tiles of ``[full_lo, full_hi)`` (multiples
+    of BLOCK_N; every key of them visible to every row: no mask, no masked
+    loads), the upper edge (masked). Every non-empty run starts at a multiple
+    of BLOCK_N. The edge runs' loops are pipelined with ``EDGE_STAGES`` (None:
+    the kernel's ``num_stages``): a decode split has at most one tile in each,
+    and pipelining it costs registers (sm_90, Triton 3.6, 4 warps: int8 64-key
+    tiles at 5 stages take 208 registers a thread with every loop pipelined,
+    128 with the edges at 1 stage; bf16 at 3 stages 89, 80 with the edges at 2)."""
+    mid_lo = tl.minimum(full_lo, hi)
+    mid_hi = tl.maximum(mid_lo, full_hi)
+    for part in tl.static_range(3):
+        if part == 0:
+            first, last = lo, mid_lo
+        elif part == 1:
+            first, last = mid_lo, mid_hi
+        else:
+            first, last = mid_hi, hi
+        for key_start in tl.range(first, last, BLOCK_N, num_stages=None if part == 1 else EDGE_STAGES):
+            acc_a, acc_b, l_i, m_i = _attend_key_tile(
+                acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
+                k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
+                scale_ptr, scale_head_offset, stride_scale_block,
+                BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=part != 1, QUANT=QUANT, FP8=FP8)
+    return acc_a, acc_b, l_i, m_i
+
+
+@triton.jit
 def _store_halves(ptr, row_offsets, dims_a, dims_b, out_a, out_b, row_ok):
     """Store the two halves of ``[M, D]`` rows at ``ptr + row_offsets[:, None] + dims``."""
     tl.store(ptr + row_offsets[:, None] + dims_a[None, :], out_a.to(ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -437,18 +493,26 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
                    stride_cache_block, stride_cache_token, stride_cache_head, stride_bt,
                    stride_scale_block, stride_scale_head,
                    GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr):
-    """Program (b, kv_head, split): attention of sequence b's decode token, for all
-    query heads of ``kv_head``, over the split's run of keys.
+                   BLOCK_SIZE: tl.constexpr, WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr,
+                   HEADS_INNER: tl.constexpr):
+    """Program (b, kv_head, split), or (kv_head, b, split) with ``HEADS_INNER``
+    (programs launched together then read the KV heads of the same tokens):
+    attention of sequence b's decode token, for all query heads of ``kv_head``,
+    over the split's run of keys.
 
     Writes the final output when ``WRITE_OUTPUT`` (single split), else the split's
     running max (log2 domain), sum and normalised output into the partial buffers
     ``[B, H, num_splits(, D)]``.
     """
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_INNER:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_heads = tl.num_programs(0) * group_size
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_heads = tl.num_programs(1) * group_size
     split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * group_size
 
     token = tl.load(query_start_loc_ptr + seq)
     if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
@@ -479,13 +543,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     m_i = tl.full([GROUP_ROWS], NEG_BIG, dtype=tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for key_start in range(start, end, BLOCK_N):
-        acc_a, acc_b, l_i, m_i = _attend_key_tile(
-            acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, tl.maximum(start, first_key), end,
-            window, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head * stride_cache_head,
-            stride_cache_block, stride_cache_token,
-            scale_ptr, kv_head * stride_scale_head, stride_scale_block,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=True, QUANT=QUANT, FP8=FP8)
+    # Every key in [key_lo, end) is visible to the decode token: only the first
+    # and last tiles of the split can need a mask.
+    key_lo = tl.maximum(start, first_key)
+    acc_a, acc_b, l_i, m_i = _attend_runs(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, start, tl.cdiv(key_lo, BLOCK_N) * BLOCK_N,
+        end // BLOCK_N * BLOCK_N, end, key_lo, window, k_cache_ptr, v_cache_ptr, block_table_ptr,
+        kv_head * stride_cache_head, stride_cache_block, stride_cache_token,
+        scale_ptr, kv_head * stride_scale_head, stride_scale_block,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, QUANT=QUANT, FP8=FP8,
+        EDGE_STAGES=1 if QUANT else 2)     # the fewest registers (``_attend_runs``)
 
     norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
     if WRITE_OUTPUT:
@@ -525,15 +592,16 @@ def _num_sms(device_index: int) -> int:
 
 
 def num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                  programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
+                  programs_per_sm: int = DECODE_PROGRAMS_PER_SM, max_splits: int = MAX_KV_SPLITS) -> int:
     """Splits per sequence for decode: the largest power of two that keeps the
-    grid within about ``DECODE_PROGRAMS_PER_SM`` programs per SM (one wave at
-    this kernel's occupancy), leaves no split shorter than ``MIN_KEYS_PER_SPLIT``
-    keys of the longest sequence, and is at most ``MAX_KV_SPLITS``. On an H100
-    (132 SMs, 8 KV heads): batch 1 -> 32, 8 -> 8, 64 and more -> 1 (fewer for short contexts)."""
+    grid within about ``programs_per_sm`` programs per SM (one wave at this
+    kernel's occupancy), leaves no split shorter than ``MIN_KEYS_PER_SPLIT``
+    keys of the longest sequence, and is at most ``max_splits``. On an H100
+    (132 SMs, 8 KV heads, the defaults): batch 1 -> 32, 8 -> 8, 64 and more -> 1
+    (fewer for short contexts)."""
     wanted = max(programs_per_sm * num_sms // max(num_seqs * num_kv_heads, 1), 1)
     by_length = triton.cdiv(max(max_seq_len, 1), MIN_KEYS_PER_SPLIT)
-    limit = min(wanted, by_length, MAX_KV_SPLITS)
+    limit = min(wanted, by_length, max_splits)
     return 1 << (limit.bit_length() - 1)   # largest power of two <= limit
 
 
@@ -551,19 +619,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: int | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, **tiling) -> None:
     """Write ``out`` rows of the sequences whose query length is 1 (others untouched).
-    ``tiling`` overrides the defaults (``block_n``, ``num_warps``, ``num_stages``,
-    ``programs_per_sm``; quantized: ``QUANT_DECODE``)."""
+    ``tiling`` overrides the defaults (``DECODE``, quantized ``QUANT_DECODE``)."""
     _, num_heads, head_dim = q.shape
     num_seqs = meta.num_seqs
     num_kv_heads = k_cache.shape[2]
     group_size = num_heads // num_kv_heads
     fmt, scales = _scale_pairs(k_cache, k_scale, v_scale)
-    t = (dict(QUANT_DECODE) if fmt is not None else
-         dict(block_n=DECODE_BLOCK_N, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
-              programs_per_sm=DECODE_PROGRAMS_PER_SM)) | tiling
+    t = dict(DECODE if fmt is None else QUANT_DECODE) | tiling
     if num_splits is None:
         num_splits = num_kv_splits(num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device.index or 0),
-                                   t["programs_per_sm"])
+                                   t["programs_per_sm"], t["max_splits"])
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     write_output = num_splits == 1
     if write_output:
@@ -574,7 +639,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     window = NO_WINDOW if sliding_window is None else sliding_window
     k_cache, v_cache = _as_tiles(k_cache, fmt), _as_tiles(v_cache, fmt)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_seqs) if t["heads_inner"] else (num_seqs, num_kv_heads)
+    _decode_kernel[(*grid, num_splits)](
         q, k_cache, v_cache, scales, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         out, part_max, part_sum, part_out,
         scale * LOG2_E, window, num_splits, group_size,
@@ -583,7 +649,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scales.stride(0), scales.stride(1),
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
         BLOCK_N=t["block_n"], BLOCK_SIZE=k_cache.shape[1], WRITE_OUTPUT=write_output, QUANT=fmt is not None,
-        FP8=_is_fp8(fmt), num_warps=t["num_warps"], num_stages=t["num_stages"])
+        FP8=_is_fp8(fmt), HEADS_INNER=t["heads_inner"], num_warps=t["num_warps"], num_stages=t["num_stages"])
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             meta.query_start_loc, out, part_max, part_sum, part_out,
@@ -643,40 +709,25 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     q_a, q_b, q_factor = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
     q_pos = context_len + rows
 
-    # Keys [key_lo, hi) are visible to some row, [mid_lo, mid_hi) to every row;
-    # the loops start at key_lo rounded down to a tile.
+    # Keys [key_lo, hi) are visible to some row, the tiles of [full_lo, full_hi)
+    # to every row; the runs start at key_lo rounded down to a tile.
     first_pos = context_len + first_row
     last_pos = context_len + tl.minimum(first_row + BLOCK_M, q_len) - 1
     key_lo = tl.maximum(first_pos - window + 1, 0)
     lo = key_lo // BLOCK_N * BLOCK_N
-    hi = last_pos + 1
     full_lo = tl.maximum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, lo)
     full_hi = (first_pos + 1) // BLOCK_N * BLOCK_N
-    mid_lo = tl.minimum(full_lo, hi)
-    mid_hi = tl.maximum(mid_lo, full_hi)
 
     acc_a = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    kv_head_offset = kv_head * stride_cache_head
-    scale_head_offset = kv_head * stride_scale_head
-    # Three runs of tiles: the window's edge, inside the band (unmasked), the
-    # causal diagonal. Every non-empty run starts at a multiple of BLOCK_N.
-    for part in tl.static_range(3):
-        if part == 0:
-            first, last = lo, mid_lo
-        elif part == 1:
-            first, last = mid_lo, mid_hi
-        else:
-            first, last = mid_hi, hi
-        for key_start in range(first, last, BLOCK_N):
-            acc_a, acc_b, l_i, m_i = _attend_key_tile(
-                acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
-                k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
-                scale_ptr, scale_head_offset, stride_scale_block,
-                BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=part != 1, QUANT=QUANT, FP8=FP8)
+    acc_a, acc_b, l_i, m_i = _attend_runs(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, lo, full_lo, full_hi, last_pos + 1, key_lo, window,
+        k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head * stride_cache_head, stride_cache_block,
+        stride_cache_token, scale_ptr, kv_head * stride_scale_head, stride_scale_block,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, QUANT=QUANT, FP8=FP8, EDGE_STAGES=None)
 
     norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
     _store_halves(out_ptr, tokens * stride_ot + head * stride_oh, dims_a, dims_b, acc_a / norm, acc_b / norm, row_ok)
