@@ -1,19 +1,21 @@
 """Quantized weights on the GPU: kernels checked against their torch twins, then timed.
 
     PYTHONPATH=. python3 benchmarks/quant_gpu.py --out $OUT [--real .gpu-data/qwen05-layers.pt] \
-        [--sections check,kernels,latency,throughput]
+        [--sections check,sweep,kernels,latency,throughput] [--sweep "1:int8,int4;256:int8"]
 
-1. check: the Triton int8/int4 kernels (GEMV and GEMM shapes) and the W8A8 path
-   against ``kernels.torch_quant`` evaluated in fp32, on random Llama-3-8B-shape
-   matrices and, with ``--real``, on real Qwen2.5-Coder-0.5B layers with
-   activations captured from the model (``benchmarks/quant_real_layers.py``).
-   Outputs are poisoned with NaN first so unwritten elements fail.
-2. kernels: each Llama-3-8B projection at 1 row (decode) and 2,048 rows
-   (prefill): bf16 cuBLAS, the fused kernels, dequantize+cuBLAS and W8A8, with
-   the bytes each reads over the measured copy bandwidth.
-3. latency / throughput: ``pagellm bench latency`` (batch 1, 128 -> 128) for
-   none/int8/int4/w8a8 and ``pagellm bench throughput`` (256 requests) for
-   none/int8, interleaved in one machine session, ratios against bf16.
+1. check: the Triton int8/int4 kernels (GEMV and GEMM shapes), the dense bf16
+   GEMV (``DENSE_GEMV`` shapes) and the W8A8 path against ``kernels.torch_quant``
+   evaluated in fp32, on random Llama-3-8B-shape matrices and, with ``--real``,
+   on real Qwen2.5-Coder-0.5B layers with activations captured from the model
+   (``benchmarks/quant_real_layers.py``).
+2. sweep: tile configurations per row count and format, the best (summed over
+   the four projections) replacing its table's entry for the sections after it.
+3. kernels: each Llama-3-8B projection and the LM head at ``--kernel-rows``:
+   bf16 cuBLAS (and the Triton bf16 GEMV), the fused kernels, dequantize+cuBLAS,
+   tinygemm and W8A8, with the bytes each reads over the measured copy bandwidth.
+4. latency / throughput: ``pagellm bench latency`` (batch 1, 128 -> 128) and
+   ``pagellm bench throughput`` (256 requests) per format, interleaved in one
+   machine session, ratios against bf16.
 Everything goes into one JSON (``$OUT/quant-gpu.json``); a table is printed last.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pagellm.kernels import quant_ops, torch_quant
 LLAMA3_8B = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
              "down_proj": (4096, 14336)}
 TOLERANCE = 1e-2           # ||out - ref|| / ||ref||, bf16 activations and outputs
+LM_HEAD = {"lm_head": (128256, 4096)}      # dense in every format today: timed to show what it costs
 W8A8_TOLERANCE = 4e-3      # against the exact int64 reference: only the final bf16 rounding differs
 
 
@@ -43,16 +46,18 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tinygemm_pack(p4: torch.Tensor, s4: torch.Tensor, z4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's int4 layout repacked for torch's tinygemm (``torch._weight_int4pack_mm``): the even
-    element in the high nibble, and ``w = (q - 8) * scale + zero`` with ``zero = (8 - z) * scale``."""
-    swapped = ((p4 & 0xF) << 4) | (p4 >> 4)
+    """The engine's int4 codes repacked for torch's tinygemm (``torch._weight_int4pack_mm``): pairs along K,
+    the even element in the high nibble, and ``w = (q - 8) * scale + zero`` with ``zero = (8 - z) * scale``."""
+    codes = torch_quant.unpack_int4(p4)
+    swapped = (codes[:, 0::2] << 4) | codes[:, 1::2]
     scale = s4.float()
     scales_and_zeros = torch.stack([scale, (8 - z4.float()) * scale], -1).transpose(0, 1).contiguous()
     return torch._convert_weight_to_int4pack(swapped, 8), scales_and_zeros.bfloat16()
 
 
-def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor) -> list[dict]:
-    """All kernels for one weight ``w [N, K]`` and activations ``x [M, K]`` (bf16, CUDA)."""
+def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, w8a8: bool = True) -> list[dict]:
+    """All kernels for one weight ``w [N, K]`` and activations ``x [M, K]`` (bf16, CUDA); ``w8a8``: also
+    the W8A8 path (its exact reference is an int64 matmul on the CPU, slow at many rows)."""
     from pagellm.kernels import triton_quant
     rows = []
     q8, s8 = torch_quant.quantize_int8(w)
@@ -71,6 +76,13 @@ def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor) -> list[dict]:
         except (RuntimeError, NotImplementedError) as exc:
             rows.append({"case": name, "kernel": "int4 tinygemm", "m": x.shape[0], "error": float("nan"),
                          "unavailable": str(exc)[:200]})
+    dense = triton_quant.DENSE_GEMV.get(tuple(w.shape))
+    if dense is not None and x.shape[0] == 1:
+        wb = w.bfloat16()
+        rows.append({"case": name, "kernel": "bf16 gemv", "m": 1,
+                     "error": rel_error(triton_quant.dense_matmul(x, wb, None, dense), x.float() @ wb.float().t())})
+    if not w8a8:
+        return rows
     refw = torch_quant.w8a8_linear(x.double().cpu(), q8.cpu(), s8.cpu(), None).to(x.device)
     rows.append({"case": name, "kernel": "w8a8", "m": x.shape[0],
                  "error": rel_error(quant_ops.w8a8_linear(x, q8, s8, None), refw)})
@@ -82,15 +94,15 @@ def section_check(args) -> list[dict]:
     rows = []
     for name, (n, k) in LLAMA3_8B.items():
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        for m in (1, 5, 16, 100, 512):
+        for m in (int(m) for m in args.check_rows.split(",")):
             rows += check_matrix(f"random {name}", w, torch.randn(m, k, device="cuda", generator=gen,
-                                                                    dtype=torch.bfloat16))
+                                                                    dtype=torch.bfloat16), m <= args.w8a8_rows)
     if args.real:
         data = torch.load(args.real)
         for name, item in data["layers"].items():
             w, x = item["weight"].cuda().float(), item["inputs"].cuda().bfloat16()
             for m in (1, 16, x.shape[0]):
-                rows += check_matrix(f"real {name}", w, x[:m])
+                rows += check_matrix(f"real {name}", w, x[:m], m <= args.w8a8_rows)
     for r in rows:
         r["ok"] = r["error"] <= (W8A8_TOLERANCE if r["kernel"] == "w8a8" else TOLERANCE)
     return rows
@@ -103,7 +115,7 @@ def section_kernels(args) -> list[dict]:
     from pagellm.kernels import triton_quant
     copy_bw = measure_copy_bandwidth(torch.device("cuda"))["bandwidth"]
     rows = []
-    for name, (n, k) in LLAMA3_8B.items():
+    for name, (n, k) in (LLAMA3_8B | LM_HEAD).items():
         w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         q8, s8 = torch_quant.quantize_int8(w)
         p4, s4, z4 = torch_quant.quantize_int4(w, 128)
@@ -118,6 +130,9 @@ def section_kernels(args) -> list[dict]:
                                         n * k // 2 + n * k // 128 * 3),
                 "w8a8 _int_mm": (lambda: quant_ops.w8a8_linear(x, q8, s8, None), n * k + n * 4),
             }
+            dense = triton_quant.DENSE_GEMV.get((n, k))
+            if dense is not None and m == 1:
+                variants["bf16 triton GEMV"] = (lambda: triton_quant.dense_matmul(x, w, None, dense), n * k * 2)
             try:
                 packed, sz = tinygemm_pack(p4, s4, z4)
                 variants["int4 tinygemm"] = (lambda: torch._weight_int4pack_mm(x, packed, 128, sz),
@@ -141,28 +156,35 @@ def _graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20)
 
 
-def sweep_configs(m: int):
-    """The tile grid tried at ``m`` rows: GEMV/SMALL shapes up to 16 rows, GEMM tiles above."""
+GEMV_REGISTERS = 64     # fp32 values per thread a GEMV tile's accumulator may take (more spill)
+
+
+def sweep_configs(m: int, fmt: str):
+    """The tile grid tried at ``m`` rows: GEMV tiles at one row (accumulators of at most GEMV_REGISTERS per
+    thread; int4 keeps three [BLOCK_N, BLOCK_K / 8] tensors of words, products and sums), SMALL shapes up
+    to 16 rows, GEMM tiles above."""
     import itertools
 
     from pagellm.kernels.triton_quant import MatmulConfig
-    if m == 1:     # narrow tiles fill the GPU without a split (whose reduction costs a launch)
-        for block_n, block_k, warps, ppsm in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (2, 4, 8), (1, 4)):
-            yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
+    if m == 1:
+        per_thread = {"int8": lambda n, k, w: n * k / (32 * w), "int4": lambda n, k, w: 3 * n * k / 8 / (32 * w)}[fmt]
+        for block_n, block_k, warps, ppsm in itertools.product((4, 8, 16, 32), (1024, 2048), (4, 8), (1, 4)):
+            if GEMV_REGISTERS // 4 <= per_thread(block_n, block_k, warps) <= GEMV_REGISTERS:
+                yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
     elif m <= 16:
         for block_n, block_k, warps, ppsm in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1, 2, 8)):
             yield MatmulConfig(16, block_n, block_k, warps, 3, ppsm)
     else:
-        for block_m, block_n, block_k, warps, stages in itertools.product((64, 128), (64, 128), (64, 128), (4, 8),
-                                                                          (3, 4)):
+        for block_m, block_n, block_k, warps, stages in ((128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
+                                                         (128, 256, 64, 8, 3)):
             yield MatmulConfig(block_m, block_n, block_k, warps, stages, 1)
 
 
 def section_sweep(args) -> list[dict]:
-    """Tile configurations of the fused kernels at ``--sweep-rows`` rows, each checked against the reference
+    """Tile configurations of the fused kernels (``--sweep``: rows and formats), each checked against the reference
     and timed on every Llama-3-8B projection (a decode step runs them all, so the sum decides). The best
     tiles at each row count replace their table's entry (``triton_quant.GEMV``/``SMALL``/``LARGE``) in the
-    latency and throughput runs that follow."""
+    latency, throughput and kernels sections that follow."""
     from pagellm.kernels import triton_quant
     gen = torch.Generator(device="cuda").manual_seed(1)
     mats = {}
@@ -170,10 +192,11 @@ def section_sweep(args) -> list[dict]:
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         mats[name] = (w, torch_quant.quantize_int8(w), torch_quant.quantize_int4(w, 128))
     rows = []
-    sweep_rows = [int(m) for m in args.sweep_rows.split(",")]
-    for m in sweep_rows:
-        for fmt in args.sweep_formats.split(","):
-            for config in sweep_configs(m):
+    plan = {int(m): fmts.split(",") for m, fmts in (part.split(":") for part in args.sweep.split(";"))}
+    sweep_rows = list(plan)
+    for m, fmts in plan.items():
+        for fmt in fmts:
+            for config in sweep_configs(m, fmt):
                 row = {"fmt": fmt, "m": m, "config": config.__dict__, "ms": {}, "error": 0.0}
                 try:
                     for name, (w, (q8, s8), (p4, s4, z4)) in mats.items():
@@ -201,23 +224,30 @@ def section_sweep(args) -> list[dict]:
         row["bf16_total_ms"] = bf16[row["m"]]
     for m in sweep_rows:
         table = "GEMV" if m == 1 else "SMALL" if m <= 16 else "LARGE"
-        for fmt in args.sweep_formats.split(","):
+        for fmt in plan[m]:
             ok = [r for r in rows if r["fmt"] == fmt and r["m"] == m and "total_ms" in r and r["error"] <= TOLERANCE]
-            if ok:
-                args.override.setdefault(table, {})[fmt] = min(ok, key=lambda r: r["total_ms"])["config"]
+            if ok:    # for the bench subprocesses, and for the kernels section in this process
+                best = min(ok, key=lambda r: r["total_ms"])["config"]
+                args.override.setdefault(table, {})[fmt] = best
+                getattr(triton_quant, table)[fmt] = triton_quant.MatmulConfig(**best)
     return rows
+
+
+HEAD_SUFFIX = "+head"      # a format with the LM head quantized too (an experiment: the engine keeps it dense)
+QUANTIZED_HEAD = ("import pagellm.quant as q; q._blocks_only = lambda method: (lambda prefix: method(prefix) "
+                  "if prefix.startswith('layers.') or prefix == 'lm_head' else q.DENSE); ")
 
 
 def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
     path = os.path.join(args.out, f"{kind}-{quantization}.json")
-    cmd = [sys.executable, "-m", "pagellm.cli", "bench", kind, "llama-3-8b", "--random-weights",
-           "--quantization", quantization, "--json", path, *extra]
-    if args.override:     # the sweep's best tiles, set in the benchmark's own process
-        setup = "import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " \
-                + "".join(f"t.{table}[{fmt!r}] = t.MatmulConfig(**{config}); "
-                          for table, configs in args.override.items() for fmt, config in configs.items()) \
-                + "sys.exit(main(sys.argv[1:]))"
-        cmd[1:3] = ["-c", setup]
+    fmt = quantization.removesuffix(HEAD_SUFFIX)
+    setup = "".join(f"t.{table}[{name!r}] = t.MatmulConfig(**{config}); "   # the sweep's best tiles
+                    for table, configs in args.override.items() for name, config in configs.items())
+    setup += QUANTIZED_HEAD if quantization.endswith(HEAD_SUFFIX) else ""
+    setup = ("import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " + setup
+             + "sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", setup, "bench", kind, "llama-3-8b", "--random-weights",
+           "--quantization", fmt, "--json", path, *extra]
     run = run_bench(cmd, path, args.bench_timeout)
     if "error" in run:
         return run
@@ -244,9 +274,10 @@ def main() -> None:
     parser.add_argument("--sections", default="check,kernels,latency,throughput")
     parser.add_argument("--latency-formats", default="none,int8,int4,w8a8")
     parser.add_argument("--throughput-formats", default="none,int8,int4")
-    parser.add_argument("--sweep-rows", default="1,16")
+    parser.add_argument("--sweep", default="1:int8,int4;16:int8,int4", help="rows:formats;rows:formats...")
+    parser.add_argument("--check-rows", default="1,5,16,100,512")
+    parser.add_argument("--w8a8-rows", type=int, default=512, help="check W8A8 up to this many rows")
     parser.add_argument("--kernel-rows", default="1,16,64,256,2048")
-    parser.add_argument("--sweep-formats", default="int8,int4")
     parser.add_argument("--bench-timeout", type=int, default=240)
     args = parser.parse_args()
     args.override = {}

@@ -77,17 +77,19 @@ def split_k_for(config: MatmulConfig, m: int, n: int, k_tiles: int, device_index
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x[rows, ks] @ w^T for a dequantized tile ``w [BLOCK_N, BLOCK_K]`` (fp32)."""
-    k_ok = ks < K
-    if BLOCK_M == 1:
-        x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)[None, :]
-    else:
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & k_ok[None, :],
-                    other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    return acc
+def _int8_as_f32(q):
+    """int8 codes -> exact fp32 without a conversion instruction: ``q + 0x4B000080`` is the bit pattern of
+    the float ``2**23 + 128 + q`` (q in -128..127 stays inside the mantissa), so one integer add and one
+    float subtract replace I2F, which issues at a quarter of the FMA rate and bounded the GEMV."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, w):
+    """acc [BLOCK_M, BLOCK_N] += x[rows, ks] @ w^T on tensor cores (``w [BLOCK_N, BLOCK_K]``, cast to x's dtype)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks < K)[None, :],
+                other=0.0)
+    return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
 
 
 @triton.jit
@@ -107,20 +109,64 @@ def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, t
                  stride_xm, stride_qn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr = True):
-    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix."""
+    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix. One row: products
+    summed elementwise into a ``[BLOCK_N, BLOCK_K]`` accumulator, reduced once after the K loop."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
         ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                     other=0)
-        acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, q.to(tl.float32), BLOCK_M)
+        if BLOCK_M == 1:
+            w = _int8_as_f32(q) if HAS_SCALE else q.to(tl.float32)
+            x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+            partial += w * x[None, :]
+        else:
+            acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, _int8_as_f32(q) if HAS_SCALE else q)
+    if BLOCK_M == 1:
+        acc = tl.sum(partial, axis=1)[None, :]
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _int4_gemv_tile(words, x_ptr, zero, scale):
+    """One row's products with a tile of packed words ``[BLOCK_N, RUNS, 16]`` (``torch_quant``'s layout:
+    nibble j of a run's word w is weight 16 j + w), per output channel, run and word: sum_j (q - z) s x.
+
+    A nibble is decoded in place: ``(word & 0xF << 4p) | 0x4B000000`` is the float ``2**23 + q 16**p`` for
+    p <= 4 (the code stays inside the mantissa), so one LOP3 and one subtract (folding the zero point)
+    give ``(q - z) 16**p`` exactly; x is scaled by ``16**-p`` (exact) to match. Nibbles 4..7 come from the
+    word shifted right by 16 once."""
+    high = words >> 16
+    lanes = tl.arange(0, 16)
+    offsets = tl.arange(0, words.shape[1])[:, None] * 128 + lanes[None, :]
+    dots = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        shift = 4 * (j % 4)
+        if j < 4:
+            plane = words & (0xF << shift)
+        else:
+            plane = high & (0xF << shift)
+        code = (plane | 0x4B000000).to(tl.float32, bitcast=True)
+        x = tl.load(x_ptr + offsets + 16 * j).to(tl.float32) * (1.0 / (1 << shift))
+        dots += (code - (8388608.0 + zero * (1 << shift))[:, :, None]) * x[None, :, :]
+    return dots * scale[:, :, None]
+
+
+@triton.jit
+def _int4_codes(words):
+    """Packed words ``[BLOCK_N, RUNS, 16]`` -> codes ``[BLOCK_N, RUNS, 8, 16]`` (K order) as exact fp32."""
+    shifts = 4 * tl.arange(0, 8)
+    planes = (words[:, :, None, :] >> shifts[None, None, :, None]) & 0xF
+    return (planes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -128,31 +174,32 @@ def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
                  stride_xm, stride_qn, stride_sn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """``q_ptr``: the packed codes as int32 words ``[N, K/8]`` (``stride_qn`` in words); ``GROUP`` is the
+    packing run (128), so a run's 16 words are one group with one scale and zero point."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    half = tl.arange(0, BLOCK_K // 2)
-    groups = tl.arange(0, BLOCK_K // GROUP)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    runs = tl.arange(0, BLOCK_K // GROUP)
+    word_offsets = runs[:, None] * 16 + tl.arange(0, 16)[None, :]
+    if BLOCK_M == 1:
+        partial = tl.zeros((BLOCK_N, BLOCK_K // GROUP, 16), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
-        packed = tl.load(q_ptr + cols[:, None] * stride_qn + tile * (BLOCK_K // 2) + half[None, :],
-                         mask=col_ok[:, None], other=0)
-        codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)           # [BLOCK_N, BLOCK_K], in K order
-        g = tile * (BLOCK_K // GROUP) + groups
-        meta = cols[:, None] * stride_sn + g[None, :]
+        words = tl.load(q_ptr + cols[:, None, None] * stride_qn + tile * (BLOCK_K // 8) + word_offsets[None, :, :],
+                        mask=col_ok[:, None, None], other=0)
+        meta = cols[:, None] * stride_sn + tile * (BLOCK_K // GROUP) + runs[None, :]
         zero = tl.load(zero_ptr + meta, mask=col_ok[:, None], other=0).to(tl.float32)
         scale = tl.load(scale_ptr + meta, mask=col_ok[:, None], other=0.0).to(tl.float32)
-        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        if BLOCK_M == 1:    # sum_k (q - z) s x = s (sum_k q x - z sum_k x): the zero and scale once per group
-            x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks).to(tl.float32)
-            dots = tl.sum(tl.reshape(codes * x[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
-            x_sums = tl.sum(tl.reshape(x, (BLOCK_K // GROUP, GROUP)), axis=1)
-            acc += tl.sum(scale * (dots - zero * x_sums[None, :]), axis=1)[None, :]
+        if BLOCK_M == 1:
+            partial += _int4_gemv_tile(words, x_ptr + tl.program_id(2) * stride_xm + tile * BLOCK_K, zero, scale)
         else:
-            w = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP))
-            w = tl.reshape((w - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-            acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M)
+            w = (_int4_codes(words) - zero[:, :, None, None]) * scale[:, :, None, None]
+            ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, tl.reshape(w, (BLOCK_N, BLOCK_K)))
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.reshape(partial, (BLOCK_N, BLOCK_K // 8)), axis=1)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
@@ -207,5 +254,6 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     """``x [..., K]`` @ dequant(packed)^T + bias; groups of GROUP along K."""
     group = x.shape[-1] // scale.shape[1]
     assert group == GROUP, f"the int4 kernel takes groups of {GROUP}, got {group}"
-    return _launch(_int4_kernel, "int4", x, packed.shape[0], (packed, scale, zero),
-                   (packed.stride(0), scale.stride(0)), bias, config, GROUP=GROUP)
+    words = packed.view(torch.int32)    # little-endian: byte 4w + b is bits 8b.. of word w
+    return _launch(_int4_kernel, "int4", x, packed.shape[0], (words, scale, zero),
+                   (words.stride(0), scale.stride(0)), bias, config, GROUP=GROUP)

@@ -134,6 +134,7 @@ def resolve_quantization(name: str | None, checkpoint) -> str:
     check_quantization(name)
     if saved := saved_format(checkpoint):
         stored = saved["format"]
+        _check_packing(saved, checkpoint)
         if name not in (None, "auto", stored):
             raise ValueError(f"quantization {name!r}: this checkpoint is stored quantized as {stored!r}; "
                              f"use quantization 'auto' or {stored!r}")
@@ -141,6 +142,16 @@ def resolve_quantization(name: str | None, checkpoint) -> str:
     if name != "auto":
         return name or "none"
     return "gguf" if checkpoint is not None and checkpoint.format == "gguf" else "none"
+
+
+def _check_packing(saved: dict, checkpoint) -> None:
+    """A saved int4 checkpoint holds its codes in the layout it was written with; one from before the
+    interleaved words (``torch_quant.INT4_PACKING``) would read as other codes, so it is refused."""
+    from pagellm.kernels.torch_quant import INT4_PACKING
+    packing = saved.get("int4_packing", "pairs")
+    if saved["format"] == "int4" and packing != INT4_PACKING:
+        raise ValueError(f"{checkpoint.path}: int4 codes packed as {packing!r}, this engine reads "
+                         f"{INT4_PACKING!r}; write the checkpoint again with `pagellm quantize`")
 
 
 def check_quantization_fits(name: str, model_config, device: torch.device) -> None:
