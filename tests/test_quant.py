@@ -178,8 +178,13 @@ def prompt_logprobs(llm) -> torch.Tensor:
     return torch.tensor([entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], PROMPT[1:])])
 
 
+def int8_round_trip(w: torch.Tensor) -> torch.Tensor:
+    return torch_quant.dequantize_int8(*torch_quant.quantize_int8(w), w.dtype)
+
+
 def fake_quantized_copy(folder, dest, round_trip):
-    """The checkpoint with every block projection replaced by round_trip(weight): what a quantized layer holds."""
+    """The checkpoint with every block projection replaced by round_trip(weight) and an untied LM head by its
+    int8 round trip: what the quantized layers hold."""
     import shutil
     from safetensors.torch import load_file, save_file
     shutil.copytree(folder, dest)
@@ -187,6 +192,8 @@ def fake_quantized_copy(folder, dest, round_trip):
     for name, tensor in tensors.items():
         if any(f".{p}.weight" in name for p in PROJECTIONS):
             tensors[name] = round_trip(tensor)
+        elif name == "lm_head.weight":
+            tensors[name] = int8_round_trip(tensor)
     save_file(tensors, dest / "model.safetensors")
     return dest
 
@@ -198,7 +205,7 @@ def test_quantized_layers_compute_what_their_dequantized_weights_do(tmp_path, qu
     from tiny_models import make_tiny_hf_model
     folder = make_tiny_hf_model(tmp_path / "model", arch="qwen2", num_kv_heads=2, hidden_size=256,
                                 intermediate_size=512)
-    round_trip = {"int8": lambda w: torch_quant.dequantize_int8(*torch_quant.quantize_int8(w), w.dtype),
+    round_trip = {"int8": int8_round_trip,
                   "int4": lambda w: torch_quant.dequantize_int4(*torch_quant.quantize_int4(w, 128), w.dtype)}
     reference = LLM(str(fake_quantized_copy(folder, tmp_path / "fake", round_trip[quantization])), dtype="float32",
                     num_kv_blocks=64)
@@ -206,6 +213,7 @@ def test_quantized_layers_compute_what_their_dequantized_weights_do(tmp_path, qu
     layer = quant.engine.runner.model.layers[0].mlp.down_proj
     assert "weight" not in dict(layer.named_parameters()) and layer.qweight.dtype in (torch.int8, torch.uint8)
     assert type(quant.engine.runner.model.embed_tokens.method).__name__ == "DenseLinearMethod"
+    assert quant.engine.runner.model.lm_head.qweight.dtype == torch.int8       # untied: int8 in both formats
     torch.testing.assert_close(prompt_logprobs(quant), prompt_logprobs(reference), atol=1e-4, rtol=0)
     dense = LLM(str(folder), dtype="float32", num_kv_blocks=64)
     assert not torch.allclose(prompt_logprobs(dense), prompt_logprobs(quant), atol=1e-4)   # it did quantize

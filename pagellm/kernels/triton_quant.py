@@ -139,25 +139,36 @@ def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, t
 @triton.jit
 def _int4_gemv_tile(words, x_ptr, zero, scale):
     """One row's products with a tile of packed words ``[BLOCK_N, RUNS, 16]`` (``torch_quant``'s layout:
-    nibble j of a run's word w is weight 16 j + w), per output channel, run and word: sum_j (q - z) s x.
+    nibble j of a run's word w is weight 16 j + w): (``[BLOCK_N, RUNS, 16]`` to sum, ``[BLOCK_N, RUNS]`` to
+    subtract), whose sums are sum_k (q - z) s x.
 
-    A nibble is decoded in place: ``(word & 0xF << 4p) | 0x4B000000`` is the float ``2**23 + q 16**p`` for
-    p <= 4 (the code stays inside the mantissa), so one LOP3 and one subtract (folding the zero point)
-    give ``(q - z) 16**p`` exactly; x is scaled by ``16**-p`` (exact) to match. Nibbles 4..7 come from the
-    word shifted right by 16 once."""
-    high = words >> 16
-    lanes = tl.arange(0, 16)
-    offsets = tl.arange(0, words.shape[1])[:, None] * 128 + lanes[None, :]
+    A nibble is decoded in place, without a conversion instruction: moved to bits 12..15 (even j) or
+    16..19 (odd j) by one shift per word and pair, ``word & 0xF000 | 0x45000000`` is the float
+    ``2**11 + q`` and ``word & 0xF0000 | 0x43000000`` is ``2**7 + q`` (the nibble lands on the mantissa's
+    units). So a code costs one LOP3 and one FMA: the constants' share, ``(2**11 + z) s sum x`` over the
+    even planes and ``(2**7 + z) s sum x`` over the odd ones, is subtracted once per run and row (x summed
+    over the run first). The constants are small, so the cancellation costs ~2**11 / 5 ulps of fp32 at
+    most, far below bf16's rounding."""
+    offsets = tl.arange(0, words.shape[1])[:, None] * 128 + tl.arange(0, 16)[None, :]
     dots = tl.zeros(words.shape, dtype=tl.float32)
-    for j in tl.static_range(8):
-        shift = 4 * (j % 4)
-        if j < 4:
-            plane = words & (0xF << shift)
+    for pair in tl.static_range(4):     # nibbles 2 pair and 2 pair + 1 (bits 8 pair .. 8 pair + 7)
+        if pair < 2:
+            moved = words << (12 - 8 * pair)
         else:
-            plane = high & (0xF << shift)
-        code = (plane | 0x4B000000).to(tl.float32, bitcast=True)
-        x = tl.load(x_ptr + offsets + 16 * j).to(tl.float32) * (1.0 / (1 << shift))
-        dots += (code - (8388608.0 + zero * (1 << shift))[:, :, None]) * x[None, :, :]
+            moved = words >> (8 * pair - 12)
+        even = ((moved & 0xF000) | 0x45000000).to(tl.float32, bitcast=True)
+        odd = ((moved & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)
+        xe = tl.load(x_ptr + offsets + 32 * pair).to(tl.float32)
+        xo = tl.load(x_ptr + offsets + 32 * pair + 16).to(tl.float32)
+        dots += even * xe[None, :, :]      # two separate sums: each one FMA per code
+        dots += odd * xo[None, :, :]
+        if pair == 0:   # sums in the loads' own layout (a zeros tensor of its own would reload x)
+            x_even, x_odd = xe, xo
+        else:
+            x_even += xe
+            x_odd += xo
+    dots -= (2048.0 + zero)[:, :, None] * x_even[None, :, :]
+    dots -= (128.0 + zero)[:, :, None] * x_odd[None, :, :]
     return dots * scale[:, :, None]
 
 
