@@ -156,20 +156,25 @@ def _graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20)
 
 
-GEMV_REGISTERS = 64     # fp32 values per thread a GEMV tile's accumulator may take (more spill)
+# One-row tiles (block_n, block_k, warps) tried per format: the previous best and tiles giving each thread
+# 2-8 output rows (a thread's x values then serve more codes: 3.9-4.8 SASS instructions a code for int4,
+# 3.9-4.9 for int8, counted in the loop bodies compiled for sm_90).
+GEMV_TILES = {"int8": ((4, 1024, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4),
+                       (32, 512, 8), (16, 256, 2)),
+              "int4": ((16, 1024, 8), (16, 1024, 4), (32, 512, 4), (32, 512, 8), (64, 512, 8), (64, 256, 4),
+                       (32, 1024, 8), (16, 512, 4))}
 
 
 def sweep_configs(m: int, fmt: str):
-    """The tile grid tried at ``m`` rows: GEMV tiles at one row (accumulators of at most GEMV_REGISTERS per
-    thread; int4 keeps three [BLOCK_N, BLOCK_K / 8] tensors of words, products and sums), SMALL shapes up
-    to 16 rows, GEMM tiles above."""
+    """The tile grid tried at ``m`` rows: ``GEMV_TILES`` at one row (split K up to ~4 programs per SM where
+    the tile leaves fewer than two per SM on a 4096-row matrix), SMALL shapes up to 16 rows, GEMM tiles
+    above."""
     import itertools
 
     from pagellm.kernels.triton_quant import MatmulConfig
     if m == 1:
-        per_thread = {"int8": lambda n, k, w: n * k / (32 * w), "int4": lambda n, k, w: 3 * n * k / 8 / (32 * w)}[fmt]
-        for block_n, block_k, warps, ppsm in itertools.product((4, 8, 16, 32), (1024, 2048), (4, 8), (1, 4)):
-            if GEMV_REGISTERS // 4 <= per_thread(block_n, block_k, warps) <= GEMV_REGISTERS:
+        for block_n, block_k, warps in GEMV_TILES[fmt]:
+            for ppsm in ((1, 4) if 4096 // block_n < 264 else (1,)):
                 yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
     elif m <= 16:
         for block_n, block_k, warps, ppsm in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1, 2, 8)):
@@ -188,9 +193,9 @@ def section_sweep(args) -> list[dict]:
     from pagellm.kernels import triton_quant
     gen = torch.Generator(device="cuda").manual_seed(1)
     mats = {}
-    for name, (n, k) in LLAMA3_8B.items():
+    for name, (n, k) in (LLAMA3_8B | LM_HEAD).items():    # the LM head: int8 in every weight-only format
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        mats[name] = (w, torch_quant.quantize_int8(w), torch_quant.quantize_int4(w, 128))
+        mats[name] = (w, torch_quant.quantize_int8(w), torch_quant.quantize_int4(w, 128) if name in LLAMA3_8B else None)
     rows = []
     plan = {int(m): fmts.split(",") for m, fmts in (part.split(":") for part in args.sweep.split(";"))}
     sweep_rows = list(plan)
@@ -199,24 +204,28 @@ def section_sweep(args) -> list[dict]:
             for config in sweep_configs(m, fmt):
                 row = {"fmt": fmt, "m": m, "config": config.__dict__, "ms": {}, "error": 0.0}
                 try:
-                    for name, (w, (q8, s8), (p4, s4, z4)) in mats.items():
+                    for name, (w, (q8, s8), int4) in mats.items():
+                        if (int4 is None and fmt == "int4") or (name in LM_HEAD and m > 1):
+                            continue
                         x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16, generator=gen)
                         if fmt == "int8":
                             fn = lambda: triton_quant.int8_matmul(x, q8, s8, None, config)
                             ref = x.float() @ torch_quant.dequantize_int8(q8, s8, torch.float32).t()
                         else:
+                            p4, s4, z4 = int4
                             fn = lambda: triton_quant.int4_matmul(x, p4, s4, z4, None, config)
                             ref = x.float() @ torch_quant.dequantize_int4(p4, s4, z4, torch.float32).t()
                         row["error"] = max(row["error"], rel_error(fn(), ref))
                         row["ms"][name] = _graph_ms(fn)
-                    row["total_ms"] = sum(row["ms"].values())
+                    row["total_ms"] = sum(row["ms"][name] for name in LLAMA3_8B)
                 except Exception as exc:
                     row["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
     bf16 = {}
     for m in sweep_rows:
         total = 0.0
-        for name, (w, _, _) in mats.items():
+        for name in LLAMA3_8B:
+            w = mats[name][0]
             wb, x = w.bfloat16(), torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
             total += _graph_ms(lambda: F.linear(x, wb))
         bf16[m] = total
@@ -230,24 +239,31 @@ def section_sweep(args) -> list[dict]:
                 best = min(ok, key=lambda r: r["total_ms"])["config"]
                 args.override.setdefault(table, {})[fmt] = best
                 getattr(triton_quant, table)[fmt] = triton_quant.MatmulConfig(**best)
+            if ok and m == 1:     # and each shape's own best
+                for name in ok[0]["ms"]:
+                    n, k = (LLAMA3_8B | LM_HEAD)[name]
+                    best = min(ok, key=lambda r: r["ms"][name])["config"]
+                    args.override.setdefault("GEMV_SHAPES", {})[f"{fmt},{n},{k}"] = best
+                    triton_quant.GEMV_SHAPES[fmt, n, k] = triton_quant.MatmulConfig(**best)
     return rows
 
 
-HEAD_SUFFIX = "+head"      # a format with the LM head quantized too (an experiment: the engine keeps it dense)
-QUANTIZED_HEAD = ("import pagellm.quant as q; q._blocks_only = lambda method: (lambda prefix: method(prefix) "
-                  "if prefix.startswith('layers.') or prefix == 'lm_head' else q.DENSE); ")
+def table_key(table: str, name: str):
+    """A tile table's key from the override's JSON-safe name (``GEMV_SHAPES``: "fmt,n,k" -> (fmt, n, k))."""
+    if table != "GEMV_SHAPES":
+        return name
+    fmt, n, k = name.split(",")
+    return fmt, int(n), int(k)
 
 
 def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
     path = os.path.join(args.out, f"{kind}-{quantization}.json")
-    fmt = quantization.removesuffix(HEAD_SUFFIX)
-    setup = "".join(f"t.{table}[{name!r}] = t.MatmulConfig(**{config}); "   # the sweep's best tiles
+    setup = "".join(f"t.{table}[{table_key(table, name)!r}] = t.MatmulConfig(**{config}); "   # the sweep's best
                     for table, configs in args.override.items() for name, config in configs.items())
-    setup += QUANTIZED_HEAD if quantization.endswith(HEAD_SUFFIX) else ""
     setup = ("import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " + setup
              + "sys.exit(main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", setup, "bench", kind, "llama-3-8b", "--random-weights",
-           "--quantization", fmt, "--json", path, *extra]
+           "--quantization", quantization, "--json", path, *extra]
     run = run_bench(cmd, path, args.bench_timeout)
     if "error" in run:
         return run
@@ -257,7 +273,9 @@ def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
 
 
 def section_latency(args) -> dict:
-    extra = ["--batch-size", "1", "--input-len", "128", "--output-len", "128", "--num-iters", "3"]
+    extra = ["--batch-size", "1", "--input-len", "128", "--output-len", "128", "--num-iters", "3",
+             "--kv-cache-memory", "8GiB"]    # without a budget the pool takes the rest, and int4's eager
+    # prefill (dequantize + cuBLAS) ran out of memory once CUDA graphs had taken more than their reserve
     return {q: bench("latency", q, args, extra) for q in args.latency_formats.split(",")}
 
 

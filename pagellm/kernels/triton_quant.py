@@ -4,22 +4,32 @@ scales is also the batch-1 GEMV of dense bf16/fp16 weights (``dense_matmul``),
 used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
 Layouts are those of :mod:`pagellm.kernels.torch_quant` (the reference twins):
-int8 ``q [N, K]`` with a scale per row; int4 two codes a byte along K
-(``packed [N, K/2]``, even element in the low nibble) with an fp16 scale and a
-uint8 zero point per group of ``GROUP`` along K.
+int8 ``q [N, K]`` with a scale per row; int4 eight codes per 32-bit word,
+interleaved in runs of 128 (nibble j of word w is weight 16 j + w), with an
+fp16 scale and a uint8 zero point per group of ``GROUP`` (= the run) along K.
 
-One kernel per format serves every shape through its tile sizes
-(``MatmulConfig``). Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``: a
-program owns ``BLOCK_M`` rows, ``BLOCK_N`` output channels and a run of K
-tiles. A single row (batch-1 decode) is a GEMV: the tile is multiplied
-elementwise and summed, no tensor cores; more rows go through ``tl.dot``
-(bf16/fp16 in, fp32 accumulate). With ``split_k == 1`` each program writes its
-outputs (bias added) in the activation dtype; a split writes fp32 partial sums
-to ``[split_k, M, N]`` that one ``sum`` reduces, so results never depend on the
-order programs finish in. ``split_k`` is chosen so that the GPU has several
-programs per SM even when N is small (decode is bound by memory bandwidth,
-which needs many loads in flight). Launch shapes depend only on (M, N, K), so
-the kernels are safe inside CUDA graphs.
+Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``: a program owns
+``BLOCK_M`` rows, ``BLOCK_N`` output channels and a run of K tiles. More than
+one row goes through ``tl.dot`` (bf16/fp16 in, fp32 accumulate). A single row
+(batch-1 decode) is a GEMV, which at these sizes is bound by instruction issue
+as much as by memory: the H200 streams ~4e12 int8 or ~8e12 int4 codes a
+second, and I2F converts only 16 values per SM per clock. So the GEMVs never
+convert: the codes are read as 32-bit words and each one is placed on the
+mantissa of a float whose exponent makes it an integer (``2**15 + byte``,
+``2**11 + nibble``, ``2**7 + nibble``) by one shift per word and one LOP3 per
+code; one FMA multiplies it into a per-thread accumulator, and the
+constants' share is subtracted once (int8: once per output; int4: once per
+tile and lane, with the zero point). The bit patterns come in as runtime
+arguments (``BYTE_EXPONENT``, ``INT4_MAGICS``) so they stay in registers.
+That is ~3.9 instructions a code for both formats in the compiled loop
+(int4 was 6.3 with shifts, interleave and I2F). Products are summed
+elementwise over the K loop and reduced once at the end.
+
+With ``split_k == 1`` each program writes its outputs (bias added) in the
+activation dtype; a split writes fp32 partial sums to ``[split_k, M, N]``
+that one ``sum`` reduces, so results never depend on the order programs
+finish in. Launch shapes depend only on (M, N, K), so the kernels are safe
+inside CUDA graphs.
 """
 from __future__ import annotations
 
@@ -60,8 +70,14 @@ DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {
     (28672, 4096): MatmulConfig(1, 16, 512, 4, 3, 4), (4096, 14336): MatmulConfig(1, 4, 2048, 8, 3, 1)}
 
 
-def config_for(fmt: str, m: int) -> MatmulConfig:
-    return (GEMV if m == 1 else SMALL if m <= 16 else LARGE)[fmt]
+# One row, by (format, N, K): tiles that beat GEMV's for that shape (filled from a sweep; GEMV otherwise).
+GEMV_SHAPES: dict[tuple[str, int, int], MatmulConfig] = {}
+
+
+def config_for(fmt: str, m: int, n: int, k: int) -> MatmulConfig:
+    if m == 1:
+        return GEMV_SHAPES.get((fmt, n, k), GEMV[fmt])
+    return (SMALL if m <= 16 else LARGE)[fmt]
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,13 +120,65 @@ def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Float bit patterns the GEMVs OR codes into, passed as runtime arguments: as immediates the compiler
+# rematerializes them before every use (a MOV per code), as arguments they stay in a register.
+BYTE_EXPONENT = 0x47000000              # the float 2**15: a byte on bits 8..15 reads as 2**15 + byte
+INT4_MAGICS = (0x45000000, 0x43000000)  # 2**11 and 2**7: a nibble on bits 12..15 / 16..19 reads as 2**k + q
+SIGN_FLIP = tl.constexpr(-0x7F7F7F80)     # 0x80808080 as an int32: XOR makes four int8 codes q bytes q + 128
+
+
+@triton.jit
+def _byte_plane(moved, exponent):
+    """Bits 8..15 of each word under ``exponent`` (0x47000000): the float ``32768 + byte`` (no I2F)."""
+    return ((moved & 0xFF00) | exponent).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
+                      stride_xm, stride_qn, stride_ok, stride_om, exponent,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """One row times int8 codes read as int32 words (``q_ptr``: ``[N, K/4]``, ``stride_qn`` in words; code
+    ``4w + b`` in byte b of word w), times per-row scales; ``exponent``: ``BYTE_EXPONENT``.
+
+    Each word is flipped to biased bytes ``q + 128`` once; byte b is moved to bits 8..15 (one shift, none
+    for b = 1) and made the float ``32768 + 128 + q`` by one LOP3, then multiplied into a
+    ``[BLOCK_N, BLOCK_K / 4]`` accumulator by one FMA. x is loaded contiguously and split into its four
+    byte planes in registers. The constant's share, ``32896 * sum x``, is the same for every output and
+    is subtracted once after the K loop (it costs ~2**15 / |q| ulps of fp32, far below bf16's rounding)."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.program_id(2) + tl.arange(0, 1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    partial = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)
+    for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
+        ws = tile * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+        words = tl.load(q_ptr + cols[:, None] * stride_qn + ws[None, :],
+                        mask=col_ok[:, None] & (ws < K // 4)[None, :], other=0) ^ SIGN_FLIP
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (BLOCK_K // 4, 2, 2)))     # x[4w + 2i], x[4w + 2i + 1]
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        partial += _byte_plane(words << 8, exponent) * x0[None, :]
+        partial += _byte_plane(words, exponent) * x1[None, :]
+        partial += _byte_plane(words >> 8, exponent) * x2[None, :]
+        partial += _byte_plane(words >> 16, exponent) * x3[None, :]
+        x_sum += (x0 + x1) + (x2 + x3)
+    acc = (tl.sum(partial, axis=1) - 32896.0 * tl.sum(x_sum, axis=0))[None, :]
+    acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
+
+
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
                  stride_xm, stride_qn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr = True):
-    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix. One row: products
-    summed elementwise into a ``[BLOCK_N, BLOCK_K]`` accumulator, reduced once after the K loop."""
+    """int8 codes times per-row scales (rows through ``tl.dot``; one row goes to ``_int8_gemv_kernel``), or
+    (``HAS_SCALE`` False) a dense float matrix, whose one row is summed elementwise into a
+    ``[BLOCK_N, BLOCK_K]`` accumulator, reduced once after the K loop."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,7 +192,7 @@ def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, t
         q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                     other=0)
         if BLOCK_M == 1:
-            w = _int8_as_f32(q) if HAS_SCALE else q.to(tl.float32)
+            w = q.to(tl.float32)
             x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
             partial += w * x[None, :]
         else:
@@ -137,7 +205,7 @@ def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, t
 
 
 @triton.jit
-def _int4_gemv_tile(words, x_ptr, zero, scale):
+def _int4_gemv_tile(words, x_ptr, zero, scale, magic_even, magic_odd):
     """One row's products with a tile of packed words ``[BLOCK_N, RUNS, 16]`` (``torch_quant``'s layout:
     nibble j of a run's word w is weight 16 j + w): (``[BLOCK_N, RUNS, 16]`` to sum, ``[BLOCK_N, RUNS]`` to
     subtract), whose sums are sum_k (q - z) s x.
@@ -156,8 +224,8 @@ def _int4_gemv_tile(words, x_ptr, zero, scale):
             moved = words << (12 - 8 * pair)
         else:
             moved = words >> (8 * pair - 12)
-        even = ((moved & 0xF000) | 0x45000000).to(tl.float32, bitcast=True)
-        odd = ((moved & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)
+        even = ((moved & 0xF000) | magic_even).to(tl.float32, bitcast=True)
+        odd = ((moved & 0xF0000) | magic_odd).to(tl.float32, bitcast=True)
         xe = tl.load(x_ptr + offsets + 32 * pair).to(tl.float32)
         xo = tl.load(x_ptr + offsets + 32 * pair + 16).to(tl.float32)
         dots += even * xe[None, :, :]      # two separate sums: each one FMA per code
@@ -182,11 +250,12 @@ def _int4_codes(words):
 
 @triton.jit
 def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
-                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om,
+                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om, magic_even, magic_odd,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """``q_ptr``: the packed codes as int32 words ``[N, K/8]`` (``stride_qn`` in words); ``GROUP`` is the
-    packing run (128), so a run's 16 words are one group with one scale and zero point."""
+    packing run (128), so a run's 16 words are one group with one scale and zero point. ``magic_even``,
+    ``magic_odd``: ``INT4_MAGICS`` (read by the one-row path)."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,7 +273,8 @@ def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
         zero = tl.load(zero_ptr + meta, mask=col_ok[:, None], other=0).to(tl.float32)
         scale = tl.load(scale_ptr + meta, mask=col_ok[:, None], other=0.0).to(tl.float32)
         if BLOCK_M == 1:
-            partial += _int4_gemv_tile(words, x_ptr + tl.program_id(2) * stride_xm + tile * BLOCK_K, zero, scale)
+            partial += _int4_gemv_tile(words, x_ptr + tl.program_id(2) * stride_xm + tile * BLOCK_K, zero, scale,
+                                       magic_even, magic_odd)
         else:
             w = (_int4_codes(words) - zero[:, :, None, None]) * scale[:, :, None, None]
             ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -215,13 +285,13 @@ def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, 
 
 
 def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weight_strides: tuple,
-            bias: torch.Tensor | None, config: MatmulConfig | None, **constants) -> torch.Tensor:
+            bias: torch.Tensor | None, config: MatmulConfig | None, magics: tuple = (), **constants) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    config = config or config_for(fmt, m)
+    config = config or config_for(fmt, m, n, k)
     block_k = config.block_k
     if fmt == "int4":   # whole groups per tile, and whole tiles per row
         block_k = max(GROUP, block_k)
@@ -238,7 +308,7 @@ def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weigh
         strides = (0, out.stride(0))
     grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, config.block_m))
     kernel[grid](x2, *weight_args, bias if bias is not None else x2, out, m, n, k, k_tiles, tiles_per_split,
-                 x2.stride(0), *weight_strides, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 x2.stride(0), *weight_strides, *strides, *magics, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_K=block_k, HAS_BIAS=bias is not None, SPLIT=split_k > 1, num_warps=config.num_warps,
                  num_stages=config.num_stages, **constants)
     if split_k > 1:
@@ -250,6 +320,10 @@ def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weigh
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 config: MatmulConfig | None = None) -> torch.Tensor:
     """``x [..., K]`` @ dequant(q)^T + bias."""
+    if x.numel() == x.shape[-1] and q.shape[1] % 4 == 0:    # one row: the codes as int32 words
+        words = q.view(torch.int32)
+        return _launch(_int8_gemv_kernel, "int8", x, q.shape[0], (words, scale), (words.stride(0),), bias, config,
+                       (BYTE_EXPONENT,))
     return _launch(_int8_kernel, "int8", x, q.shape[0], (q, scale), (q.stride(0),), bias, config)
 
 
@@ -267,4 +341,4 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     assert group == GROUP, f"the int4 kernel takes groups of {GROUP}, got {group}"
     words = packed.view(torch.int32)    # little-endian: byte 4w + b is bits 8b.. of word w
     return _launch(_int4_kernel, "int4", x, packed.shape[0], (words, scale, zero),
-                   (words.stride(0), scale.stride(0)), bias, config, GROUP=GROUP)
+                   (words.stride(0), scale.stride(0)), bias, config, INT4_MAGICS, GROUP=GROUP)
