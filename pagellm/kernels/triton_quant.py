@@ -54,11 +54,12 @@ class MatmulConfig:
 
 
 # Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
-# projections, replayed as CUDA graphs). LARGE serves decode batches of 17..FUSED_MAX_ROWS rows
-# (`quant_ops`); longer prefill chunks go to dequantize + cuBLAS.
-GEMV = {"int8": MatmulConfig(1, 4, 2048, 4, 3, 1), "int4": MatmulConfig(1, 8, 2048, 4, 3, 4)}
+# projections, replayed as CUDA graphs; GEMV and LARGE int8 from h200-2026-12-02-quant-gemv.json). LARGE
+# serves decode batches of 17..FUSED_MAX_ROWS rows (`quant_ops`); longer prefill chunks go to dequantize +
+# cuBLAS.
+GEMV = {"int8": MatmulConfig(1, 8, 1024, 4, 3, 1), "int4": MatmulConfig(1, 16, 1024, 8, 3, 1)}
 SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8)}
-LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
+LARGE = {"int8": MatmulConfig(128, 256, 64, 8, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 
 
 # Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS by 3% or more on an H200 for that
@@ -70,8 +71,11 @@ DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {
     (28672, 4096): MatmulConfig(1, 16, 512, 4, 3, 4), (4096, 14336): MatmulConfig(1, 4, 2048, 8, 3, 1)}
 
 
-# One row, by (format, N, K): tiles that beat GEMV's for that shape (filled from a sweep; GEMV otherwise).
-GEMV_SHAPES: dict[tuple[str, int, int], MatmulConfig] = {}
+# One row, by (format, N, K): the shapes whose own best tiles in that sweep differ from GEMV's (Llama-3-8B's
+# qkv, gate_up and LM head; the others take GEMV's).
+GEMV_SHAPES: dict[tuple[str, int, int], MatmulConfig] = {
+    ("int8", 6144, 4096): MatmulConfig(1, 16, 512, 4, 3, 1), ("int8", 28672, 4096): MatmulConfig(1, 16, 256, 2, 3, 1),
+    ("int8", 128256, 4096): MatmulConfig(1, 16, 256, 2, 3, 1), ("int4", 28672, 4096): MatmulConfig(1, 64, 256, 4, 3, 4)}
 
 
 def config_for(fmt: str, m: int, n: int, k: int) -> MatmulConfig:
