@@ -10,7 +10,7 @@ loaders, the attention and KV code and the sampler never change for a format.
 * ``int8``: block linears weight-only int8, per output channel; ``int4``: groups
   of 128, asymmetric. An untied LM head is int8 per output channel in both
   (and in ``int4-awq``): at batch 1 it is the largest single matrix read per
-  token (1 GB in bf16 for Llama-3-8B, a fifth of an int4 step), and logits keep
+  token (1 GB in bf16 for Llama-3-8B, a fifth of the bytes an int4 token reads), and logits keep
   int8's accuracy where 4-bit groups would cost more. The embedding (and a
   tied LM head, which is the embedding) stays dense; the analyzer counts the
   same (``sizing``). A float checkpoint is quantized at load by round-to-nearest.
