@@ -1,19 +1,21 @@
 """Quantized weights on the GPU: kernels checked against their torch twins, then timed.
 
     PYTHONPATH=. python3 benchmarks/quant_gpu.py --out $OUT [--real .gpu-data/qwen05-layers.pt] \
-        [--sections check,kernels,latency,throughput]
+        [--sections check,sweep,kernels,latency,throughput] [--sweep "1:int8,int4;256:int8"]
 
-1. check: the Triton int8/int4 kernels (GEMV and GEMM shapes) and the W8A8 path
-   against ``kernels.torch_quant`` evaluated in fp32, on random Llama-3-8B-shape
-   matrices and, with ``--real``, on real Qwen2.5-Coder-0.5B layers with
-   activations captured from the model (``benchmarks/quant_real_layers.py``).
-   Outputs are poisoned with NaN first so unwritten elements fail.
-2. kernels: each Llama-3-8B projection at 1 row (decode) and 2,048 rows
-   (prefill): bf16 cuBLAS, the fused kernels, dequantize+cuBLAS and W8A8, with
-   the bytes each reads over the measured copy bandwidth.
-3. latency / throughput: ``pagellm bench latency`` (batch 1, 128 -> 128) for
-   none/int8/int4/w8a8 and ``pagellm bench throughput`` (256 requests) for
-   none/int8, interleaved in one machine session, ratios against bf16.
+1. check: the Triton int8/int4 kernels (GEMV and GEMM shapes), the dense bf16
+   GEMV (``DENSE_GEMV`` shapes) and the W8A8 path against ``kernels.torch_quant``
+   evaluated in fp32, on random Llama-3-8B-shape matrices and, with ``--real``,
+   on real Qwen2.5-Coder-0.5B layers with activations captured from the model
+   (``benchmarks/quant_real_layers.py``).
+2. sweep: tile configurations per row count and format, the best (summed over
+   the four projections) replacing its table's entry for the sections after it.
+3. kernels: each Llama-3-8B projection and the LM head at ``--kernel-rows``:
+   bf16 cuBLAS (and the Triton bf16 GEMV), the fused kernels, dequantize+cuBLAS,
+   tinygemm and W8A8, with the bytes each reads over the measured copy bandwidth.
+4. latency / throughput: ``pagellm bench latency`` (batch 1, 128 -> 128) and
+   ``pagellm bench throughput`` (256 requests) per format, interleaved in one
+   machine session, ratios against bf16.
 Everything goes into one JSON (``$OUT/quant-gpu.json``); a table is printed last.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pagellm.kernels import quant_ops, torch_quant
 LLAMA3_8B = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
              "down_proj": (4096, 14336)}
 TOLERANCE = 1e-2           # ||out - ref|| / ||ref||, bf16 activations and outputs
+LM_HEAD = {"lm_head": (128256, 4096)}      # int8 under the weight-only formats; timed in each to compare
 W8A8_TOLERANCE = 4e-3      # against the exact int64 reference: only the final bf16 rounding differs
 
 
@@ -43,16 +46,18 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tinygemm_pack(p4: torch.Tensor, s4: torch.Tensor, z4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's int4 layout repacked for torch's tinygemm (``torch._weight_int4pack_mm``): the even
-    element in the high nibble, and ``w = (q - 8) * scale + zero`` with ``zero = (8 - z) * scale``."""
-    swapped = ((p4 & 0xF) << 4) | (p4 >> 4)
+    """The engine's int4 codes repacked for torch's tinygemm (``torch._weight_int4pack_mm``): pairs along K,
+    the even element in the high nibble, and ``w = (q - 8) * scale + zero`` with ``zero = (8 - z) * scale``."""
+    codes = torch_quant.unpack_int4(p4)
+    swapped = (codes[:, 0::2] << 4) | codes[:, 1::2]
     scale = s4.float()
     scales_and_zeros = torch.stack([scale, (8 - z4.float()) * scale], -1).transpose(0, 1).contiguous()
     return torch._convert_weight_to_int4pack(swapped, 8), scales_and_zeros.bfloat16()
 
 
-def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor) -> list[dict]:
-    """All kernels for one weight ``w [N, K]`` and activations ``x [M, K]`` (bf16, CUDA)."""
+def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, w8a8: bool = True) -> list[dict]:
+    """All kernels for one weight ``w [N, K]`` and activations ``x [M, K]`` (bf16, CUDA); ``w8a8``: also
+    the W8A8 path (its exact reference is an int64 matmul on the CPU, slow at many rows)."""
     from pagellm.kernels import triton_quant
     rows = []
     q8, s8 = torch_quant.quantize_int8(w)
@@ -71,6 +76,13 @@ def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor) -> list[dict]:
         except (RuntimeError, NotImplementedError) as exc:
             rows.append({"case": name, "kernel": "int4 tinygemm", "m": x.shape[0], "error": float("nan"),
                          "unavailable": str(exc)[:200]})
+    dense = triton_quant.DENSE_GEMV.get(tuple(w.shape))
+    if dense is not None and x.shape[0] == 1:
+        wb = w.bfloat16()
+        rows.append({"case": name, "kernel": "bf16 gemv", "m": 1,
+                     "error": rel_error(triton_quant.dense_matmul(x, wb, None, dense), x.float() @ wb.float().t())})
+    if not w8a8:
+        return rows
     refw = torch_quant.w8a8_linear(x.double().cpu(), q8.cpu(), s8.cpu(), None).to(x.device)
     rows.append({"case": name, "kernel": "w8a8", "m": x.shape[0],
                  "error": rel_error(quant_ops.w8a8_linear(x, q8, s8, None), refw)})
@@ -82,15 +94,15 @@ def section_check(args) -> list[dict]:
     rows = []
     for name, (n, k) in LLAMA3_8B.items():
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        for m in (1, 5, 16, 100, 512):
+        for m in (int(m) for m in args.check_rows.split(",")):
             rows += check_matrix(f"random {name}", w, torch.randn(m, k, device="cuda", generator=gen,
-                                                                    dtype=torch.bfloat16))
+                                                                    dtype=torch.bfloat16), m <= args.w8a8_rows)
     if args.real:
         data = torch.load(args.real)
         for name, item in data["layers"].items():
             w, x = item["weight"].cuda().float(), item["inputs"].cuda().bfloat16()
             for m in (1, 16, x.shape[0]):
-                rows += check_matrix(f"real {name}", w, x[:m])
+                rows += check_matrix(f"real {name}", w, x[:m], m <= args.w8a8_rows)
     for r in rows:
         r["ok"] = r["error"] <= (W8A8_TOLERANCE if r["kernel"] == "w8a8" else TOLERANCE)
     return rows
@@ -103,7 +115,7 @@ def section_kernels(args) -> list[dict]:
     from pagellm.kernels import triton_quant
     copy_bw = measure_copy_bandwidth(torch.device("cuda"))["bandwidth"]
     rows = []
-    for name, (n, k) in LLAMA3_8B.items():
+    for name, (n, k) in (LLAMA3_8B | LM_HEAD).items():
         w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         q8, s8 = torch_quant.quantize_int8(w)
         p4, s4, z4 = torch_quant.quantize_int4(w, 128)
@@ -118,6 +130,9 @@ def section_kernels(args) -> list[dict]:
                                         n * k // 2 + n * k // 128 * 3),
                 "w8a8 _int_mm": (lambda: quant_ops.w8a8_linear(x, q8, s8, None), n * k + n * 4),
             }
+            dense = triton_quant.DENSE_GEMV.get((n, k))
+            if dense is not None and m == 1:
+                variants["bf16 triton GEMV"] = (lambda: triton_quant.dense_matmul(x, w, None, dense), n * k * 2)
             try:
                 packed, sz = tinygemm_pack(p4, s4, z4)
                 variants["int4 tinygemm"] = (lambda: torch._weight_int4pack_mm(x, packed, 128, sz),
@@ -141,59 +156,76 @@ def _graph_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20)
 
 
-def sweep_configs(m: int):
-    """The tile grid tried at ``m`` rows: GEMV/SMALL shapes up to 16 rows, GEMM tiles above."""
+# One-row tiles (block_n, block_k, warps) tried per format: the previous best and tiles giving each thread
+# 2-8 output rows (a thread's x values then serve more codes: 3.9-4.8 SASS instructions a code for int4,
+# 3.9-4.9 for int8, counted in the loop bodies compiled for sm_90).
+GEMV_TILES = {"int8": ((4, 1024, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4),
+                       (32, 512, 8), (16, 256, 2)),
+              "int4": ((16, 1024, 8), (16, 1024, 4), (32, 512, 4), (32, 512, 8), (64, 512, 8), (64, 256, 4),
+                       (32, 1024, 8), (16, 512, 4))}
+
+
+def sweep_configs(m: int, fmt: str):
+    """The tile grid tried at ``m`` rows: ``GEMV_TILES`` at one row (split K up to ~4 programs per SM where
+    the tile leaves fewer than two per SM on a 4096-row matrix), SMALL shapes up to 16 rows, GEMM tiles
+    above."""
     import itertools
 
     from pagellm.kernels.triton_quant import MatmulConfig
-    if m == 1:     # narrow tiles fill the GPU without a split (whose reduction costs a launch)
-        for block_n, block_k, warps, ppsm in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (2, 4, 8), (1, 4)):
-            yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
+    if m == 1:
+        for block_n, block_k, warps in GEMV_TILES[fmt]:
+            for ppsm in ((1, 4) if 4096 // block_n < 264 else (1,)):
+                yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
     elif m <= 16:
         for block_n, block_k, warps, ppsm in itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1, 2, 8)):
             yield MatmulConfig(16, block_n, block_k, warps, 3, ppsm)
     else:
-        for block_m, block_n, block_k, warps, stages in itertools.product((64, 128), (64, 128), (64, 128), (4, 8),
-                                                                          (3, 4)):
+        for block_m, block_n, block_k, warps, stages in ((128, 128, 64, 4, 3), (128, 128, 64, 8, 4),
+                                                         (128, 256, 64, 8, 3)):
             yield MatmulConfig(block_m, block_n, block_k, warps, stages, 1)
 
 
 def section_sweep(args) -> list[dict]:
-    """Tile configurations of the fused kernels at ``--sweep-rows`` rows, each checked against the reference
+    """Tile configurations of the fused kernels (``--sweep``: rows and formats), each checked against the reference
     and timed on every Llama-3-8B projection (a decode step runs them all, so the sum decides). The best
     tiles at each row count replace their table's entry (``triton_quant.GEMV``/``SMALL``/``LARGE``) in the
-    latency and throughput runs that follow."""
+    latency, throughput and kernels sections that follow."""
     from pagellm.kernels import triton_quant
     gen = torch.Generator(device="cuda").manual_seed(1)
     mats = {}
-    for name, (n, k) in LLAMA3_8B.items():
+    for name, (n, k) in (LLAMA3_8B | LM_HEAD).items():    # the LM head: int8 in every weight-only format
         w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        mats[name] = (w, torch_quant.quantize_int8(w), torch_quant.quantize_int4(w, 128))
+        mats[name] = (w, torch_quant.quantize_int8(w), torch_quant.quantize_int4(w, 128) if name in LLAMA3_8B else None)
     rows = []
-    sweep_rows = [int(m) for m in args.sweep_rows.split(",")]
-    for m in sweep_rows:
-        for fmt in args.sweep_formats.split(","):
-            for config in sweep_configs(m):
+    plan = {int(m): fmts.split(",") for m, fmts in (part.split(":") for part in args.sweep.split(";"))}
+    sweep_rows = list(plan)
+    for m, fmts in plan.items():
+        for fmt in fmts:
+            for config in sweep_configs(m, fmt):
                 row = {"fmt": fmt, "m": m, "config": config.__dict__, "ms": {}, "error": 0.0}
                 try:
-                    for name, (w, (q8, s8), (p4, s4, z4)) in mats.items():
+                    for name, (w, (q8, s8), int4) in mats.items():
+                        if (int4 is None and fmt == "int4") or (name in LM_HEAD and m > 1):
+                            continue
                         x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16, generator=gen)
                         if fmt == "int8":
                             fn = lambda: triton_quant.int8_matmul(x, q8, s8, None, config)
                             ref = x.float() @ torch_quant.dequantize_int8(q8, s8, torch.float32).t()
                         else:
+                            p4, s4, z4 = int4
                             fn = lambda: triton_quant.int4_matmul(x, p4, s4, z4, None, config)
                             ref = x.float() @ torch_quant.dequantize_int4(p4, s4, z4, torch.float32).t()
                         row["error"] = max(row["error"], rel_error(fn(), ref))
                         row["ms"][name] = _graph_ms(fn)
-                    row["total_ms"] = sum(row["ms"].values())
+                    row["total_ms"] = sum(row["ms"][name] for name in LLAMA3_8B)
                 except Exception as exc:
                     row["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
     bf16 = {}
     for m in sweep_rows:
         total = 0.0
-        for name, (w, _, _) in mats.items():
+        for name in LLAMA3_8B:
+            w = mats[name][0]
             wb, x = w.bfloat16(), torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16)
             total += _graph_ms(lambda: F.linear(x, wb))
         bf16[m] = total
@@ -201,23 +233,37 @@ def section_sweep(args) -> list[dict]:
         row["bf16_total_ms"] = bf16[row["m"]]
     for m in sweep_rows:
         table = "GEMV" if m == 1 else "SMALL" if m <= 16 else "LARGE"
-        for fmt in args.sweep_formats.split(","):
+        for fmt in plan[m]:
             ok = [r for r in rows if r["fmt"] == fmt and r["m"] == m and "total_ms" in r and r["error"] <= TOLERANCE]
-            if ok:
-                args.override.setdefault(table, {})[fmt] = min(ok, key=lambda r: r["total_ms"])["config"]
+            if ok:    # for the bench subprocesses, and for the kernels section in this process
+                best = min(ok, key=lambda r: r["total_ms"])["config"]
+                args.override.setdefault(table, {})[fmt] = best
+                getattr(triton_quant, table)[fmt] = triton_quant.MatmulConfig(**best)
+            if ok and m == 1:     # and each shape's own best
+                for name in ok[0]["ms"]:
+                    n, k = (LLAMA3_8B | LM_HEAD)[name]
+                    best = min(ok, key=lambda r: r["ms"][name])["config"]
+                    args.override.setdefault("GEMV_SHAPES", {})[f"{fmt},{n},{k}"] = best
+                    triton_quant.GEMV_SHAPES[fmt, n, k] = triton_quant.MatmulConfig(**best)
     return rows
+
+
+def table_key(table: str, name: str):
+    """A tile table's key from the override's JSON-safe name (``GEMV_SHAPES``: "fmt,n,k" -> (fmt, n, k))."""
+    if table != "GEMV_SHAPES":
+        return name
+    fmt, n, k = name.split(",")
+    return fmt, int(n), int(k)
 
 
 def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
     path = os.path.join(args.out, f"{kind}-{quantization}.json")
-    cmd = [sys.executable, "-m", "pagellm.cli", "bench", kind, "llama-3-8b", "--random-weights",
+    setup = "".join(f"t.{table}[{table_key(table, name)!r}] = t.MatmulConfig(**{config}); "   # the sweep's best
+                    for table, configs in args.override.items() for name, config in configs.items())
+    setup = ("import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " + setup
+             + "sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", setup, "bench", kind, "llama-3-8b", "--random-weights",
            "--quantization", quantization, "--json", path, *extra]
-    if args.override:     # the sweep's best tiles, set in the benchmark's own process
-        setup = "import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " \
-                + "".join(f"t.{table}[{fmt!r}] = t.MatmulConfig(**{config}); "
-                          for table, configs in args.override.items() for fmt, config in configs.items()) \
-                + "sys.exit(main(sys.argv[1:]))"
-        cmd[1:3] = ["-c", setup]
     run = run_bench(cmd, path, args.bench_timeout)
     if "error" in run:
         return run
@@ -227,7 +273,9 @@ def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
 
 
 def section_latency(args) -> dict:
-    extra = ["--batch-size", "1", "--input-len", "128", "--output-len", "128", "--num-iters", "3"]
+    extra = ["--batch-size", "1", "--input-len", "128", "--output-len", "128", "--num-iters", "3",
+             "--kv-cache-memory", "8GiB"]    # without a budget the pool takes the rest, and int4's eager
+    # prefill (dequantize + cuBLAS) ran out of memory once CUDA graphs had taken more than their reserve
     return {q: bench("latency", q, args, extra) for q in args.latency_formats.split(",")}
 
 
@@ -244,9 +292,10 @@ def main() -> None:
     parser.add_argument("--sections", default="check,kernels,latency,throughput")
     parser.add_argument("--latency-formats", default="none,int8,int4,w8a8")
     parser.add_argument("--throughput-formats", default="none,int8,int4")
-    parser.add_argument("--sweep-rows", default="1,16")
+    parser.add_argument("--sweep", default="1:int8,int4;16:int8,int4", help="rows:formats;rows:formats...")
+    parser.add_argument("--check-rows", default="1,5,16,100,512")
+    parser.add_argument("--w8a8-rows", type=int, default=512, help="check W8A8 up to this many rows")
     parser.add_argument("--kernel-rows", default="1,16,64,256,2048")
-    parser.add_argument("--sweep-formats", default="int8,int4")
     parser.add_argument("--bench-timeout", type=int, default=240)
     args = parser.parse_args()
     args.override = {}

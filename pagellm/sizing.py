@@ -208,11 +208,21 @@ def block_weight_bytes(config: ModelConfig, precision: Precision, s: Shard) -> f
     return linears + (bias + 2 * h) * precision.base_bytes
 
 
+HEAD_PRECISION = Precision(w_bits=8, group_size=-1)    # an untied LM head under weight-only formats (``quant``)
+
+
 def _outside_block_weight_bytes(config: ModelConfig, precision: Precision, s: Shard) -> float:
+    """The embedding and final norm at base precision; an untied LM head too, except under a weight-only
+    format (weights below 16 bits, activations not), which holds it as int8 per output channel."""
     h = config.hidden_size
     table = s.vocab * h
-    lm_head = 0 if config.tie_word_embeddings else table
-    return (table + lm_head + h) * precision.base_bytes
+    if config.tie_word_embeddings:
+        lm_head = 0.0
+    elif precision.w_bits < 16 <= precision.a_bits:
+        lm_head = HEAD_PRECISION.linear_weight_bytes(h, s.vocab)
+    else:
+        lm_head = table * precision.base_bytes
+    return (table + h) * precision.base_bytes + lm_head
 
 
 def kv_bytes_per_token(config: ModelConfig, precision: Precision = Precision(), tp: int = 1) -> float:

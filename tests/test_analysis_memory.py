@@ -79,8 +79,11 @@ def test_int4_weights_include_scales(llama7):
 
     assert Precision(w_bits=4).linear_weight_bytes(h, h) == 8 * MiB + 256 * KiB
     block = 4 * w4(h, h) + 2 * w4(h, i) + w4(i, h) + 2 * h * 2
-    outside = (2 * v * h + h) * 2                      # embeddings, lm_head, final norm stay fp16
-    assert weights_bytes(llama7, Precision(w_bits=4)) == 32 * block + outside
+    outside = (v * h + h) * 2                          # embeddings and final norm stay fp16
+    head = v * h + v * 2                               # the untied LM head: int8, one fp16 scale per row
+    assert weights_bytes(llama7, Precision(w_bits=4)) == 32 * block + outside + head
+    w8a8, w8 = Precision(w_bits=8, a_bits=8), Precision(w_bits=8)     # W8A8 keeps the head at 16 bits
+    assert weights_bytes(llama7, w8a8) - weights_bytes(llama7, w8) == v * h * 2 - head
     # Per output channel: one scale per row.
     assert Precision(w_bits=8, group_size=-1).linear_weight_bytes(h, i) == h * i + i * 2
 

@@ -7,10 +7,16 @@ Formats (rows are output channels, ``K`` the input dimension):
 * **w8a8**: int8 weights as above, and activations quantized at run time to
   int8 per token (row): ``x = qx * xscale``; the product is an int32 matmul
   scaled by ``xscale[m] * scale[n]``.
-* **int4**: ``q`` in 0..15, two per byte (``packed uint8 [N, K/2]``: element
-  ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high one), groups of
-  ``G`` along K with a scale and an integer zero point each:
-  ``w = (q - zero) * scale``.
+* **int4**: ``q`` in 0..15, eight per 32-bit word, groups of ``G`` along K
+  with a scale and an integer zero point each: ``w = (q - zero) * scale``.
+  ``packed uint8 [N, K/2]`` is read as little-endian words ``int32 [N, K/8]``,
+  interleaved in runs of ``PACK_RUN`` (128) weights: word ``w`` (0..15) of a
+  run holds weight ``16 j + w`` of the run in its nibble ``j`` (bits 4j..4j+3).
+  So one word load brings eight codes whose weights lie 16 apart, and nibble
+  ``j`` of a run's 16 consecutive words is 16 consecutive weights: a GEMV
+  multiplies each nibble plane with a contiguous slice of ``x``, masking one
+  nibble in place instead of shifting and interleaving (``triton_quant``).
+  K must be a multiple of ``PACK_RUN``.
 * **GGUF blocks** (llama.cpp's layouts, bytes ``uint8 [N, K / block * bytes]``):
   Q8_0, Q5_0 (32 weights, one fp16 scale), Q4_K (256 weights in 8 groups, 6-bit
   scales and mins under fp16 super-scales), Q6_K (256 weights in 16 groups,
@@ -66,14 +72,25 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return pack_int4(q), scale.half(), zero.to(torch.uint8)
 
 
+PACK_RUN = 128      # int4 weights interleaved into 16 words (see the module docstring)
+INT4_PACKING = "words-interleaved-128"   # the layout's name in saved checkpoints (``quant.export``)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """``uint8 [N, K]`` values in 0..15 -> ``uint8 [N, K/2]``, even elements in the low nibbles."""
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    """``uint8 [N, K]`` values in 0..15 -> ``uint8 [N, K/2]`` in the interleaved word layout."""
+    n, k = q.shape
+    if k % PACK_RUN:
+        raise ValueError(f"int4 packing takes rows of whole runs of {PACK_RUN} weights, not {k}")
+    nibbles = q.reshape(n, k // PACK_RUN, 8, 16).transpose(2, 3)          # [N, run, word w, nibble j]
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, k // 2)   # byte b: nibbles 2b, 2b+1
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_int4``."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    n, half = packed.shape
+    words = packed.reshape(n, half // (PACK_RUN // 2), 16, 4)             # [N, run, word w, byte b]
+    nibbles = torch.stack([words & 0xF, words >> 4], dim=-1).reshape(n, -1, 16, 8)
+    return nibbles.transpose(2, 3).reshape(n, 2 * half)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype

@@ -4,22 +4,32 @@ scales is also the batch-1 GEMV of dense bf16/fp16 weights (``dense_matmul``),
 used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
 Layouts are those of :mod:`pagellm.kernels.torch_quant` (the reference twins):
-int8 ``q [N, K]`` with a scale per row; int4 two codes a byte along K
-(``packed [N, K/2]``, even element in the low nibble) with an fp16 scale and a
-uint8 zero point per group of ``GROUP`` along K.
+int8 ``q [N, K]`` with a scale per row; int4 eight codes per 32-bit word,
+interleaved in runs of 128 (nibble j of word w is weight 16 j + w), with an
+fp16 scale and a uint8 zero point per group of ``GROUP`` (= the run) along K.
 
-One kernel per format serves every shape through its tile sizes
-(``MatmulConfig``). Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``: a
-program owns ``BLOCK_M`` rows, ``BLOCK_N`` output channels and a run of K
-tiles. A single row (batch-1 decode) is a GEMV: the tile is multiplied
-elementwise and summed, no tensor cores; more rows go through ``tl.dot``
-(bf16/fp16 in, fp32 accumulate). With ``split_k == 1`` each program writes its
-outputs (bias added) in the activation dtype; a split writes fp32 partial sums
-to ``[split_k, M, N]`` that one ``sum`` reduces, so results never depend on the
-order programs finish in. ``split_k`` is chosen so that the GPU has several
-programs per SM even when N is small (decode is bound by memory bandwidth,
-which needs many loads in flight). Launch shapes depend only on (M, N, K), so
-the kernels are safe inside CUDA graphs.
+Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``: a program owns
+``BLOCK_M`` rows, ``BLOCK_N`` output channels and a run of K tiles. More than
+one row goes through ``tl.dot`` (bf16/fp16 in, fp32 accumulate). A single row
+(batch-1 decode) is a GEMV, which at these sizes is bound by instruction issue
+as much as by memory: the H200 streams ~4e12 int8 or ~8e12 int4 codes a
+second, and I2F converts only 16 values per SM per clock. So the GEMVs never
+convert: the codes are read as 32-bit words and each one is placed on the
+mantissa of a float whose exponent makes it an integer (``2**15 + byte``,
+``2**11 + nibble``, ``2**7 + nibble``) by one shift per word and one LOP3 per
+code; one FMA multiplies it into a per-thread accumulator, and the
+constants' share is subtracted once (int8: once per output; int4: once per
+tile and lane, with the zero point). The bit patterns come in as runtime
+arguments (``BYTE_EXPONENT``, ``INT4_MAGICS``) so they stay in registers.
+That is ~3.9 instructions a code for both formats in the compiled loop
+(int4 was 6.3 with shifts, interleave and I2F). Products are summed
+elementwise over the K loop and reduced once at the end.
+
+With ``split_k == 1`` each program writes its outputs (bias added) in the
+activation dtype; a split writes fp32 partial sums to ``[split_k, M, N]``
+that one ``sum`` reduces, so results never depend on the order programs
+finish in. Launch shapes depend only on (M, N, K), so the kernels are safe
+inside CUDA graphs.
 """
 from __future__ import annotations
 
@@ -44,11 +54,12 @@ class MatmulConfig:
 
 
 # Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
-# projections, replayed as CUDA graphs). LARGE serves decode batches of 17..FUSED_MAX_ROWS rows
-# (`quant_ops`); longer prefill chunks go to dequantize + cuBLAS.
-GEMV = {"int8": MatmulConfig(1, 4, 2048, 4, 3, 1), "int4": MatmulConfig(1, 8, 2048, 4, 3, 4)}
+# projections, replayed as CUDA graphs; GEMV and LARGE int8 from h200-2026-12-02-quant-gemv.json). LARGE
+# serves decode batches of 17..FUSED_MAX_ROWS rows (`quant_ops`); longer prefill chunks go to dequantize +
+# cuBLAS.
+GEMV = {"int8": MatmulConfig(1, 8, 1024, 4, 3, 1), "int4": MatmulConfig(1, 16, 1024, 8, 3, 1)}
 SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8)}
-LARGE = {"int8": MatmulConfig(128, 128, 64, 4, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
+LARGE = {"int8": MatmulConfig(128, 256, 64, 8, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
 
 
 # Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS by 3% or more on an H200 for that
@@ -60,8 +71,17 @@ DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {
     (28672, 4096): MatmulConfig(1, 16, 512, 4, 3, 4), (4096, 14336): MatmulConfig(1, 4, 2048, 8, 3, 1)}
 
 
-def config_for(fmt: str, m: int) -> MatmulConfig:
-    return (GEMV if m == 1 else SMALL if m <= 16 else LARGE)[fmt]
+# One row, by (format, N, K): the shapes whose own best tiles in that sweep differ from GEMV's (Llama-3-8B's
+# qkv, gate_up and LM head; the others take GEMV's).
+GEMV_SHAPES: dict[tuple[str, int, int], MatmulConfig] = {
+    ("int8", 6144, 4096): MatmulConfig(1, 16, 512, 4, 3, 1), ("int8", 28672, 4096): MatmulConfig(1, 16, 256, 2, 3, 1),
+    ("int8", 128256, 4096): MatmulConfig(1, 16, 256, 2, 3, 1), ("int4", 28672, 4096): MatmulConfig(1, 64, 256, 4, 3, 4)}
+
+
+def config_for(fmt: str, m: int, n: int, k: int) -> MatmulConfig:
+    if m == 1:
+        return GEMV_SHAPES.get((fmt, n, k), GEMV[fmt])
+    return (SMALL if m <= 16 else LARGE)[fmt]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,17 +97,19 @@ def split_k_for(config: MatmulConfig, m: int, n: int, k_tiles: int, device_index
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x[rows, ks] @ w^T for a dequantized tile ``w [BLOCK_N, BLOCK_K]`` (fp32)."""
-    k_ok = ks < K
-    if BLOCK_M == 1:
-        x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)[None, :]
-    else:
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & k_ok[None, :],
-                    other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    return acc
+def _int8_as_f32(q):
+    """int8 codes -> exact fp32 without a conversion instruction: ``q + 0x4B000080`` is the bit pattern of
+    the float ``2**23 + 128 + q`` (q in -128..127 stays inside the mantissa), so one integer add and one
+    float subtract replace I2F, which issues at a quarter of the FMA rate and bounded the GEMV."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, w):
+    """acc [BLOCK_M, BLOCK_N] += x[rows, ks] @ w^T on tensor cores (``w [BLOCK_N, BLOCK_K]``, cast to x's dtype)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks < K)[None, :],
+                other=0.0)
+    return acc + tl.dot(x, tl.trans(w.to(x.dtype)))
 
 
 @triton.jit
@@ -102,68 +124,178 @@ def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Float bit patterns the GEMVs OR codes into, passed as runtime arguments: as immediates the compiler
+# rematerializes them before every use (a MOV per code), as arguments they stay in a register.
+BYTE_EXPONENT = 0x47000000              # the float 2**15: a byte on bits 8..15 reads as 2**15 + byte
+INT4_MAGICS = (0x45000000, 0x43000000)  # 2**11 and 2**7: a nibble on bits 12..15 / 16..19 reads as 2**k + q
+SIGN_FLIP = tl.constexpr(-0x7F7F7F80)     # 0x80808080 as an int32: XOR makes four int8 codes q bytes q + 128
+
+
+@triton.jit
+def _byte_plane(moved, exponent):
+    """Bits 8..15 of each word under ``exponent`` (0x47000000): the float ``32768 + byte`` (no I2F)."""
+    return ((moved & 0xFF00) | exponent).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
+                      stride_xm, stride_qn, stride_ok, stride_om, exponent,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """One row times int8 codes read as int32 words (``q_ptr``: ``[N, K/4]``, ``stride_qn`` in words; code
+    ``4w + b`` in byte b of word w), times per-row scales; ``exponent``: ``BYTE_EXPONENT``.
+
+    Each word is flipped to biased bytes ``q + 128`` once; byte b is moved to bits 8..15 (one shift, none
+    for b = 1) and made the float ``32768 + 128 + q`` by one LOP3, then multiplied into a
+    ``[BLOCK_N, BLOCK_K / 4]`` accumulator by one FMA. x is loaded contiguously and split into its four
+    byte planes in registers. The constant's share, ``32896 * sum x``, is the same for every output and
+    is subtracted once after the K loop (it costs ~2**15 / |q| ulps of fp32, far below bf16's rounding)."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.program_id(2) + tl.arange(0, 1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    partial = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)
+    for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
+        ws = tile * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+        words = tl.load(q_ptr + cols[:, None] * stride_qn + ws[None, :],
+                        mask=col_ok[:, None] & (ws < K // 4)[None, :], other=0) ^ SIGN_FLIP
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (BLOCK_K // 4, 2, 2)))     # x[4w + 2i], x[4w + 2i + 1]
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        partial += _byte_plane(words << 8, exponent) * x0[None, :]
+        partial += _byte_plane(words, exponent) * x1[None, :]
+        partial += _byte_plane(words >> 8, exponent) * x2[None, :]
+        partial += _byte_plane(words >> 16, exponent) * x3[None, :]
+        x_sum += (x0 + x1) + (x2 + x3)
+    acc = (tl.sum(partial, axis=1) - 32896.0 * tl.sum(x_sum, axis=0))[None, :]
+    acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
+
+
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
                  stride_xm, stride_qn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr = True):
-    """int8 codes times per-row scales, or (``HAS_SCALE`` False) a dense float matrix."""
+    """int8 codes times per-row scales (rows through ``tl.dot``; one row goes to ``_int8_gemv_kernel``), or
+    (``HAS_SCALE`` False) a dense float matrix, whose one row is summed elementwise into a
+    ``[BLOCK_N, BLOCK_K]`` accumulator, reduced once after the K loop."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
         ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         q = tl.load(q_ptr + cols[:, None] * stride_qn + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                     other=0)
-        acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, q.to(tl.float32), BLOCK_M)
+        if BLOCK_M == 1:
+            w = q.to(tl.float32)
+            x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+            partial += w * x[None, :]
+        else:
+            acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, _int8_as_f32(q) if HAS_SCALE else q)
+    if BLOCK_M == 1:
+        acc = tl.sum(partial, axis=1)[None, :]
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
 @triton.jit
+def _int4_gemv_tile(words, x_ptr, zero, scale, magic_even, magic_odd):
+    """One row's products with a tile of packed words ``[BLOCK_N, RUNS, 16]`` (``torch_quant``'s layout:
+    nibble j of a run's word w is weight 16 j + w): (``[BLOCK_N, RUNS, 16]`` to sum, ``[BLOCK_N, RUNS]`` to
+    subtract), whose sums are sum_k (q - z) s x.
+
+    A nibble is decoded in place, without a conversion instruction: moved to bits 12..15 (even j) or
+    16..19 (odd j) by one shift per word and pair, ``word & 0xF000 | 0x45000000`` is the float
+    ``2**11 + q`` and ``word & 0xF0000 | 0x43000000`` is ``2**7 + q`` (the nibble lands on the mantissa's
+    units). So a code costs one LOP3 and one FMA: the constants' share, ``(2**11 + z) s sum x`` over the
+    even planes and ``(2**7 + z) s sum x`` over the odd ones, is subtracted once per run and row (x summed
+    over the run first). The constants are small, so the cancellation costs ~2**11 / 5 ulps of fp32 at
+    most, far below bf16's rounding."""
+    offsets = tl.arange(0, words.shape[1])[:, None] * 128 + tl.arange(0, 16)[None, :]
+    dots = tl.zeros(words.shape, dtype=tl.float32)
+    for pair in tl.static_range(4):     # nibbles 2 pair and 2 pair + 1 (bits 8 pair .. 8 pair + 7)
+        if pair < 2:
+            moved = words << (12 - 8 * pair)
+        else:
+            moved = words >> (8 * pair - 12)
+        even = ((moved & 0xF000) | magic_even).to(tl.float32, bitcast=True)
+        odd = ((moved & 0xF0000) | magic_odd).to(tl.float32, bitcast=True)
+        xe = tl.load(x_ptr + offsets + 32 * pair).to(tl.float32)
+        xo = tl.load(x_ptr + offsets + 32 * pair + 16).to(tl.float32)
+        dots += even * xe[None, :, :]      # two separate sums: each one FMA per code
+        dots += odd * xo[None, :, :]
+        if pair == 0:   # sums in the loads' own layout (a zeros tensor of its own would reload x)
+            x_even, x_odd = xe, xo
+        else:
+            x_even += xe
+            x_odd += xo
+    dots -= (2048.0 + zero)[:, :, None] * x_even[None, :, :]
+    dots -= (128.0 + zero)[:, :, None] * x_odd[None, :, :]
+    return dots * scale[:, :, None]
+
+
+@triton.jit
+def _int4_codes(words):
+    """Packed words ``[BLOCK_N, RUNS, 16]`` -> codes ``[BLOCK_N, RUNS, 8, 16]`` (K order) as exact fp32."""
+    shifts = 4 * tl.arange(0, 8)
+    planes = (words[:, :, None, :] >> shifts[None, None, :, None]) & 0xF
+    return (planes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
-                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om,
+                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om, magic_even, magic_odd,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """``q_ptr``: the packed codes as int32 words ``[N, K/8]`` (``stride_qn`` in words); ``GROUP`` is the
+    packing run (128), so a run's 16 words are one group with one scale and zero point. ``magic_even``,
+    ``magic_odd``: ``INT4_MAGICS`` (read by the one-row path)."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    half = tl.arange(0, BLOCK_K // 2)
-    groups = tl.arange(0, BLOCK_K // GROUP)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    runs = tl.arange(0, BLOCK_K // GROUP)
+    word_offsets = runs[:, None] * 16 + tl.arange(0, 16)[None, :]
+    if BLOCK_M == 1:
+        partial = tl.zeros((BLOCK_N, BLOCK_K // GROUP, 16), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
-        packed = tl.load(q_ptr + cols[:, None] * stride_qn + tile * (BLOCK_K // 2) + half[None, :],
-                         mask=col_ok[:, None], other=0)
-        codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)           # [BLOCK_N, BLOCK_K], in K order
-        g = tile * (BLOCK_K // GROUP) + groups
-        meta = cols[:, None] * stride_sn + g[None, :]
+        words = tl.load(q_ptr + cols[:, None, None] * stride_qn + tile * (BLOCK_K // 8) + word_offsets[None, :, :],
+                        mask=col_ok[:, None, None], other=0)
+        meta = cols[:, None] * stride_sn + tile * (BLOCK_K // GROUP) + runs[None, :]
         zero = tl.load(zero_ptr + meta, mask=col_ok[:, None], other=0).to(tl.float32)
         scale = tl.load(scale_ptr + meta, mask=col_ok[:, None], other=0.0).to(tl.float32)
-        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        if BLOCK_M == 1:    # sum_k (q - z) s x = s (sum_k q x - z sum_k x): the zero and scale once per group
-            x = tl.load(x_ptr + tl.program_id(2) * stride_xm + ks).to(tl.float32)
-            dots = tl.sum(tl.reshape(codes * x[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
-            x_sums = tl.sum(tl.reshape(x, (BLOCK_K // GROUP, GROUP)), axis=1)
-            acc += tl.sum(scale * (dots - zero * x_sums[None, :]), axis=1)[None, :]
+        if BLOCK_M == 1:
+            partial += _int4_gemv_tile(words, x_ptr + tl.program_id(2) * stride_xm + tile * BLOCK_K, zero, scale,
+                                       magic_even, magic_odd)
         else:
-            w = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP))
-            w = tl.reshape((w - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-            acc = _accumulate(acc, x_ptr, rows, ks, M, K, stride_xm, w, BLOCK_M)
+            w = (_int4_codes(words) - zero[:, :, None, None]) * scale[:, :, None, None]
+            ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, tl.reshape(w, (BLOCK_N, BLOCK_K)))
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.reshape(partial, (BLOCK_N, BLOCK_K // 8)), axis=1)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
 def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weight_strides: tuple,
-            bias: torch.Tensor | None, config: MatmulConfig | None, **constants) -> torch.Tensor:
+            bias: torch.Tensor | None, config: MatmulConfig | None, magics: tuple = (), **constants) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    config = config or config_for(fmt, m)
+    config = config or config_for(fmt, m, n, k)
     block_k = config.block_k
     if fmt == "int4":   # whole groups per tile, and whole tiles per row
         block_k = max(GROUP, block_k)
@@ -180,7 +312,7 @@ def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weigh
         strides = (0, out.stride(0))
     grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, config.block_m))
     kernel[grid](x2, *weight_args, bias if bias is not None else x2, out, m, n, k, k_tiles, tiles_per_split,
-                 x2.stride(0), *weight_strides, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 x2.stride(0), *weight_strides, *strides, *magics, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                  BLOCK_K=block_k, HAS_BIAS=bias is not None, SPLIT=split_k > 1, num_warps=config.num_warps,
                  num_stages=config.num_stages, **constants)
     if split_k > 1:
@@ -192,6 +324,10 @@ def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weigh
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 config: MatmulConfig | None = None) -> torch.Tensor:
     """``x [..., K]`` @ dequant(q)^T + bias."""
+    if x.numel() == x.shape[-1] and q.shape[1] % 4 == 0:    # one row: the codes as int32 words
+        words = q.view(torch.int32)
+        return _launch(_int8_gemv_kernel, "int8", x, q.shape[0], (words, scale), (words.stride(0),), bias, config,
+                       (BYTE_EXPONENT,))
     return _launch(_int8_kernel, "int8", x, q.shape[0], (q, scale), (q.stride(0),), bias, config)
 
 
@@ -207,5 +343,6 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     """``x [..., K]`` @ dequant(packed)^T + bias; groups of GROUP along K."""
     group = x.shape[-1] // scale.shape[1]
     assert group == GROUP, f"the int4 kernel takes groups of {GROUP}, got {group}"
-    return _launch(_int4_kernel, "int4", x, packed.shape[0], (packed, scale, zero),
-                   (packed.stride(0), scale.stride(0)), bias, config, GROUP=GROUP)
+    words = packed.view(torch.int32)    # little-endian: byte 4w + b is bits 8b.. of word w
+    return _launch(_int4_kernel, "int4", x, packed.shape[0], (words, scale, zero),
+                   (words.stride(0), scale.stride(0)), bias, config, INT4_MAGICS, GROUP=GROUP)

@@ -8,8 +8,12 @@ loaders, the attention and KV code and the sampler never change for a format.
 
 * ``none``: every matrix dense in the model dtype (a GGUF file is dequantized).
 * ``int8``: block linears weight-only int8, per output channel; ``int4``: groups
-  of 128, asymmetric. Embeddings and the LM head stay dense (as the analyzer
-  assumes). A float checkpoint is quantized at load by round-to-nearest.
+  of 128, asymmetric. An untied LM head is int8 per output channel in both
+  (and in ``int4-awq``): at batch 1 it is the largest single matrix read per
+  token (1 GB in bf16 for Llama-3-8B, a fifth of the bytes an int4 token reads), and logits keep
+  int8's accuracy where 4-bit groups would cost more. The embedding (and a
+  tied LM head, which is the embedding) stays dense; the analyzer counts the
+  same (``sizing``). A float checkpoint is quantized at load by round-to-nearest.
 * ``int4-awq``: ``int4`` with AWQ scales searched on a calibration pass at load.
 * ``w8a8``: int8 weights and per-token int8 activations, SmoothQuant-smoothed by
   a calibration pass at load (random weights: no smoothing).
@@ -49,6 +53,14 @@ def _blocks_only(method: Callable[[str], LinearMethod]) -> MethodPolicy:
     return lambda prefix: method(prefix) if prefix.startswith("layers.") else DENSE
 
 
+def _weight_only(method: Callable[[str], LinearMethod]) -> MethodPolicy:
+    """``_blocks_only``, and an untied LM head (prefix ``lm_head``; a tied one is ``embed_tokens``) as int8
+    per output channel, without smoothing (calibration records the blocks' inputs only)."""
+    from pagellm.quant.methods import Int8LinearMethod
+    blocks = _blocks_only(method)
+    return lambda prefix: Int8LinearMethod() if prefix == "lm_head" else blocks(prefix)
+
+
 def saved_format(checkpoint) -> dict | None:
     """The ``quantization_config`` of a checkpoint written by ``pagellm quantize``, else None."""
     if checkpoint is None or checkpoint.format != "hf":
@@ -75,7 +87,7 @@ def _smoothing(name: str, checkpoint, config) -> Callable[[str], dict]:
 def _int8(checkpoint, config) -> MethodPolicy:
     from pagellm.quant.methods import Int8LinearMethod
     smoothing = _smoothing("int8", checkpoint, config)
-    return _blocks_only(lambda prefix: Int8LinearMethod(**smoothing(prefix)))
+    return _weight_only(lambda prefix: Int8LinearMethod(**smoothing(prefix)))
 
 
 def _w8a8(checkpoint, config) -> MethodPolicy:
@@ -87,7 +99,7 @@ def _w8a8(checkpoint, config) -> MethodPolicy:
 def _int4(checkpoint, config, name: str = "int4") -> MethodPolicy:
     from pagellm.quant.methods import Int4LinearMethod
     smoothing = _smoothing(name, checkpoint, config)
-    return _blocks_only(lambda prefix: Int4LinearMethod(GROUP_SIZE, **smoothing(prefix)))
+    return _weight_only(lambda prefix: Int4LinearMethod(GROUP_SIZE, **smoothing(prefix)))
 
 
 def _gguf(checkpoint, config) -> MethodPolicy:
@@ -134,6 +146,7 @@ def resolve_quantization(name: str | None, checkpoint) -> str:
     check_quantization(name)
     if saved := saved_format(checkpoint):
         stored = saved["format"]
+        _check_packing(saved, checkpoint)
         if name not in (None, "auto", stored):
             raise ValueError(f"quantization {name!r}: this checkpoint is stored quantized as {stored!r}; "
                              f"use quantization 'auto' or {stored!r}")
@@ -141,6 +154,16 @@ def resolve_quantization(name: str | None, checkpoint) -> str:
     if name != "auto":
         return name or "none"
     return "gguf" if checkpoint is not None and checkpoint.format == "gguf" else "none"
+
+
+def _check_packing(saved: dict, checkpoint) -> None:
+    """A saved int4 checkpoint holds its codes in the layout it was written with; one from before the
+    interleaved words (``torch_quant.INT4_PACKING``) would read as other codes, so it is refused."""
+    from pagellm.kernels.torch_quant import INT4_PACKING
+    packing = saved.get("int4_packing", "pairs")
+    if saved["format"] == "int4" and packing != INT4_PACKING:
+        raise ValueError(f"{checkpoint.path}: int4 codes packed as {packing!r}, this engine reads "
+                         f"{INT4_PACKING!r}; write the checkpoint again with `pagellm quantize`")
 
 
 def check_quantization_fits(name: str, model_config, device: torch.device) -> None:

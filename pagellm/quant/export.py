@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagellm.config import EngineConfig, add_engine_arguments
+from pagellm.kernels.torch_quant import INT4_PACKING
 from pagellm.model.layers import Linear
 from pagellm.quant import GROUP_SIZE, SAVABLE_FORMATS, SAVED_METHOD
 
@@ -62,7 +63,8 @@ def save_quantized(llm, out: Path) -> None:
     config["torch_dtype"] = str(engine.runner.dtype).removeprefix("torch.")
     config["quantization_config"] = {"quant_method": SAVED_METHOD, "format": stored, "group_size": GROUP_SIZE,
                                      "smoothed": any(name.endswith(".input_scale") for name in tensors),
-                                     "source": str(engine.config.model), "method": engine.quantization}
+                                     "source": str(engine.config.model), "method": engine.quantization,
+                                     "int4_packing": INT4_PACKING}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if engine.tokenizer is not None:
         engine.tokenizer.save_pretrained(out)
