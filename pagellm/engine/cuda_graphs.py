@@ -18,6 +18,15 @@ are captured over static input buffers (``StaticInputs``), in two families:
   states; the logits of the rows the step samples are computed after the
   replay (a 512-token graph would otherwise compute 512 rows of logits).
 
+The graphs of a family write their outputs into one buffer, allocated outside
+the graphs' memory pool at the family's largest shape (each graph a view of
+its first rows): an output per graph would stay allocated per graph, and the
+float32 logits of every decode batch size of a Llama-3 vocabulary alone are
+1.1 GB (on an H200 an int4 Llama-3-8B engine's graphs took 1.9 GiB of
+their 1 GiB reserve and its first long prefill ran out of memory). Callers
+get rows gathered out of the buffer (a copy), so a later replay of another
+size never changes what they hold.
+
 Padding (``StaticInputs.fill``): the step's tokens and sequences come first.
 Padding tokens ``[T, T_pad)`` belong to no sequence (``query_start_loc[B:] =
 T``), sit at position 0 and write nothing (slot -1); padding sequences have no
@@ -176,22 +185,27 @@ class CudaGraphs:
             self._capture_all()
         self.capture_seconds = time.perf_counter() - start
 
-    def _forward(self, shape: GraphShape) -> torch.Tensor:
-        """Logits of every row (decode) or hidden states (varlen) of the padded batch in the buffers."""
+    def _forward(self, shape: GraphShape, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every row (decode) or hidden states (varlen) of the padded batch in the buffers,
+        written into ``out`` when given."""
         input_ids, positions, meta = self.inputs.batch(shape)
         hidden = self.model(input_ids, positions,
                             ForwardContext(meta, self.kv_cache.layers, self.backend, self.kv_cache.layer_ready))
-        return self.model.compute_logits(hidden) if shape.decode else hidden
+        if shape.decode:
+            return self.model.compute_logits(hidden, out)
+        return hidden if out is None else out.copy_(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        pool = None
+        pool, buffers = None, {}
         for shape in sorted(self.shapes, key=lambda s: (-s.num_tokens, -s.num_seqs)):   # largest first: others reuse
-            self._forward(shape)                 # warm-up: compiles kernels, sets up workspaces
+            warm_up = self._forward(shape)       # compiles kernels, sets up workspaces
+            buffer = buffers.setdefault(shape.decode, torch.empty_like(warm_up))   # the kind's largest output
+            del warm_up
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[shape] = self._forward(shape)
+                self.outputs[shape] = self._forward(shape, buffer[:shape.num_tokens])
             pool = graph.pool()
             self.graphs[shape] = graph
         torch.cuda.synchronize()

@@ -147,5 +147,7 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual, ctx.ops)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits, into ``out`` when given (a CUDA graph's shared output buffer)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)
