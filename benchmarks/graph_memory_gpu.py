@@ -32,8 +32,16 @@ def measure(quantization: str, prompt_tokens: int) -> dict:
     llm = LLM("llama-3-8b", random_weights=True, quantization=quantization)
     free, total = torch.cuda.mem_get_info()
     graphs = llm.engine.runner.graphs
-    row = dict(quantization=quantization, free_after_start_gib=free / 2**30, total_gib=total / 2**30,
-               kv_tokens=llm.engine.memory.kv_tokens, graphs=len(graphs.shapes) if graphs else 0)
+    memory = llm.engine.memory
+    gib = 2**30
+    row = dict(quantization=quantization, free_after_start_gib=free / gib, total_gib=total / gib,
+               kv_tokens=memory.kv_tokens, graphs=len(graphs.shapes) if graphs else 0,
+               weights_gib=memory.weights_bytes / gib, activation_gib=memory.activation_bytes / gib,
+               kv_pool_gib=memory.kv_cache_bytes / gib,
+               # what start-up keeps beyond the weights and the pool: the graphs' pool, their buffers, workspaces
+               other_allocated_gib=(torch.cuda.memory_allocated() - memory.weights_bytes
+                                    - memory.kv_cache_bytes) / gib,
+               reserved_unallocated_gib=(torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / gib)
     rng = random.Random(0)
     long_prompt = [rng.randrange(100, 120000) for _ in range(prompt_tokens)]
     decodes = [[rng.randrange(100, 120000) for _ in range(64)] for _ in range(64)]
@@ -41,6 +49,8 @@ def measure(quantization: str, prompt_tokens: int) -> dict:
     try:
         out = llm.generate([long_prompt] + decodes, params, use_tqdm=False)
         row["served"] = all(len(o.outputs[0].token_ids) == 16 for o in out)
+        if not row["served"]:
+            row["error"] = next((str(o.error) for o in out if getattr(o, "error", None)), "short outputs")
     except torch.OutOfMemoryError as error:
         row["served"] = False
         row["error"] = str(error).splitlines()[0]

@@ -410,6 +410,7 @@ def main() -> int:
     wanted = args.sections.split(",")
     global OUT
     OUT = Path(args.out)
+    OUT.mkdir(parents=True, exist_ok=True)
     bandwidth = measure_copy_bandwidth(torch.device("cuda"))
     RESULTS["copy_bandwidth"] = bandwidth
     print("copy bandwidth", bandwidth["bandwidth"] / 1e9, "GB/s")
