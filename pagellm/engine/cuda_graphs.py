@@ -22,8 +22,9 @@ The graphs of a family write their outputs into one buffer, allocated outside
 the graphs' memory pool at the family's largest shape (each graph a view of
 its first rows): an output per graph would stay allocated per graph, and the
 float32 logits of every decode batch size of a Llama-3 vocabulary alone are
-1.1 GB (on an H200 an int4 Llama-3-8B engine's graphs took 1.9 GiB of
-their 1 GiB reserve and its first long prefill ran out of memory). Callers
+1.1 GB, over the 1 GiB a card's default sizing reserves for them (a
+Llama-3-8B bf16 engine on an H200 now leaves 1.53 GiB free after start-up,
+0.63 before; h200-2026-12-02-graph-memory.json). Callers
 get rows gathered out of the buffer (a copy), so a later replay of another
 size never changes what they hold.
 
