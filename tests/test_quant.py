@@ -95,6 +95,25 @@ def test_gguf_linear_in_row_slices_is_the_dense_product(monkeypatch):
     torch.testing.assert_close(gguf_linear(x, data, qtype), dense, rtol=1e-5, atol=1e-4)   # fp32 sums of 256
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_formats_dequantized_in_row_slices_are_the_dense_product(monkeypatch, fmt):
+    """The path above ``FUSED_MAX_ROWS`` rows (and on the CPU in fp32) dequantizes a slice of output rows at
+    a time; the product equals float64 math over the whole dequantized matrix, bias included."""
+    from pagellm.kernels import quant_ops
+    gen = torch.Generator().manual_seed(6)
+    w, x, bias = torch.randn(40, 256, generator=gen), torch.randn(3, 256, generator=gen), torch.randn(40, generator=gen)
+    if fmt == "int8":
+        q, scale = torch_quant.quantize_int8(w)
+        stored, linear = torch_quant.dequantize_int8(q, scale, torch.float64), lambda: quant_ops.int8_linear(x, q, scale, bias)
+    else:
+        packed, scale, zero = torch_quant.quantize_int4(w, 128)
+        stored = torch_quant.dequantize_int4(packed, scale, zero, torch.float64)
+        linear = lambda: quant_ops.int4_linear(x, packed, scale, zero, bias)   # noqa: E731
+    dense = (x.double() @ stored.t() + bias.double()).float()
+    monkeypatch.setattr(quant_ops, "DEQUANT_ELEMENTS", 7 * 256)   # 6 slices, the last one short
+    torch.testing.assert_close(linear(), dense, rtol=1e-5, atol=1e-4)
+
+
 def test_q4_k_groups_are_the_int4pack_form_of_the_gguf_values():
     """Q4_K as int4pack wants it, ``(code - 8) * scale + zero`` per group of 32: the gguf package's values, exactly."""
     data = _blocks(GGMLQuantizationType.Q4_K, 6, 512, np.random.default_rng(5))

@@ -9,7 +9,12 @@ kernel for the device and shape, with the torch reference
 * CUDA, more rows (long prefill chunks): dequantize to the activation dtype,
   then cuBLAS; the matmul is compute-bound there, so the one extra pass over
   the weights costs little, and cuBLAS beats the Triton GEMM
-  (``benchmarks/quant_gpu.py`` measures both).
+  (``benchmarks/quant_gpu.py`` measures both). A slice of output rows
+  (``DEQUANT_ELEMENTS`` values) at a time, as everywhere a matrix is
+  dequantized per call: the reference dequantization of a whole int4 matrix
+  holds ~12 bytes a value of temporaries (1.4 GB for Llama-3-8B's gate_up),
+  which every CUDA graph of more than ``FUSED_MAX_ROWS`` tokens would keep in
+  the graphs' pool beside the planned activations.
 * CPU with bf16 activations: torch's packed int8 matmul for int8.
 * W8A8, any device: activations quantized per token, then torch's int8
   matmul (``torch._int_mm``: cuBLAS on CUDA, which wants more than 16 rows,
@@ -25,6 +30,8 @@ kernel for the device and shape, with the torch reference
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
@@ -38,10 +45,28 @@ INT4PACK_MIN_ROWS = 16              # ... and takes a multiple of 16 rows
 
 FUSED_MAX_ROWS = 256        # up to this many rows go to the fused Triton kernels
 ROWS_ELEMENTS = 1 << 22     # weight values dequantized at once by the GGUF path
+DEQUANT_ELEMENTS = 1 << 24  # ... by the int8/int4 paths (their temporaries: ~200 MB; fewer launches a prefill step)
 
 
 def _fused(x: torch.Tensor) -> bool:
     return x.is_cuda and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
+
+
+def _add(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
+
+
+def dequantized_linear(x: torch.Tensor, num_rows: int, dequantize_rows: Callable[[int, int], torch.Tensor],
+                       elements: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for a stored ``W`` of ``num_rows`` output rows, ``dequantize_rows(start, end)``
+    giving its float rows ``[start, end)``: about ``elements`` values at a time, so the float copy and its
+    temporaries never cover the whole matrix (one slice: exactly the whole-matrix product)."""
+    rows = max(1, elements // x.shape[-1])
+    if rows >= num_rows:
+        return cpu_linear.linear(x, dequantize_rows(0, num_rows), bias)
+    parts = [cpu_linear.linear(x, dequantize_rows(start, min(start + rows, num_rows)), None)
+             for start in range(0, num_rows, rows)]
+    return _add(torch.cat(parts, dim=-1), bias)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
@@ -51,9 +76,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         return triton_quant.int8_matmul(x, qweight, scales, bias)
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scales.to(x.dtype))
-        out = out.reshape(*x.shape[:-1], -1)
-        return out if bias is None else out + bias
-    return torch_quant.int8_linear(x, qweight, scales, bias)
+        return _add(out.reshape(*x.shape[:-1], -1), bias)
+    return dequantized_linear(x, qweight.shape[0], lambda start, end: torch_quant.dequantize_int8(
+        qweight[start:end], scales[start:end], x.dtype), DEQUANT_ELEMENTS, bias)
 
 
 INT_MM_MIN_ROWS = 17        # torch._int_mm on CUDA needs more than 16 rows
@@ -86,16 +111,16 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if _fused(x):
         from pagellm.kernels import triton_quant
         return triton_quant.int4_matmul(x, qweight, scales, zeros, bias)
-    return torch_quant.int4_linear(x, qweight, scales, zeros, bias)
+    return dequantized_linear(x, qweight.shape[0], lambda start, end: torch_quant.dequantize_int4(
+        qweight[start:end], scales[start:end], zeros[start:end], x.dtype), DEQUANT_ELEMENTS, bias)
 
 
 def gguf_linear(x: torch.Tensor, data: torch.Tensor, qtype: GGMLQuantizationType | None) -> torch.Tensor:
     """``x @ W^T`` for a GGUF tensor's blocks (``qtype`` None: ``data`` is a float matrix)."""
     if qtype is None:
         return cpu_linear.linear(x, data, None)
-    rows = max(1, ROWS_ELEMENTS // x.shape[-1])
-    return torch.cat([cpu_linear.linear(x, torch_quant.dequantize_gguf(data[start:start + rows], qtype, x.dtype),
-                                        None) for start in range(0, data.shape[0], rows)], dim=-1)
+    return dequantized_linear(x, data.shape[0], lambda start, end: torch_quant.dequantize_gguf(
+        data[start:end], qtype, x.dtype), ROWS_ELEMENTS)
 
 
 def packs_as_int4(qtype: GGMLQuantizationType, rows: int) -> bool:
