@@ -263,8 +263,8 @@ def test_scale_outputs_scales_each_output_channel_in_every_weight_format(method)
     torch.manual_seed(0)
     methods = {"dense": DENSE, "int8": Int8LinearMethod(), "int4": Int4LinearMethod(group_size=32),
                "gguf-q8_0": GGUFLinearMethod([GGMLQuantizationType.Q8_0] * 2)}
-    layer = Linear(64, [8, 8], bias=True, method=methods[method], params_dtype=torch.float32)
-    weights = torch.randn(16, 64)
+    layer = Linear(128, [8, 8], bias=True, method=methods[method], params_dtype=torch.float32)   # int4: runs of 128
+    weights = torch.randn(16, 128)
     for shard in (0, 1):
         rows = weights[shard * 8:(shard + 1) * 8]
         if method.startswith("gguf"):
@@ -272,7 +272,7 @@ def test_scale_outputs_scales_each_output_channel_in_every_weight_format(method)
             rows = RawTensor("w", "w", GGMLQuantizationType.Q8_0, tuple(rows.shape), data)
         layer.weight_loaders["weight"](rows, shard)
     layer.weight_loaders["bias"](torch.randn(16), None)
-    x = torch.randn(5, 64)
+    x = torch.randn(5, 128)
     before = layer(x)
     factors = torch.rand(16) * 4 + 0.1
     layer.scale_outputs(factors)

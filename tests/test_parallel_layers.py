@@ -14,7 +14,7 @@ from pagellm.kernels import torch_quant
 from pagellm.quant.methods import Int4LinearMethod, Int8LinearMethod, W8A8LinearMethod
 
 METHODS = {"dense": lambda: DENSE, "int8": Int8LinearMethod, "int4": lambda: Int4LinearMethod(group_size=16)}
-IN, OUT = 64, 48
+IN, OUT = 256, 128      # int4 codes come in runs of 128 input columns: each rank of the row layer holds one run
 
 
 @pytest.mark.parametrize("method", list(METHODS))

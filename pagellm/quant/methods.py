@@ -21,8 +21,8 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from pagellm.kernels import cpu_linear, quant_ops
-from pagellm.kernels.torch_quant import (dequantize_gguf, dequantize_int4, dequantize_int8, gguf_row_bytes,
-                                         quantize_int4, quantize_int8)
+from pagellm.kernels.torch_quant import (PACK_RUN, dequantize_gguf, dequantize_int4, dequantize_int8,
+                                         gguf_row_bytes, quantize_int4, quantize_int8)
 from pagellm.model.layers import Linear, read
 
 FLOAT_GGUF_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -118,6 +118,9 @@ class Int4LinearMethod(_InputSmoothing, _ScaledRows):
     def create_weights(self, layer: Linear) -> None:
         if layer.input_size % self.group_size:
             raise ValueError(f"int4 groups of {self.group_size} do not divide the input size {layer.input_size}")
+        if layer.input_size % PACK_RUN:
+            raise ValueError(f"int4 codes are packed in runs of {PACK_RUN} input columns, which do not divide "
+                             f"the input size {layer.input_size}")
         groups = layer.input_size // self.group_size
         qweight = _parameter(layer, "qweight", (layer.output_size, layer.input_size // 2), torch.uint8)
         scales = _parameter(layer, "scales", (layer.output_size, groups), torch.float16)
