@@ -73,7 +73,7 @@ def main() -> int:
     trees = [("this", Path.cwd())] + ([("other", Path(args.tree).resolve())] if args.tree else [])
     for label, tree in trees:
         for fmt in args.formats.split(","):
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), *os.environ.get("PYTHONPATH", "").split(os.pathsep)[1:]]))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", fmt,
                                    "--prompt-tokens", str(args.prompt_tokens)], cwd=tree, env=env,
                                   capture_output=True, text=True)

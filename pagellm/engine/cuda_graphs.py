@@ -201,12 +201,13 @@ class CudaGraphs:
         pool, buffers = None, {}
         for shape in sorted(self.shapes, key=lambda s: (-s.num_tokens, -s.num_seqs)):   # largest first: others reuse
             warm_up = self._forward(shape)       # compiles kernels, sets up workspaces
-            buffer = buffers.setdefault(shape.decode, torch.empty_like(warm_up))   # the kind's largest output
+            if shape.decode not in buffers:      # the family's largest shape comes first
+                buffers[shape.decode] = torch.empty_like(warm_up)
             del warm_up
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[shape] = self._forward(shape, buffer[:shape.num_tokens])
+                self.outputs[shape] = self._forward(shape, buffers[shape.decode][:shape.num_tokens])
             pool = graph.pool()
             self.graphs[shape] = graph
         torch.cuda.synchronize()
