@@ -40,6 +40,14 @@
    copies switched off, every offloaded layer computing from the buffer it
    finds). Run it in a process of its own (``--sections offload_70b``): its peak
    RSS is then its own, and running out of host memory loses no other figure.
+7. multi-turn (an engine of its own, ``--pool-blocks``, ``--swap-space``):
+   ``--conversations`` over their own 4,096-token documents, every
+   conversation asking again each turn (a 32-token question, ``--answer``
+   tokens answered, ignore eos) after all others had their turn: together
+   their contexts need about twice the device pool, so each turn finds its
+   earlier K/V evicted. With the host tier it comes back from host memory;
+   recompute only (no host tier) computes it again. Different documents per
+   variant (no cross-variant hits); wall time, computed and restored tokens.
 ``$OUT/NAME.json`` (``memory-tiers``) is rewritten after every part; a table is printed last.
 """
 from __future__ import annotations
@@ -178,6 +186,52 @@ def swap_vs_recompute(llm: LLM, n: int = 4, prompt: int = 4096, out: int = 4096)
                      "kv_demand_blocks": n * (prompt + out) // 16}
 
 
+def converse(llm: LLM, documents: list[list[int]], turns: int, question: int, answer: int,
+             rng: random.Random) -> list[list[int]]:
+    """Each turn every conversation appends a question and the model's greedy answer; all answers."""
+    params = SamplingParams(temperature=0, max_tokens=answer, ignore_eos=True)
+    contexts = [list(document) for document in documents]
+    answers = []
+    for _ in range(turns):
+        for context in contexts:
+            context.extend(random_prompts(rng, 1, question)[0])
+        answers.extend(tokens(llm, contexts, params))
+        for context, reply in zip(contexts, answers[-len(contexts):]):
+            context.extend(reply)
+    return answers
+
+
+def multiturn(answers: tuple[int, ...], n: int, pool_blocks: int, swap_space: str, document: int = 4096,
+              turns: int = 4, question: int = 32) -> dict:
+    """An engine of its own, its pool sized so that the ``n`` conversations need about twice it."""
+    llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=pool_blocks,
+              swap_space=swap_space)
+    engine = llm.engine
+    host = engine.block_manager.host
+    rng = random.Random(2)
+    converse(llm, random_prompts(rng, 2, document), 1, question, 2, rng)   # warm-up
+    result = {"kv_pool_blocks": pool_blocks, "swap_space": swap_space}
+    for answer in answers:
+        row = {"workload": f"{n} conversations x {turns} turns: {document}-token document, then {question} + {answer}"
+                           " tokens a turn", "kv_demand_blocks": n * (document + turns * (question + answer)) // 16}
+        for name in ("host_tier", "recompute"):
+            engine.block_manager.host = host if name == "host_tier" else None
+            documents = random_prompts(rng, n, document)
+            before = engine.stats()
+            seconds = timed(lambda: converse(llm, documents, turns, question, answer, rng))
+            after = engine.stats()
+            row[name] = {"seconds": seconds, **{k: after[k] - before[k] for k in (
+                "num_prefill_tokens", "host_prefix_hit_tokens", "num_preemptions", "kv_bytes_to_host",
+                "kv_bytes_to_device")}}
+        row["speedup"] = row["recompute"]["seconds"] / row["host_tier"]["seconds"]
+        result[f"answer_{answer}"] = row
+    engine.block_manager.host = host
+    del llm, engine, host
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 RESTORE_VARIANTS = {"overlap": (2, False),                 # the engine: 2 lanes, the graph waits per layer group
                     "lanes_replay_waits_all": (2, True),  # 2 lanes, the replay waits for all copies first
                     "one_lane": (1, False),               # one lane, the graph waits per layer group
@@ -293,7 +347,7 @@ def offload_70b(prompt: list[int]) -> dict:
             "streamed_gb_s": memory.host_weights_bytes / ((ms - floor_ms) / 1e3) / 1e9}
 
 
-SECTIONS = ("identity", "copies", "swap_vs_recompute", "prefix_restore", "offload_8gib", "offload_70b")
+SECTIONS = ("identity", "copies", "swap_vs_recompute", "prefix_restore", "multiturn", "offload_8gib", "offload_70b")
 
 
 def main() -> None:
@@ -302,6 +356,10 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS[:-1]),
                         help=f"of {','.join(SECTIONS)} (identity_torch or identity_triton: one of identity's two)")
     parser.add_argument("--name", default="memory-tiers")
+    parser.add_argument("--answers", default="128", help="multiturn: answer lengths, one workload each")
+    parser.add_argument("--conversations", type=int, default=48, help="multiturn: conversations")
+    parser.add_argument("--pool-blocks", type=int, default=6144, help="multiturn: the device KV pool")
+    parser.add_argument("--swap-space", default="32GiB", help="multiturn: the host pool")
     args = parser.parse_args()
     sections = args.sections.split(",")
     figures: dict = {}
@@ -309,6 +367,8 @@ def main() -> None:
               "versions": {"torch": torch.__version__, "triton": triton.__version__,
                            "python": platform.python_version()},
               "command": f"PYTHONPATH=. python3 benchmarks/memory_tiers_gpu.py --out $OUT --sections {args.sections}"
+                         + (f" --answers {args.answers} --conversations {args.conversations} --pool-blocks {args.pool_blocks}"
+                            f" --swap-space {args.swap_space}" if "multiturn" in sections else "")
                          + (f" --name {args.name}" if args.name != "memory-tiers" else ""),
               "date": datetime.date.today().isoformat(), "model": f"{MODEL} shapes, random bf16 weights",
               "figures": figures}
@@ -328,6 +388,9 @@ def main() -> None:
         if "identity" in sections or f"identity_{backend}" in sections:
             record(f"identity_{short}_{backend}", identity, dtype, backend)
     prompt = list(range(1000, 1128))
+    if "multiturn" in sections:
+        record("multiturn", multiturn, tuple(int(a) for a in args.answers.split(",")), args.conversations,
+               args.pool_blocks, args.swap_space)
     if {"copies", "swap_vs_recompute", "prefix_restore", "offload_8gib"} & set(sections):
         llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=8192, num_kv_blocks=1040,
                   swap_space="8GiB", max_num_seqs=16)

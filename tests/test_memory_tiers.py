@@ -388,3 +388,38 @@ def test_offload_advice_streams_the_fewest_layers_that_fit():
 def test_disk_offload_needs_cpu_offload_memory():
     with pytest.raises(ValueError, match="cpu_offload_memory"):
         EngineConfig(model="tiny", disk_offload="/tmp")
+
+
+def converse(llm: LLM, documents: list[list[int]], questions: list[list[list[int]]], answer: int) -> list:
+    """Turn by turn, every conversation appends its question and the model's greedy answer."""
+    contexts = [list(document) for document in documents]
+    answers = []
+    for turn_questions in questions:
+        for context, question in zip(contexts, turn_questions):
+            context.extend(question)
+        replies = tokens(llm, contexts, SamplingParams(temperature=0, max_tokens=answer, ignore_eos=True))
+        for context, reply in zip(contexts, replies):
+            context.extend(reply)
+        answers.append(replies)
+    return answers
+
+
+def test_conversations_larger_than_the_pool_come_back_from_the_host_tier(tiny_llama):
+    """4 conversations x 3 turns: 40-token documents, 4-token questions, 8-token answers (block size 4): at the last
+    turn the contexts need 4 x 76 tokens = 76 blocks, 1.9x the 40-block pool, so each turn finds the others'
+    K/V evicted. With a host tier only what is new since a conversation's last full block is computed."""
+    documents = prompts(4, 40, seed=11)
+    rng = random.Random(12)
+    questions = [[[rng.randrange(3, 300) for _ in range(4)] for _ in documents] for _ in range(3)]
+    unpressured = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=512, enable_prefix_caching=False)
+    expected = converse(unpressured, documents, questions, answer=8)
+    computed = {}
+    for swap_space in (None, 1 << 20):
+        llm = LLM(str(tiny_llama), dtype="float32", block_size=4, num_kv_blocks=40, swap_space=swap_space)
+        assert converse(llm, documents, questions, answer=8) == expected
+        computed[swap_space] = llm.engine.scheduler.stats.num_prefill_tokens
+    first_turn = sum(len(d) + 4 for d in documents)
+    # recompute only: the evicted contexts (all but what the device still holds) are computed again each turn
+    assert computed[None] > first_turn + 2 * 4 * 36
+    # host tier: each later turn at most the question, the answer and a partial block (3 tokens) anew
+    assert computed[1 << 20] <= first_turn + 2 * 4 * (4 + 8 + 3)
