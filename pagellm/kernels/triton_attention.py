@@ -67,8 +67,14 @@ codes and scales are in flight during a tile's math (two buffers); 64-key tiles
 on 2 warps (939 instructions a warp for 64 keys in the unmasked loop, against
 4 warps' 634: 29 instructions a key a program instead of 40, 4 programs an SM);
 no mask on the tiles inside a split; programs of one token's KV heads launched
-together (``heads_inner``); up to 64 splits at batch 1. int8 decode at 64 x 4k:
-1.64x the bf16 kernel, 0.83 of copy bandwidth (256 x 2k: 0.89).
+together (``heads_inner``). Then fewer instructions in that loop (sm_90 SASS,
+Triton 3.6): int8 keys keep their +1152 (``INT8_BIASED_TO_FP16``; each row's
+``q . 1152`` comes off in the FFMA that applies the factor), 939 -> 875; key
+addresses from unsigned 32-bit block ids and slots computed once
+(``_row_pointers``), 875 -> 769; and one split at 64 x 4k (512 programs, one
+wave at 4 an SM, where 2 splits ran two waves and a merge). int8 decode at
+64 x 4k: 1.76x the bf16 kernel, 0.89 of copy bandwidth (256 x 2k: 0.93; the
+kernel before these last steps, same run: 0.83 and 0.90).
 
 The quantized prefill is slower than before the even/odd split (160 to 117
 TFLOP/s; bf16 275 to 321) and tiles with two shared-memory buffers (5 stages)
@@ -122,9 +128,11 @@ MAX_KV_SPLITS = 32
 # sweep of h200-2026-12-02-kv-quant-kernel.json: left as they were.
 DECODE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=DECODE_PROGRAMS_PER_SM,
               max_splits=MAX_KV_SPLITS, heads_inner=False, maxnreg=None)
-# A quantized cache's decode: its own (a tile carries half the bytes), from a
-# sweep on an H200 (benchmarks/kv_quant_gpu.py, h200-2026-12-02-kv-quant-kernel.json).
-QUANT_DECODE = dict(block_n=64, num_warps=2, num_stages=5, programs_per_sm=8, max_splits=64, heads_inner=True,
+# A quantized cache's decode: its own (a tile carries half the bytes), from
+# sweeps on an H200 (benchmarks/kv_quant_gpu.py, h200-2026-12-02-kv-quant-kernel.json,
+# h200-2026-12-02-kv-quant-decode-sass.json: a cap of 200 registers, 5 programs an
+# SM, was slower at 2 and 4 splits).
+QUANT_DECODE = dict(block_n=64, num_warps=2, num_stages=5, programs_per_sm=4, max_splits=32, heads_inner=True,
                     maxnreg=None)
 
 PREFILL = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
