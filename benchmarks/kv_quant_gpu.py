@@ -255,7 +255,8 @@ def best_of(rows, kernel, configs, run, key):
 # tile's copies waited out before its math).
 DECODE_SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pp)
                 for bn, w, st, pps in ((128, 4, 3, (8,)), (128, 4, 5, (4, 8)), (64, 4, 3, (4, 8)),
-                                       (64, 4, 5, (4, 8, 16)), (32, 4, 5, (8, 16)), (64, 2, 5, (4, 8, 16)), (32, 1, 5, (8,)))
+                                       (64, 4, 5, (4, 8, 16)), (32, 4, 5, (8, 16)), (64, 2, 5, (4, 8, 16)),
+                                       (32, 1, 5, (8,)))
                 for pp in pps]
 BF16_DECODE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=st, programs_per_sm=pp)
                      for bn, st, pp in ((64, 3, 4), (64, 5, 4), (32, 5, 8))]
