@@ -124,12 +124,13 @@ def check(device, quick, results):
 def attention_checks(name, storage, heads, kv_heads, dim, dtype, device, quick, gen, results):
     """Triton attention over a cache against the torch reference over the same
     codes and scales: mixed decode / prefill, GQA, with and without a window;
-    the decode rows again through 4 flash-decoding splits; and magnitudes at the
-    edges of fp16 (queries near 3,000, values near 1e-4: scales far below one)."""
-    block = 16
+    the decode rows again through 4 flash-decoding splits; magnitudes at the
+    edges of fp16 (queries near 3,000, values near 1e-4: scales far below one);
+    and blocks of 64 keys, larger than the first variant's 32-key tiles."""
     first_row = len(results)
-    cases = [(48, 1.0, 1.0), (None, 1000.0, 1e-4)] + ([] if quick else [(None, 1.0, 1.0)])
-    for window, q_mult, v_mult in cases:
+    cases = [(48, 1.0, 1.0, 16), (None, 1000.0, 1e-4, 16), (24, 1.0, 1.0, 64)]
+    cases += [] if quick else [(None, 1.0, 1.0, 16)]
+    for window, q_mult, v_mult, block in cases:
         query_lens = [1, 1, 17, 1, 70] if quick else [1] * 6 + [33, 200, 1]
         seq_lens = [40, 300, 17, 129, 150] if quick else [1000, 77, 4100, 16, 900, 2000, 33, 1500, 64]
         meta = kb.make_batch(query_lens, seq_lens, block, device)
@@ -137,7 +138,7 @@ def attention_checks(name, storage, heads, kv_heads, dim, dtype, device, quick, 
         q = (torch.randn(sum(query_lens), heads, dim, device=device, generator=gen) * q_mult).to(dtype)
         ref = paged_attention(q.float(), cache.k, cache.v, meta, dim ** -0.5, window, cache.k_scale, cache.v_scale)
         got = ta.TritonAttention().attend(q, cache, meta, dim ** -0.5, window)
-        label = f"{name} window={window} q x{q_mult:g} v x{v_mult:g}"
+        label = f"{name} window={window} q x{q_mult:g} v x{v_mult:g} block {block}"
         err = kb.rel_err(got, ref)
         results.append(dict(check=f"attention {label}", rel_err=err, ok=err < CHECK_TOLERANCE))
         rows = (meta.query_start_loc[:-1][torch.tensor(query_lens) == 1]).long()
@@ -254,7 +255,8 @@ def best_of(rows, kernel, configs, run, key):
 # tile's copies waited out before its math).
 DECODE_SWEEP = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=pp)
                 for bn, w, st, pps in ((128, 4, 3, (8,)), (128, 4, 5, (4, 8)), (64, 4, 3, (4, 8)),
-                                       (64, 4, 5, (4, 8, 16)), (32, 4, 5, (8, 16)), (64, 2, 5, (8, 16)))
+                                       (64, 4, 5, (4, 8, 16)), (32, 4, 5, (8, 16)), (64, 2, 5, (4, 8, 16)),
+                                       (32, 1, 5, (8,)))
                 for pp in pps]
 BF16_DECODE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=st, programs_per_sm=pp)
                      for bn, st, pp in ((64, 3, 4), (64, 5, 4), (32, 5, 8))]
@@ -356,7 +358,7 @@ def engine_runs(results, dtypes, names=ENGINE_WORKLOADS):
 
 
 def decode_tilings(text):
-    return [dict(zip(("block_n", "num_warps", "num_stages", "programs_per_sm"), map(int, t.split(":"))))
+    return [dict(zip(("block_n", "num_warps", "num_stages", "programs_per_sm", "maxnreg"), map(int, t.split(":"))))
             for t in text.split(",") if t]
 
 
@@ -380,7 +382,7 @@ def main():
     parser.add_argument("--engine-dtypes", default="auto,int8")
     parser.add_argument("--engine-workloads", default=",".join(ENGINE_WORKLOADS))
     parser.add_argument("--sweep-int8", type=decode_tilings, default=DECODE_SWEEP,
-                        help="int8 decode tilings to sweep, BLOCK_N:WARPS:STAGES:PROGRAMS_PER_SM,...")
+                        help="int8 decode tilings to sweep, BLOCK_N:WARPS:STAGES:PROGRAMS_PER_SM[:MAXNREG],...")
     parser.add_argument("--sweep-bf16", type=decode_tilings, default=BF16_DECODE_SWEEP)
     parser.add_argument("--sweep-prefill", type=prefill_tilings, default=PREFILL_SWEEP,
                         help="int8 prefill tilings to sweep, BLOCK_M:BLOCK_N:WARPS:STAGES,...")

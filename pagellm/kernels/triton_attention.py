@@ -67,8 +67,14 @@ codes and scales are in flight during a tile's math (two buffers); 64-key tiles
 on 2 warps (939 instructions a warp for 64 keys in the unmasked loop, against
 4 warps' 634: 29 instructions a key a program instead of 40, 4 programs an SM);
 no mask on the tiles inside a split; programs of one token's KV heads launched
-together (``heads_inner``); up to 64 splits at batch 1. int8 decode at 64 x 4k:
-1.64x the bf16 kernel, 0.83 of copy bandwidth (256 x 2k: 0.89).
+together (``heads_inner``). Then fewer instructions in that loop (sm_90 SASS,
+Triton 3.6): int8 keys keep their +1152 (``INT8_BIASED_TO_FP16``; each row's
+``q . 1152`` comes off in the FFMA that applies the factor), 939 -> 875; key
+addresses from unsigned 32-bit block ids and slots computed once
+(``_row_pointers``), 875 -> 769; and one split at 64 x 4k (512 programs, one
+wave at 4 an SM, where 2 splits ran two waves and a merge). int8 decode at
+64 x 4k: 1.76x the bf16 kernel, 0.89 of copy bandwidth (256 x 2k: 0.93; the
+kernel before these last steps, same run: 0.83 and 0.90).
 
 The quantized prefill is slower than before the even/odd split (160 to 117
 TFLOP/s; bf16 275 to 321) and tiles with two shared-memory buffers (5 stages)
@@ -116,14 +122,18 @@ DECODE_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 64
 MAX_KV_SPLITS = 32
 # Decode tiles (keys per tile), warps, pipeline stages, the split policy's
-# programs per SM and most splits, and the grid order (``_decode_kernel``'s HEADS_INNER).
+# programs per SM and most splits, the grid order (``_decode_kernel``'s HEADS_INNER)
+# and a cap on registers a thread (None: the compiler's choice).
 # The bf16 kernel's heads-inner order and more splits were within 1-2% in the
 # sweep of h200-2026-12-02-kv-quant-kernel.json: left as they were.
 DECODE = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=DECODE_PROGRAMS_PER_SM,
-              max_splits=MAX_KV_SPLITS, heads_inner=False)
-# A quantized cache's decode: its own (a tile carries half the bytes), from a
-# sweep on an H200 (benchmarks/kv_quant_gpu.py, h200-2026-12-02-kv-quant-kernel.json).
-QUANT_DECODE = dict(block_n=64, num_warps=2, num_stages=5, programs_per_sm=8, max_splits=64, heads_inner=True)
+              max_splits=MAX_KV_SPLITS, heads_inner=False, maxnreg=None)
+# A quantized cache's decode: its own (a tile carries half the bytes), from
+# sweeps on an H200 (benchmarks/kv_quant_gpu.py, h200-2026-12-02-kv-quant-kernel.json,
+# h200-2026-12-02-kv-quant-decode-sass.json: a cap of 200 registers, 5 programs an
+# SM, was slower at 2 and 4 splits).
+QUANT_DECODE = dict(block_n=64, num_warps=2, num_stages=5, programs_per_sm=4, max_splits=32, heads_inner=True,
+                    maxnreg=None)
 
 PREFILL = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
 # A quantized cache's prefill tiles (its key tiles are converted in registers and
@@ -266,23 +276,47 @@ def _half_dims(HALF: tl.constexpr, CODES: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, offsets, in_seq, MASKED: tl.constexpr):
+def _load_rows(ptrs, in_seq, MASKED: tl.constexpr):
     if MASKED:
-        return tl.load(ptr + offsets, mask=in_seq[:, None], other=0)
-    return tl.load(ptr + offsets)
+        return tl.load(ptrs, mask=in_seq[:, None], other=0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _row_pointers(cache_ptr, block, stride_block, row_offset, IN_BYTES: tl.constexpr):
+    """Pointers to each key's row in the cache: ``block [BLOCK_N]`` (ids, which
+    are non-negative int32) times ``stride_block``, plus ``row_offset`` (the row's
+    place in its block, computed once outside the loop), both in elements.
+    Unsigned 32-bit factors make the 64-bit product one multiply (signed ones took
+    sign extensions and a second multiply). ``IN_BYTES``: the arithmetic in bytes,
+    so the product is also one multiply-add with the base pointer and offset as
+    its addend (no scaling by the element size, no 64-bit adds): 7 instructions a
+    key for K and V in the int8 decode loop instead of 9; the bf16 kernel keeps
+    element offsets, whose addends would cost it 22 more registers (80 -> 102 on
+    4 warps: 6 programs an SM -> 4)."""
+    block = block.to(tl.uint32, bitcast=True).to(tl.uint64)
+    if IN_BYTES:
+        ELEMENT_BYTES: tl.constexpr = cache_ptr.dtype.element_ty.primitive_bitwidth // 8
+        rows = cache_ptr.to(tl.pointer_type(tl.int8)) + row_offset * ELEMENT_BYTES
+        rows += block * (stride_block * ELEMENT_BYTES).to(tl.uint32)
+        return rows.to(cache_ptr.dtype)
+    return cache_ptr + row_offset + block * stride_block.to(tl.uint32)
 
 
 # Codes -> fp16 in registers, two int16 (four codes) an instruction group. int8:
 # each byte with its sign bit flipped becomes the low byte of fp16 1024 + (code +
-# 128), minus 1152. e4m3: sign, exponent and mantissa moved into fp16's fields
+# 128) = code + 1152 (``INT8_BIASED_TO_FP16``, what the key tiles take: the bias
+# comes off each row's scores, ``_prepare_q``), and ``INT8_TO_FP16`` subtracts it
+# (value tiles). e4m3: sign, exponent and mantissa moved into fp16's fields
 # (exponent bias 15, not 7) give code / 256, exactly, subnormals too; the 256 is
 # folded into the scales (``_code_unit``).
-INT8_TO_FP16 = tl.constexpr("""{
-.reg .b32 t, m, c;
-xor.b32 t, $2, 0x80808080;
+INT8_BIAS = tl.constexpr(1152.0)
+_INT8_PLUS_1152 = """xor.b32 t, $2, 0x80808080;
 mov.b32 m, 0x64646464;
 prmt.b32 $0, t, m, 0x4240;
-prmt.b32 $1, t, m, 0x4341;
+prmt.b32 $1, t, m, 0x4341;"""
+INT8_BIASED_TO_FP16 = tl.constexpr("{\n.reg .b32 t, m;\n" + _INT8_PLUS_1152 + "\n}")
+INT8_TO_FP16 = tl.constexpr("{\n.reg .b32 t, m, c;\n" + _INT8_PLUS_1152 + """
 mov.b32 c, 0x64806480;
 sub.f16x2 $0, $0, c;
 sub.f16x2 $1, $1, c;
@@ -306,36 +340,46 @@ ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 @triton.jit
-def _codes_to_fp16(x, FP8: tl.constexpr):
+def _fp16_pairs(x, CONVERSION: tl.constexpr):
+    """Inline PTX ``CONVERSION`` of each int16 to two fp16 (``$0``, ``$1``), two int16 a group."""
+    return tl.inline_asm_elementwise(CONVERSION, "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True,
+                                     pack=2)
+
+
+@triton.jit
+def _codes_to_fp16(x, FP8: tl.constexpr, BIASED: tl.constexpr):
     """int16 holding two codes (little-endian: the even dim in the low byte) ->
-    (even-dim, odd-dim) codes as exact fp16: int8 codes as themselves, e4m3 as code / 256."""
+    (even-dim, odd-dim) codes as exact fp16: int8 codes as themselves (``BIASED``:
+    plus ``INT8_BIAS``), e4m3 as code / 256."""
     if ASM:
         if FP8:
-            return tl.inline_asm_elementwise(E4M3_TO_FP16, "=r,=r,r", [x], dtype=(tl.float16, tl.float16),
-                                             is_pure=True, pack=2)
-        return tl.inline_asm_elementwise(INT8_TO_FP16, "=r,=r,r", [x], dtype=(tl.float16, tl.float16),
-                                         is_pure=True, pack=2)
+            return _fp16_pairs(x, E4M3_TO_FP16)
+        if BIASED:
+            return _fp16_pairs(x, INT8_BIASED_TO_FP16)
+        return _fp16_pairs(x, INT8_TO_FP16)
     lo = x.to(tl.int8)
     hi = (x >> 8).to(tl.int8)
     if FP8:
         return ((lo.to(tl.float8e4nv, bitcast=True).to(tl.float32) / 256).to(tl.float16),
                 (hi.to(tl.float8e4nv, bitcast=True).to(tl.float32) / 256).to(tl.float16))
+    if BIASED:
+        return lo.to(tl.float16) + INT8_BIAS, hi.to(tl.float16) + INT8_BIAS
     return lo.to(tl.float16), hi.to(tl.float16)
 
 
 @triton.jit
-def _load_halves(cache_ptr, rows, in_seq, dtype: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
-                 CODES: tl.constexpr, FP8: tl.constexpr):
+def _load_halves(row_ptrs, in_seq, dtype: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
+                 CODES: tl.constexpr, FP8: tl.constexpr, BIASED: tl.constexpr = False):
     """The ``[BLOCK_N, HALF]`` halves (``_half_dims``) of a K or V tile: floats in
-    ``dtype``, or codes as fp16 (``_codes_to_fp16``). Codes are loaded two to an
+    ``dtype``, or codes as fp16 (``_codes_to_fp16``, int8 ``BIASED`` or not). Codes are loaded two to an
     int16, so the asynchronous copies move 16 bytes at a time, and split in
     registers: no join or reshape, whose layouts would send the tile through
     shared memory."""
-    offsets = rows[:, None] + tl.arange(0, HALF)[None, :]
-    x = _load_rows(cache_ptr, offsets, in_seq, MASKED)
+    ptrs = row_ptrs[:, None] + tl.arange(0, HALF)[None, :]
+    x = _load_rows(ptrs, in_seq, MASKED)
     if CODES:
-        return _codes_to_fp16(x, FP8)
-    return x.to(dtype), _load_rows(cache_ptr, offsets + HALF, in_seq, MASKED).to(dtype)
+        return _codes_to_fp16(x, FP8, BIASED)
+    return x.to(dtype), _load_rows(ptrs + HALF, in_seq, MASKED).to(dtype)
 
 
 @triton.jit
@@ -357,31 +401,39 @@ def _power_of_two_below(x):
 
 @triton.jit
 def _prepare_q(q_a, q_b, scale_log2, QUANT: tl.constexpr, FP8: tl.constexpr):
-    """The query halves as the dots take them, and each row's factor from a dot to
-    log2-domain scores. Against codes the dots run in fp16: each row is scaled by
-    a power of two (exact) to below 2 in magnitude, as bf16 queries may exceed
-    fp16's range; the factor multiplies it back, with the codes' unit."""
+    """The query halves as the dots take them, and each row's factor and bias from
+    a dot to log2-domain scores (``dot * factor + bias``). Against codes the dots
+    run in fp16: each row is scaled by a power of two (exact) to below 2 in
+    magnitude, as bf16 queries may exceed fp16's range; the factor multiplies it
+    back, with the codes' unit. int8 keys arrive biased (``INT8_BIAS`` added to
+    every code): the bias takes ``q . INT8_BIAS`` off the row's dots (the sum of the
+    fp16 query, in fp32: within 2^-24 of ``q``'s magnitudes, as the dot's own sums)."""
+    zero = tl.zeros([q_a.shape[0]], dtype=tl.float32)
     if QUANT:
         q_max = tl.maximum(tl.max(tl.abs(q_a.to(tl.float32)), axis=1), tl.max(tl.abs(q_b.to(tl.float32)), axis=1))
         _, power, inverse = _power_of_two_below(q_max)
         q_a = (q_a.to(tl.float32) * inverse[:, None]).to(tl.float16)
         q_b = (q_b.to(tl.float32) * inverse[:, None]).to(tl.float16)
-        return q_a, q_b, power * (scale_log2 * _code_unit(FP8))
-    return q_a, q_b, tl.zeros([q_a.shape[0]], dtype=tl.float32) + scale_log2
+        factor = power * (scale_log2 * _code_unit(FP8))
+        if FP8:
+            return q_a, q_b, factor, zero
+        q_sum = tl.sum(q_a.to(tl.float32), axis=1) + tl.sum(q_b.to(tl.float32), axis=1)
+        return q_a, q_b, factor, -(q_sum * INT8_BIAS) * factor
+    return q_a, q_b, zero + scale_log2, zero
 
 
 @triton.jit
-def _load_scales(scale_ptr, offsets):
+def _load_scales(pair_ptrs):
     """fp32 (K, V) scales from their int32 pairs (the K scale in the low half):
     one 4-byte load a key, which the pipeliner issues ahead like the code tiles."""
-    pair = tl.load(scale_ptr + offsets)
+    pair = tl.load(pair_ptrs)
     k_scale = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     v_scale = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return k_scale.to(tl.float32), v_scale.to(tl.float32)
 
 
 @triton.jit
-def _attend_key_tile(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, key_hi, window,
+def _attend_key_tile(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_bias, q_pos, key_start, key_lo, key_hi, window,
                      k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block,
                      stride_cache_token, scale_ptr, scale_head_offset, stride_scale_block,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
@@ -403,20 +455,35 @@ def _attend_key_tile(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_star
     and the sum ``l_i`` adds ``exp2(t - m) * 2^-e``, so ``acc / l`` is the output.
     """
     key_start = tl.multiple_of(key_start, BLOCK_N)
-    keys = key_start + tl.arange(0, BLOCK_N)
+    in_tile = tl.arange(0, BLOCK_N)
+    keys = key_start + in_tile
     in_seq = (keys >= key_lo) & (keys < key_hi)
-    if MASKED:
-        block = tl.load(block_table_ptr + keys // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
+    # Both powers of two, key_start >= 0 a multiple of BLOCK_N: a key's block-table
+    # entry and slot split into the tile's (scalar) and the key's place in it
+    # (the same every tile: computed once).
+    entries = block_table_ptr + key_start // BLOCK_SIZE + in_tile // BLOCK_SIZE
+    if BLOCK_N >= BLOCK_SIZE:
+        slots = in_tile % BLOCK_SIZE
     else:
-        block = tl.load(block_table_ptr + keys // BLOCK_SIZE).to(tl.int64)
-    rows = block * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_token + kv_head_offset
-    k_a, k_b = _load_halves(k_cache_ptr, rows, in_seq, q_a.dtype, HALF, MASKED, QUANT, FP8)
-    v_a, v_b = _load_halves(v_cache_ptr, rows, in_seq, q_a.dtype, HALF, MASKED, QUANT, FP8)
-    scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a))) * q_factor[:, None]
+        slots = key_start % BLOCK_SIZE + in_tile
+    if MASKED:
+        block = tl.load(entries, mask=in_seq, other=0)
+    else:
+        block = tl.load(entries)
+    row_offset = slots * stride_cache_token + kv_head_offset
+    k_a, k_b = _load_halves(_row_pointers(k_cache_ptr, block, stride_cache_block, row_offset, QUANT), in_seq,
+                            q_a.dtype, HALF, MASKED, QUANT, FP8, BIASED=QUANT and not FP8)
+    v_a, v_b = _load_halves(_row_pointers(v_cache_ptr, block, stride_cache_block, row_offset, QUANT), in_seq,
+                            q_a.dtype, HALF, MASKED, QUANT, FP8)
+    scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
+    if QUANT and not FP8:
+        scores = scores * q_factor[:, None] + q_bias[:, None]      # one FFMA: the keys' bias off
+    else:
+        scores = scores * q_factor[:, None]
     if QUANT:
         # A masked key's block is 0, a valid one: the load needs no mask, and vectorizes.
-        k_scale, v_scale = _load_scales(scale_ptr, block * stride_scale_block + scale_head_offset
-                                        + keys % BLOCK_SIZE)
+        k_scale, v_scale = _load_scales(_row_pointers(scale_ptr, block, stride_scale_block,
+                                                      scale_head_offset + slots, True))
         scores = scores * k_scale[None, :]
         if MASKED:      # a slot outside the sequence may hold any scale, NaN included
             v_scale = tl.where(in_seq, v_scale, 1.0)
@@ -442,7 +509,7 @@ def _attend_key_tile(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_star
 
 
 @triton.jit
-def _attend_runs(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, lo, full_lo, full_hi, hi, key_lo, window,
+def _attend_runs(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_bias, q_pos, lo, full_lo, full_hi, hi, key_lo, window,
                  k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block,
                  stride_cache_token, scale_ptr, scale_head_offset, stride_scale_block,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, QUANT: tl.constexpr,
@@ -468,7 +535,7 @@ def _attend_runs(acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, lo, full_lo,
             first, last = mid_hi, hi
         for key_start in tl.range(first, last, BLOCK_N, num_stages=None if part == 1 else EDGE_STAGES):
             acc_a, acc_b, l_i, m_i = _attend_key_tile(
-                acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, key_start, key_lo, hi, window,
+                acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_bias, q_pos, key_start, key_lo, hi, window,
                 k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head_offset, stride_cache_block, stride_cache_token,
                 scale_ptr, scale_head_offset, stride_scale_block,
                 BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, MASKED=part != 1, QUANT=QUANT, FP8=FP8)
@@ -535,7 +602,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     q_rows = token * stride_qt + heads * stride_qh
     q_a = tl.load(q_ptr + q_rows[:, None] + dims_a[None, :], mask=head_ok[:, None], other=0.0)
     q_b = tl.load(q_ptr + q_rows[:, None] + dims_b[None, :], mask=head_ok[:, None], other=0.0)
-    q_a, q_b, q_factor = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
+    q_a, q_b, q_factor, q_bias = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
     q_pos = tl.full([GROUP_ROWS], 0, tl.int32) + (seq_len - 1)
 
     acc_a = tl.zeros([GROUP_ROWS, HALF], dtype=tl.float32)
@@ -547,7 +614,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     # and last tiles of the split can need a mask.
     key_lo = tl.maximum(start, first_key)
     acc_a, acc_b, l_i, m_i = _attend_runs(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, start, tl.cdiv(key_lo, BLOCK_N) * BLOCK_N,
+        acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_bias, q_pos, start, tl.cdiv(key_lo, BLOCK_N) * BLOCK_N,
         end // BLOCK_N * BLOCK_N, end, key_lo, window, k_cache_ptr, v_cache_ptr, block_table_ptr,
         kv_head * stride_cache_head, stride_cache_block, stride_cache_token,
         scale_ptr, kv_head * stride_scale_head, stride_scale_block,
@@ -649,7 +716,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scales.stride(0), scales.stride(1),
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
         BLOCK_N=t["block_n"], BLOCK_SIZE=k_cache.shape[1], WRITE_OUTPUT=write_output, QUANT=fmt is not None,
-        FP8=_is_fp8(fmt), HEADS_INNER=t["heads_inner"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+        FP8=_is_fp8(fmt), HEADS_INNER=t["heads_inner"], num_warps=t["num_warps"], num_stages=t["num_stages"],
+        maxnreg=t["maxnreg"])
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             meta.query_start_loc, out, part_max, part_sum, part_out,
@@ -706,7 +774,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     q_rows = tokens * stride_qt + head * stride_qh
     q_a = tl.load(q_ptr + q_rows[:, None] + dims_a[None, :], mask=row_ok[:, None], other=0.0)
     q_b = tl.load(q_ptr + q_rows[:, None] + dims_b[None, :], mask=row_ok[:, None], other=0.0)
-    q_a, q_b, q_factor = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
+    q_a, q_b, q_factor, q_bias = _prepare_q(q_a, q_b, scale_log2, QUANT, FP8)
     q_pos = context_len + rows
 
     # Keys [key_lo, hi) are visible to some row, the tiles of [full_lo, full_hi)
@@ -724,7 +792,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     acc_a, acc_b, l_i, m_i = _attend_runs(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_pos, lo, full_lo, full_hi, last_pos + 1, key_lo, window,
+        acc_a, acc_b, l_i, m_i, q_a, q_b, q_factor, q_bias, q_pos, lo, full_lo, full_hi, last_pos + 1, key_lo, window,
         k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head * stride_cache_head, stride_cache_block,
         stride_cache_token, scale_ptr, kv_head * stride_scale_head, stride_scale_block,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HALF=HALF, QUANT=QUANT, FP8=FP8, EDGE_STAGES=None)
