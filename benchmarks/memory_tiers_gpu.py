@@ -28,10 +28,13 @@
    the swap-ins on one lane and/or the graph replay waiting for all copies
    first (the earlier engine), so the gains are measured in the same run.
 5. weight offload: Llama-3-8B under ``gpu_memory="8GiB"`` with
-   ``cpu_offload_memory="auto"``: its batch-1 eager decode step against the
+   ``cpu_offload_memory="auto"``: its batch-1 decode step against the
    bound (streamed bytes / pinned copy bandwidth + the all-resident eager step
    measured in 2.-4.'s engine), its peak device memory, and whether its greedy
-   tokens are the resident engine's (eager both: the same kernels and weights).
+   tokens are the resident engine's: with its CUDA graphs (over the resident
+   layers, the streamed ones eager) those of the resident engine's graphs, with
+   its graphs off those of the resident engine run eagerly (the same kernels
+   and weights each); its step with graphs off, same run.
 6. weight offload at scale: Llama-3-70B shapes (141 GB in bf16) under
    ``gpu_memory="80GiB"`` with ``cpu_offload_memory="auto"``, built layer by
    layer in place (``model.builder``): the host memory it took (peak RSS), its
@@ -297,7 +300,8 @@ def decode_ms(llm: LLM, prompt: list[int], n: int) -> float:
     return (whole - first) / (n - 1) * 1e3
 
 
-def offload_8gib(resident_eager_ms: float, resident_tokens: list[int], h2d_gb_s: float, prompt: list[int]) -> dict:
+def offload_8gib(resident_eager_ms: float, resident_tokens: list[int], resident_graph_tokens: list[int],
+                 h2d_gb_s: float, prompt: list[int]) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(MODEL, random_weights=True, dtype="bfloat16", max_model_len=4096, max_num_seqs=4,
@@ -305,9 +309,18 @@ def offload_8gib(resident_eager_ms: float, resident_tokens: list[int], h2d_gb_s:
     start_s = time.perf_counter() - start
     memory = llm.engine.memory
     ms = decode_ms(llm, prompt, 16)
+    runner = llm.engine.runner
+    graphs, runner.graphs = runner.graphs, None
+    graphs_off_ms = decode_ms(llm, prompt, 16)
+    eager_tokens = tokens(llm, [prompt], GREEDY_32)[0]
+    runner.graphs = graphs
+    greedy = tokens(llm, [prompt], GREEDY_32)[0]
     bound_ms = resident_eager_ms + memory.host_weights_bytes / (h2d_gb_s * 1e9) * 1e3
     return {"start_s": start_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10,
-            "greedy_tokens_equal_resident": tokens(llm, [prompt], GREEDY_32)[0] == resident_tokens,
+            "graphs": len(graphs.shapes) if graphs else 0, "graphs_eager_from": graphs and graphs.eager_from,
+            "greedy_tokens_equal_resident_graphs": greedy == resident_graph_tokens,
+            "graphs_off_tokens_equal_resident_eager": eager_tokens == resident_tokens,
+            "decode_ms_graphs_off": graphs_off_ms,
             "offloaded_layers": memory.offloaded_layers,
             "host_weights_bytes": memory.host_weights_bytes, "device_weights_bytes": memory.weights_bytes,
             "activation_bytes": memory.activation_bytes, "kv_cache_bytes": memory.kv_cache_bytes,
@@ -403,7 +416,8 @@ def main() -> None:
             record("resident", lambda: {"eager_decode_ms": decode_ms(llm, prompt, 32),
                                         "greedy_tokens": tokens(llm, [prompt], GREEDY_32)[0]})
             llm.engine.runner.graphs = graphs
-            record("resident_graphs", lambda: {"decode_ms": decode_ms(llm, prompt, 32)})
+            record("resident_graphs", lambda: {"decode_ms": decode_ms(llm, prompt, 32),
+                                               "greedy_tokens": tokens(llm, [prompt], GREEDY_32)[0]})
             del graphs
         del llm
         gc.collect()
@@ -411,6 +425,7 @@ def main() -> None:
     if "offload_8gib" in sections:
         resident = figures["resident"]
         record("offload_8gib", offload_8gib, resident.get("eager_decode_ms", 0.0), resident.get("greedy_tokens"),
+               figures["resident_graphs"].get("greedy_tokens"),
                figures.get("copies", {}).get("pinned_h2d_gb_s") or pinned_h2d_gb_s(), prompt)
     if "offload_70b" in sections:
         result["model"] = "llama-3-70b shapes, random bf16 weights"

@@ -30,10 +30,12 @@ def test_graph_sizes():
 class RecordingGraphs(CudaGraphs):
     """Eager padded batches; remembers each step's (tokens, sequences, padded shape)."""
 
-    def __init__(self, llm: LLM, max_batch: int, max_tokens: int, runner: ModelRunner | None = None) -> None:
+    def __init__(self, llm: LLM, max_batch: int, max_tokens: int, runner: ModelRunner | None = None,
+                 eager_from: int | None = None) -> None:
         runner = runner or llm.engine.runner
         super().__init__(runner.model, runner.backend, runner.kv_cache, max_batch, max_tokens,
-                         cdiv(runner.max_model_len, runner.kv_spec.block_size), runner.max_model_len, capture=False)
+                         cdiv(runner.max_model_len, runner.kv_spec.block_size), runner.max_model_len, capture=False,
+                         eager_from=eager_from)
         self.steps = []
 
     def run(self, shape, input_ids, positions, meta, rows):
@@ -83,3 +85,25 @@ def test_draft_forwards_through_padded_graphs(draft_pair):
     assert padded.engine.spec_stats == eager.engine.spec_stats and 0 < eager.engine.spec_stats.num_accepted
     assert any(s.decode and n < s.num_tokens for n, _, s in graphs.steps)
     assert any(not s.decode and n < s.num_tokens for n, _, s in graphs.steps)
+
+
+def test_graphs_over_the_resident_layers_leave_the_streamed_ones_eager(tmp_path_factory):
+    """Layers 1..4 of 5 stream from the host: the graphs run layer 0 and end in its (hidden, residual); the
+    streamed layers, norm and LM head run after each (here eager, padded) replay. Tokens: the resident model's."""
+    folder = make_tiny_hf_model(tmp_path_factory.mktemp("five-layers"), num_hidden_layers=5)
+    config = dict(dtype="float32", block_size=4, num_kv_blocks=64, max_num_batched_tokens=12, max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    resident = LLM(str(folder), **config)
+    prompts = repetitive_prompts(resident.engine.model_config.vocab_size)
+    expected = token_ids(resident.generate(prompts, params))
+    layer = sum(p.numel() * p.element_size() for p in resident.engine.runner.model.layers[0].parameters())
+    llm = LLM(str(folder), cpu_offload_memory=4 * layer, **config)
+    runner = llm.engine.runner
+    assert runner.offload.layers == list(runner.model.layers)[1:]
+    runner.graphs = graphs = RecordingGraphs(llm, max_batch=4, max_tokens=24, eager_from=1)
+    streamed = []
+    runner.model.layers[1].register_forward_pre_hook(lambda module, args: streamed.append(args[1].shape[0]))
+    assert token_ids(llm.generate(prompts, params)) == expected
+    # each graph step ran the streamed layers on its padded batch (the other steps ran eagerly, all layers)
+    padded, calls = [shape.num_tokens for _, _, shape in graphs.steps], iter(streamed)
+    assert len(padded) > 4 and all(any(call == size for call in calls) for size in padded)

@@ -50,6 +50,14 @@ the step's own ``swap`` when it copies anything, else long-passed ones). So a
 step restoring blocks from the host replays at once: layer 0 computes while
 later groups still copy, as in the eager forward.
 
+Streamed layers (``eager_from``, weight offload): a replay would repeat the
+host-to-device copies of the step it was captured in, so when the last layers
+stream from the host (``model.offload``) the graphs run only the resident
+layers before them and end in their ``(hidden, residual)``, side by side in
+one buffer; the streamed layers, the final norm and the LM head then run
+eagerly on the padded batch (the same static inputs), their copies
+overlapping the next layers as without graphs.
+
 Exactness: a replay runs the kernels an eager forward of the padded batch
 runs, so its tokens are that run's. With ``capture=False`` the same padded
 batch runs eagerly (no graph): the CPU tests compare its tokens with the
@@ -170,8 +178,9 @@ class CudaGraphs:
 
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_cache: KVCache,
                  max_batch: int, max_tokens: int, max_blocks_per_seq: int, max_seq_len: int,
-                 capture: bool = True) -> None:
+                 capture: bool = True, eager_from: int | None = None) -> None:
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
+        self.eager_from = eager_from   # the first layer run after a replay, eagerly (None: the graphs run all)
         self.sizes = graph_batch_sizes(max_batch)
         self.token_sizes = graph_token_sizes(max_tokens)
         most = max([max_batch, *self.token_sizes])
@@ -186,12 +195,19 @@ class CudaGraphs:
             self._capture_all()
         self.capture_seconds = time.perf_counter() - start
 
-    def _forward(self, shape: GraphShape, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of every row (decode) or hidden states (varlen) of the padded batch in the buffers,
-        written into ``out`` when given."""
+    def _context(self, shape: GraphShape) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         input_ids, positions, meta = self.inputs.batch(shape)
-        hidden = self.model(input_ids, positions,
-                            ForwardContext(meta, self.kv_cache.layers, self.backend, self.kv_cache.layer_ready))
+        return input_ids, positions, ForwardContext(meta, self.kv_cache.layers, self.backend,
+                                                    self.kv_cache.layer_ready)
+
+    def _forward(self, shape: GraphShape, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every row (decode) or hidden states (varlen) of the padded batch in the buffers, or
+        with ``eager_from`` the resident layers' ``[hidden | residual]``; written into ``out`` when given."""
+        input_ids, positions, ctx = self._context(shape)
+        if self.eager_from is not None:
+            carried = torch.cat(self.model(input_ids, positions, ctx, span=(0, self.eager_from)), dim=-1)
+            return carried if out is None else out.copy_(carried)
+        hidden = self.model(input_ids, positions, ctx)
         if shape.decode:
             return self.model.compute_logits(hidden, out)
         return hidden if out is None else out.copy_(hidden)
@@ -234,4 +250,13 @@ class CudaGraphs:
             out = self.outputs[shape]
         else:
             out = self._forward(shape)
-        return out[rows] if shape.decode else self.model.compute_logits(out[rows])
+        if self.eager_from is not None:
+            out = self._streamed_layers(shape, out)
+        return out[rows] if shape.decode and self.eager_from is None else self.model.compute_logits(out[rows])
+
+    def _streamed_layers(self, shape: GraphShape, carried: torch.Tensor) -> torch.Tensor:
+        """The layers from ``eager_from`` on and the final norm, eagerly, on the replay's padded batch."""
+        input_ids, positions, ctx = self._context(shape)
+        hidden, residual = carried.chunk(2, dim=-1)
+        return self.model(input_ids, positions, ctx, carried=(hidden.contiguous(), residual.contiguous()),
+                          span=(self.eager_from, self.model.layer_range[1]))

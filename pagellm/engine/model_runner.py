@@ -229,14 +229,16 @@ class ModelRunner:
         return num_blocks
 
     def capture_graphs(self) -> CudaGraphs | None:
-        """CUDA graphs need a GPU, graph-safe kernels (the Triton backend), no streamed layers and
-        one pipeline stage."""
+        """CUDA graphs need a GPU, graph-safe kernels (the Triton backend) and one pipeline stage; with
+        streamed layers they cover the resident layers before them (``CudaGraphs.eager_from``)."""
+        eager_from = None if self.offload is None else self.model.layer_range[1] - len(self.offload.layers)
         if (self.engine.enforce_eager or self.device.type != "cuda" or self.backend.name != "triton"
-                or self.offload is not None or (self.groups and self.groups.num_stages > 1)):
+                or eager_from == 0 or (self.groups and self.groups.num_stages > 1)):
             return None
         graphs = CudaGraphs(self.model, self.backend, self.kv_cache, min(self.engine.max_num_seqs, 512),
                             self.engine.graph_tokens,
-                            cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len)
+                            cdiv(self.max_model_len, self.kv_spec.block_size), self.max_model_len,
+                            eager_from=eager_from)
         logger.info(f"captured {len(graphs.shapes)} CUDA graphs (decode batch 1..{graphs.sizes[-1]}, varlen "
                     f"{graphs.token_sizes[-1] if graphs.token_sizes else 0} tokens) "
                     f"in {graphs.capture_seconds:.1f} s")

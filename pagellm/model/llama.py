@@ -134,15 +134,19 @@ class LlamaForCausalLM(nn.Module):
         return self.is_last_stage
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
-                carried: tuple[torch.Tensor, torch.Tensor] | None = None):
+                carried: tuple[torch.Tensor, torch.Tensor] | None = None, span: tuple[int, int] | None = None):
         """Hidden states ``[T, hidden]`` after the final norm, for a flat batch
         of tokens; a stage other than the first starts from the ``(hidden,
         residual)`` its predecessor ``carried``, and one other than the last
-        returns its own."""
+        returns its own. ``span``: the layers to run (default: the stage's);
+        one that starts later takes ``carried`` too, one that ends earlier
+        returns ``(hidden, residual)`` (a CUDA graph over the resident layers
+        of a model whose last layers stream from the host)."""
+        start, end = span or self.layer_range
         x, residual = carried if carried is not None else (self.embed_tokens.embed(input_ids), None)
-        for layer in self.layers[self.layer_range[0]:self.layer_range[1]]:
+        for layer in self.layers[start:end]:
             x, residual = layer(positions, x, residual, ctx)
-        if not self.is_last_stage:
+        if not self.is_last_stage or end < self.layer_range[1]:
             return x, residual
         x, _ = self.norm(x, residual, ctx.ops)
         return x

@@ -23,7 +23,8 @@ offloading ``k`` layers saves ``k - 2`` layers of device memory.
 
 On the CPU the buffers are separate tensors and the copies run in place.
 CUDA graphs would replay the copies of the step they were captured in, so
-the runner captures none while layers are offloaded.
+the runner's graphs cover only the resident layers before the offloaded ones
+(``CudaGraphs.eager_from``); these run eagerly after each replay.
 """
 from __future__ import annotations
 
