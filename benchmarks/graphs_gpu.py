@@ -6,15 +6,29 @@ Llama-3-8B shapes, bf16), in one process and one engine:
    verification and a mixed batch against the same padded batch run eagerly
    (bit for bit) and against the unpadded eager step (max |diff| of logits);
 2. bs1 decode, 128 -> 128: step time against the bandwidth floor (weights +
-   KV over the copy bandwidth measured here), fused rotary off and on;
-3. a kernel profile of one bs1 decode graph replay (time by kernel);
+   KV over the copy bandwidth measured here), in three variants, alternating:
+   neither of the two below, programmatic dependent launch
+   (``triton_ops.PDL``), and PDL + silu in gate_up's GEMV
+   (``triton_quant.FUSED_SILU``); the synchronous step, the graph replay,
+   and the pipelined engine as ``pagellm bench latency`` runs it; greedy
+   tokens compared;
+3. a kernel profile of one bs1 decode graph replay (time by kernel), the
+   first and last variants;
 4. speculative decoding with an oracle proposer (``spec_gpu.Oracle``), k = 4
    and 8, verification under the varlen graphs and eager;
 5. mixed prefill+decode steps: graph replay against the eager forward;
 6. a Triton GEMV (the int8 kernel of ``triton_quant`` reading bf16 weights)
-   against cuBLAS for the projections at one row, timed in CUDA graphs.
+   against cuBLAS for the projections at one row, timed in CUDA graphs;
+7. (``--real``, first) the dense GEMV with and without PDL, and gate_up's
+   fused silu, on real Qwen2.5-0.5B projections and inputs against fp32
+   math, and a PDL kernel
+   captured after an external event wait (the graphs' KV-swap waits).
 
-    PYTHONPATH=. python3 benchmarks/graphs_gpu.py --out $OUT
+The engine speculates (ngram, for section 4) only when section 4 runs: a
+speculating engine runs every step synchronously, so the pipelined bs1 figure
+is ``pagellm bench latency``'s only without it.
+
+    PYTHONPATH=. python3 benchmarks/graphs_gpu.py --out $OUT [--real .gpu-data/qwen05-layers.pt]
 """
 from __future__ import annotations
 
@@ -35,6 +49,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spec_gpu import Oracle, generate  # noqa: E402
 
+from pagellm.bench.runner import decode_bandwidth_of, run_requests  # noqa: E402
 from pagellm.bench.stats import decode_weight_bytes, measure_copy_bandwidth  # noqa: E402
 from pagellm.config import EngineConfig  # noqa: E402
 from pagellm.engine.cuda_graphs import GraphShape  # noqa: E402
@@ -42,6 +57,7 @@ from pagellm.engine.llm_engine import LLMEngine  # noqa: E402
 from pagellm.kernels import torch_attention, triton_attention, triton_ops, triton_quant  # noqa: E402
 from pagellm.kernels.attention import AttentionMetadata, LayerKVCache  # noqa: E402
 from pagellm.model.context import ForwardContext  # noqa: E402
+from pagellm.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS: dict = {}
 OUT = Path(".")
@@ -218,33 +234,61 @@ def decode_run(engine, prompt, output_len, bandwidth):
             "fraction_of_floor": floor / step, "replay_fraction_of_floor": floor / replay}
 
 
-def set_variant(tuned: bool, tuning: dict) -> None:
-    triton_attention.FUSED_ROTARY = tuned
-    triton_quant.DENSE_GEMV.clear()
-    if tuned:
-        triton_quant.DENSE_GEMV.update(tuning["gemv"])
-    triton_ops.RMS_NORM_ELEMENTS_PER_WARP = tuning["rms_norm_elements_per_warp"] if tuned else 256
+def pipelined_run(engine, output_len: int, bandwidth: dict, rng: random.Random, runs: int) -> dict:
+    """``pagellm bench latency``'s measurement: ``runs`` fresh prompts one after another, the asynchronous
+    pipeline on; the mean time per output token over them."""
+    steps, tpots = [], []
+    for _ in range(runs):
+        prompt = [rng.randrange(engine.model_config.vocab_size) for _ in range(128)]
+        run = run_requests(engine, [prompt], [SamplingParams(max_tokens=output_len, temperature=0,
+                                                             ignore_eos=True)], f"pipelined{rng.random()}")
+        steps += run.steps
+        tpots += run.tpots()
+    bw = decode_bandwidth_of(engine, steps, {"copy": bandwidth})
+    tpot = statistics.fmean(tpots)
+    return {"tok_per_s": 1 / tpot, "tpot_ms": tpot * 1e3, "floor_ms": bw["floor_seconds"] / bw["steps"] * 1e3,
+            "fraction_of_floor": bw["fraction_of_floor"], "steps": bw["steps"], "runs": runs,
+            "tpot_ms_each": [t * 1e3 for t in tpots]}
+
+
+VARIANTS = {"before": (False, False), "pdl": (True, False), "pdl_silu": (True, True)}   # (PDL, FUSED_SILU)
+
+
+def set_variant(engine, name: str) -> None:
+    triton_ops.PDL, triton_quant.FUSED_SILU = VARIANTS[name]
+    recapture(engine)
 
 
 @section("bs1_decode")
-def bs1_decode(engine, prompt, bandwidth, tuning):
+def bs1_decode(engine, prompt, bandwidth, variants: list[str], pipelined_runs: int):
     out = {}
-    for name, tuned in (("before", False), ("after", True), ("before_again", False), ("after_again", True)):
-        set_variant(tuned, tuning)
-        recapture(engine)
-        generate(engine, prompt, 16)
-        out[name] = decode_run(engine, prompt, 128, bandwidth)
+    rng = random.Random(5)
+    for run in range(2):
+        for name in variants:
+            set_variant(engine, name)
+            generate(engine, prompt, 16)
+            key = f"{name}_{run}"
+            out[key] = decode_run(engine, prompt, 128, bandwidth["bandwidth"])
+            out[key]["pipelined"] = pipelined_run(engine, 128, bandwidth, rng, pipelined_runs)
     tokens = {name: r.pop("tokens") for name, r in out.items()}
-    out["identical_prefix_before_after"] = next(
-        (i for i, (a, b) in enumerate(zip(tokens["before"], tokens["after"])) if a != b), len(tokens["before"]))
-    out["after_tuning"] = {"fused_rotary": True, "rms_norm_elements_per_warp": tuning["rms_norm_elements_per_warp"],
-                           "dense_gemv": {str(k): vars(v) for k, v in tuning["gemv"].items()}}
+    first = tokens[f"{variants[0]}_0"]
+    out["identical_prefix_vs_first"] = {name: next((i for i, (a, b) in enumerate(zip(first, t)) if a != b), len(t))
+                                        for name, t in tokens.items()}
+    out["tokens_compared"] = len(first)
     print(json.dumps(out, indent=1))
     return out
 
 
 @section("profile")
 def profile(engine):
+    out = {}
+    for name in ("before", "pdl_silu"):
+        set_variant(engine, name)
+        out[name] = kernel_profile(engine)
+    return out
+
+
+def kernel_profile(engine):
     graph = engine.runner.graphs.graphs[GraphShape(1, 1, 1)]
     from torch.profiler import ProfilerActivity, profile as torch_profile
     graph.replay()
@@ -264,7 +308,64 @@ def profile(engine):
            "by_kernel": [{"name": n, "calls": c, "us": t} for n, c, t in rows[:25]]}
     for r in rows[:25]:
         print(f"{r[2]:9.1f} us  {r[1]:6.0f}x  {r[0]}")
-    print(f"total kernel time {total:.1f} us per replay, {out['launches_per_replay']:.0f} kernels")
+    print(f"PDL {triton_ops.PDL}, fused silu {triton_quant.FUSED_SILU}: total kernel time {total:.1f} us per "
+          f"replay, {out['launches_per_replay']:.0f} kernels")
+    return out
+
+
+def gated_check(w, xs, ref, config) -> dict:
+    """gate_up's GEMV with silu(gate) * up in its epilogue: against the GEMV then the silu kernel (bit for bit)
+    and against fp32 math (cuBLAS bf16 then the silu kernel beside it)."""
+    gate, up = ref.chunk(2, dim=-1)
+    gated_ref = gate * torch.sigmoid(gate) * up
+    scale = gated_ref.abs().max().item()
+    unsplit = triton_quant.MatmulConfig(1, config.block_n, config.block_k, config.num_warps, config.num_stages, 0)
+    fused = torch.cat([triton_quant.dense_silu_and_mul(x[None], w, config) for x in xs])
+    unfused = triton_ops.silu_and_mul(torch.cat([triton_quant.dense_matmul(x[None], w, None, unsplit) for x in xs]))
+    cublas = triton_ops.silu_and_mul(torch.nn.functional.linear(xs, w))
+    return {"fused_equals_gemv_then_silu": bool(torch.equal(fused, unfused)),
+            "max_rel_err": (fused.float() - gated_ref).abs().max().item() / scale,
+            "cublas_then_silu_max_rel_err": (cublas.float() - gated_ref).abs().max().item() / scale}
+
+
+@section("real_gemv_pdl")
+def real_gemv_pdl(path: str):
+    """The dense GEMV (each committed tile) with and without PDL on real Qwen2.5-0.5B projections, rows of their
+    real inputs, against fp32 math (cuBLAS bf16 beside it); then a PDL kernel captured after an external event
+    wait, as the graphs capture layers that wait for KV swaps."""
+    layers = torch.load(path)["layers"]
+    out = {}
+    for name, layer in layers.items():
+        w = layer["weight"].cuda()
+        xs = layer["inputs"][:16].cuda()
+        ref = xs.float() @ w.float().T
+        scale = ref.abs().max().item()
+        row = {"shape": list(w.shape), "cublas_max_rel_err": (torch.nn.functional.linear(xs, w).float() - ref)
+               .abs().max().item() / scale}
+        for key, config in triton_quant.DENSE_GEMV.items():
+            got = {}
+            for pdl in (False, True):
+                triton_ops.PDL = pdl
+                got[pdl] = torch.cat([triton_quant.dense_matmul(x[None], w, None, config) for x in xs])
+            row[f"tile_of_{key}"] = {"pdl_equals_no_pdl": bool(torch.equal(got[False], got[True])),
+                                     "max_rel_err": (got[True].float() - ref).abs().max().item() / scale}
+            if "gate_up" in name and config.block_n >= 4:   # pairs of gate and up rows per program
+                row[f"tile_of_{key}"]["silu"] = gated_check(w, xs, ref, config)
+        out[name] = row
+    x, r = (torch.randn(1, 4096, device="cuda").bfloat16() for _ in range(2))
+    norm_weight = torch.randn(4096, device="cuda").bfloat16()
+    event = torch.cuda.Event(external=True)
+    event.record()
+    eager = triton_ops.silu_and_mul(triton_ops.rms_norm(x, norm_weight, 1e-5, r)[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        normed = triton_ops.rms_norm(x, norm_weight, 1e-5, r)[0]
+        torch.cuda.current_stream().wait_event(event)
+        captured = triton_ops.silu_and_mul(normed)
+    graph.replay()
+    torch.cuda.synchronize()
+    out["pdl_after_event_wait_in_graph_equals_eager"] = bool(torch.equal(captured, eager))
+    print(json.dumps(out, indent=1))
     return out
 
 
@@ -406,6 +507,9 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--graph-tokens", type=int, default=512, help="cuda_graph_max_tokens")
     parser.add_argument("--sections", default="rotary,sweeps,bs1,exact,profile,spec,mixed")
+    parser.add_argument("--real", default=None, help="real layers for the GEMV check (quant_real_layers.py)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="bs1 variants, run twice in this order")
+    parser.add_argument("--pipelined-runs", type=int, default=1, help="bs1: pipelined 128 -> 128 runs a variant")
     args = parser.parse_args()
     wanted = args.sections.split(",")
     global OUT
@@ -414,6 +518,9 @@ def main() -> int:
     bandwidth = measure_copy_bandwidth(torch.device("cuda"))
     RESULTS["copy_bandwidth"] = bandwidth
     print("copy bandwidth", bandwidth["bandwidth"] / 1e9, "GB/s")
+    if args.real:
+        real_gemv_pdl(args.real)
+    triton_ops.PDL = triton_quant.FUSED_SILU = True
     if "rotary" in wanted:
         rotary_write_check()
     tuning = {"gemv": dict(triton_quant.DENSE_GEMV),     # the sweeps replace these (the committed choices)
@@ -421,11 +528,14 @@ def main() -> int:
     if "sweeps" in wanted:
         rms_norm_sweep(tuning)
         gemv(tuning)
+        triton_quant.DENSE_GEMV.clear()
+        triton_quant.DENSE_GEMV.update(tuning["gemv"])
+        triton_ops.RMS_NORM_ELEMENTS_PER_WARP = tuning["rms_norm_elements_per_warp"]
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig("llama-3-8b", random_weights=True, dtype="bfloat16", kv_cache_memory="8GiB",
-                                    max_model_len=4096, max_num_seqs=64, speculative_method="ngram",
-                                    cuda_graph_max_tokens=args.graph_tokens,
-                                    num_speculative_tokens=8))
+                                    max_model_len=4096, max_num_seqs=64, cuda_graph_max_tokens=args.graph_tokens,
+                                    **(dict(speculative_method="ngram", num_speculative_tokens=8)
+                                       if "spec" in wanted else {})))
     RESULTS["engine_startup_s"] = time.perf_counter() - t0
     RESULTS["graph_capture_s"] = engine.runner.graphs.capture_seconds
     RESULTS["graph_shapes"] = len(engine.runner.graphs.shapes)
@@ -436,17 +546,18 @@ def main() -> int:
     rng = random.Random(0)
     prompt = [rng.randrange(engine.model_config.vocab_size) for _ in range(128)]
     if "bs1" in wanted:
-        bs1_decode(engine, prompt, bandwidth["bandwidth"], tuning)   # leaves the tuned variant captured
+        # leaves the last variant (PDL, fused silu) captured
+        bs1_decode(engine, prompt, bandwidth, args.variants.split(","), args.pipelined_runs)
     if "exact" in wanted:
         graph_exactness(engine)
     if "profile" in wanted:
-        profile(engine)
+        profile(engine)   # leaves the last variant (PDL, fused silu) captured
     if "spec" in wanted:
         spec_oracle(engine, prompt, 128)
     if "mixed" in wanted:
         mixed_steps(engine)
     payload = {"benchmark": "graphs_gpu", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "command": "PYTHONPATH=. python3 benchmarks/graphs_gpu.py --out $OUT",
+               "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
                "device": torch.cuda.get_device_name(),
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "triton": triton.__version__},
@@ -454,12 +565,23 @@ def main() -> int:
     Path(args.out, "graphs_gpu.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print("=== summary")
     bs1 = RESULTS.get("bs1_decode", {})
-    for name in ("before", "after", "before_again", "after_again"):
+    for name in (f"{v}_{run}" for run in range(2) for v in args.variants.split(",")):
         if name in bs1:
-            r = bs1[name]
-            print(f"bs1 {name:>13}: {r['tok_per_s']:.1f} tok/s, step {r['median_step_ms']:.3f} ms, replay "
-                  f"{r['graph_replay_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms -> {r['fraction_of_floor']:.1%} "
+            r, p = bs1[name], bs1[name]["pipelined"]
+            print(f"bs1 {name:>13}: pipelined {p['tok_per_s']:.1f} tok/s, {p['tpot_ms']:.3f} ms, "
+                  f"{p['fraction_of_floor']:.1%} of {p['floor_ms']:.3f}; synced step {r['median_step_ms']:.3f} ms, "
+                  f"replay {r['graph_replay_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms -> {r['fraction_of_floor']:.1%} "
                   f"(replay {r['replay_fraction_of_floor']:.1%})")
+    if "identical_prefix_vs_first" in bs1:
+        print(f"bs1 greedy tokens equal to the first variant's (of {bs1['tokens_compared']}): "
+              f"{bs1['identical_prefix_vs_first']}")
+    for label, prof in (RESULTS.get("profile") or {}).items():
+        if isinstance(prof, dict) and "kernel_us_per_replay" in prof:
+            print(f"profile {label}: {prof['kernel_us_per_replay']:.1f} us of kernels, "
+                  f"{prof['launches_per_replay']:.0f} launches")
+    for name, ok in (("exact", RESULTS.get("graph_exactness")), ("real", RESULTS.get("real_gemv_pdl"))):
+        if isinstance(ok, dict):
+            print(name, json.dumps(ok, default=str)[:1500])
     for r in RESULTS.get("spec_oracle", []) if isinstance(RESULTS.get("spec_oracle"), list) else []:
         print(f"spec k={r['k']} graphs={r['verify_graphs']}: {r['tokens_per_s']:.1f} tok/s vs "
               f"{r['plain_tokens_per_s']:.1f} = {r['speedup']:.2f}x (verify {r['verify_step_ms']:.2f} ms, decode "

@@ -456,13 +456,34 @@ for n, k in ((40, 256), (24, 384)):
                              (t.int4_matmul(x, p4, s4, z4, bias, config), tq.int4_linear(x, p4, s4, z4, bias))):
                 error = ((got - ref).norm() / ref.norm()).item()
                 assert error < 1e-4, (n, k, m, config, error)
+# The dense GEMV, also as launched under PDL (its first weight tile read before the wait; the interpreter has
+# no griddepcontrol, so the wait is a no-op here). K = 640: five tiles of 128, so four splits leave one empty.
+# Its gated form: w as gate|up of 20 outputs each (programs of 4 or 8 outputs, the last one partly masked).
+from pagellm.kernels import triton_ops
+t.wait_for_producer = lambda PDL: None
+w, bias = torch.randn(40, 640, generator=gen), torch.randn(40, generator=gen)
+x = torch.randn(1, 640, generator=gen)
+ref = x.double() @ w.double().T + bias.double()
+gate, up = (x.double() @ w.double().T).split(20, dim=-1)
+gated_ref = gate * torch.sigmoid(gate) * up
+for pdl in (False, True):
+    t.pdl_args = lambda x, pdl=pdl: {"PDL": pdl, "launch_pdl": False}
+    for config in (t.MatmulConfig(1, 8, 128, 4, 1, 1), t.MatmulConfig(1, 16, 128, 4, 1, 4)):
+        error = ((t.dense_matmul(x, w, bias, config).double() - ref).norm() / ref.norm()).item()
+        assert error < 1e-6, (pdl, config, error)
+        gated = t.dense_silu_and_mul(x, w, config)
+        error = ((gated.double() - gated_ref).norm() / gated_ref.norm()).item()
+        assert gated.shape == (1, 20) and error < 1e-6, (pdl, config, error)
+        unsplit = t.MatmulConfig(1, config.block_n, config.block_k, 4, 1, 0)   # the gated GEMV never splits K
+        assert torch.equal(gated, triton_ops.silu_and_mul(t.dense_matmul(x, w, None, unsplit)))
 print("ok")
 """
 
 
 def test_triton_matmuls_match_the_torch_twins_under_the_interpreter():
     """The fused int8/int4 kernels (one-row GEMVs with their magic-number decoding, split K, and the
-    tl.dot path) against ``torch_quant`` in fp32, run by Triton's interpreter in a subprocess (the
+    tl.dot path) against ``torch_quant`` in fp32, the dense GEMV with and without its PDL prologue, and with
+    its silu(gate) * up epilogue, against float64 math, run by Triton's interpreter in a subprocess (the
     interpreter is chosen when the kernels are defined). Shapes with a partial K tile and masked rows."""
     pytest.importorskip("triton")
     import subprocess

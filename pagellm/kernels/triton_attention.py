@@ -104,7 +104,7 @@ import triton.language as tl
 from pagellm.kernels import triton_ops
 from pagellm.kernels.attention import AttentionMetadata, LayerKVCache
 from pagellm.kernels.kv_quant import SCALE_DTYPE, SCALE_MIN, format_of
-from pagellm.kernels.triton_ops import rotate_heads
+from pagellm.kernels.triton_ops import pdl_args, rotate_heads, wait_for_producer
 
 LOG2_E = 1.4426950408889634
 # Stands in for "no sliding window": larger than any sequence, small enough
@@ -175,10 +175,11 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
                      block_size, num_kv_heads, num_q_heads, half,
                      HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
                      ROUND: tl.constexpr, ROTATE: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
-                     HALF_PAD: tl.constexpr):
+                     HALF_PAD: tl.constexpr, PDL: tl.constexpr):
     """One program per token: store its ``[Hkv, D]`` K and V into slot
     ``slot_mapping[t]``; with ``ROTATE``, first apply the rotary embedding to its
     q and k heads in place (``triton_ops.rotary``'s math, one launch fewer)."""
+    wait_for_producer(PDL)
     token = tl.program_id(0)
     if ROTATE:
         pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -246,7 +247,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         QUANT=fmt is not None, QMAX=fmt.qmax if fmt is not None else 0.0,
         ROUND=fmt is not None and fmt.storage == torch.int8, ROTATE=rotation is not None,
         Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]), HALF_PAD=triton.next_power_of_2(half),
-        num_warps=WRITE_KV_NUM_WARPS)
+        num_warps=WRITE_KV_NUM_WARPS, **pdl_args(k))
 
 
 def _scale_pairs(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
@@ -561,7 +562,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
                    stride_scale_block, stride_scale_head,
                    GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, WRITE_OUTPUT: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr,
-                   HEADS_INNER: tl.constexpr):
+                   HEADS_INNER: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv_head, split), or (kv_head, b, split) with ``HEADS_INNER``
     (programs launched together then read the KV heads of the same tokens):
     attention of sequence b's decode token, for all query heads of ``kv_head``,
@@ -571,6 +572,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
     running max (log2 domain), sum and normalised output into the partial buffers
     ``[B, H, num_splits(, D)]``.
     """
+    wait_for_producer(PDL)
     if HEADS_INNER:
         kv_head = tl.program_id(0)
         seq = tl.program_id(1)
@@ -635,8 +637,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, scale_ptr,
 @triton.jit
 def _decode_reduce_kernel(query_start_loc_ptr, out_ptr, part_max_ptr, part_sum_ptr, part_out_ptr,
                           stride_ot, stride_oh,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """Program (b, head): merge the splits' partial softmaxes into the output row."""
+    wait_for_producer(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     token = tl.load(query_start_loc_ptr + seq)
@@ -717,12 +720,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)), HEAD_DIM=head_dim,
         BLOCK_N=t["block_n"], BLOCK_SIZE=k_cache.shape[1], WRITE_OUTPUT=write_output, QUANT=fmt is not None,
         FP8=_is_fp8(fmt), HEADS_INNER=t["heads_inner"], num_warps=t["num_warps"], num_stages=t["num_stages"],
-        maxnreg=t["maxnreg"])
+        maxnreg=t["maxnreg"], **pdl_args(q))
     if not write_output:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             meta.query_start_loc, out, part_max, part_sum, part_out,
             out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, num_warps=4)
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, num_warps=4, **pdl_args(q))
 
 
 # --------------------------------------------------------------------------- prefill

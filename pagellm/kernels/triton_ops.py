@@ -12,8 +12,27 @@
   features of every head rotate, in fp32. One program per token, all heads.
 * ``silu_and_mul(x [T, 2I]) -> [T, I]``: ``silu(x[:, :I]) * x[:, I:]`` in fp32,
   rounded once. Grid ``(T, I / BLOCK)``.
+
+Programmatic dependent launch (PDL, Hopper and later; ``PDL``): the kernels of
+a decode step (these, the KV write, decode attention and the dense GEMV) are
+launched with ``launch_pdl``, so the hardware may start one while its
+predecessor in the stream still runs: its launch, and in the GEMV the first
+weight tile's loads, overlap the predecessor's tail instead of following it
+(also inside CUDA graphs, whose capture keeps the programmatic edges). The
+invariant every such kernel keeps: before touching any buffer another kernel
+writes or reads it calls ``wait_for_producer`` (``griddepcontrol.wait``: the
+predecessor has completed and its writes are visible), and only after that
+wait lets its own successor launch. So a kernel never starts before the one
+two back has completed, and only constants (weights) are read before the wait.
+Measured (H200, Llama-3-8B bs1 decode graph): 15-20 us of a 4.5 ms replay. The
+~1 us between dependent kernels is mostly the predecessor's completion and
+memory flush and the first dependent loads, which PDL cannot overlap; the
+graph already hid the launches.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -24,15 +43,39 @@ RMS_NORM_ELEMENTS_PER_WARP = 512     # 8 warps for a 4,096 row: 1.61 us on an H2
 SILU_BLOCK = 1024
 SILU_NUM_WARPS = 4
 ROTARY_NUM_WARPS = 4
+PDL = True          # off: the benchmarks' "before"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch arguments of a PDL-aware kernel for tensors on ``t``'s device: its ``PDL``
+    constexpr and Triton's ``launch_pdl``, both on where the device has PDL."""
+    on = PDL and t.is_cuda and not INTERPRETED and _capability(t.device.index or 0) >= (9, 0)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def wait_for_producer(PDL: tl.constexpr):
+    """Wait until the previous kernel has completed (its writes visible), then let the next one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      stride_x, stride_residual, stride_out, stride_residual_out, hidden, eps,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)     # a constant: read before the wait
+    wait_for_producer(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
@@ -41,7 +84,6 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     xf = x.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
     normed = (xf * inv_rms).to(x_ptr.dtype.element_ty)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = weight.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -66,7 +108,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(x2.shape[0],)](
             x2, residual2, weight, out, new_residual,
             x2.stride(0), residual2.stride(0), out.stride(0), new_residual.stride(0), hidden, eps,
-            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=num_warps, **pdl_args(x))
     if residual is None:
         return out.view(shape), x
     return out.view(shape), new_residual.view(shape)
@@ -117,7 +159,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -135,8 +178,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, SILU_BLOCK))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=SILU_NUM_WARPS)
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=SILU_NUM_WARPS,
+            **pdl_args(x))
     return out.view(*x.shape[:-1], inter)
 
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul"]
+__all__ = ["rms_norm", "rotary", "silu_and_mul", "pdl_args", "wait_for_producer"]

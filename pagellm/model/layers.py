@@ -81,7 +81,8 @@ class LinearMethod(Protocol):
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of ``W``, in the layer's dtype."""
 
-    # Optional: ``scale_rows(layer, factors [output_size])`` multiplies row i of W by factors[i] in storage.
+    # Optional: ``scale_rows(layer, factors [output_size])`` multiplies row i of W by factors[i] in storage;
+    # ``apply_silu_and_mul(layer, x)``: ``silu(gate) * up`` of a merged gate|up output in one step, or None.
 
 
 class DenseLinearMethod:
@@ -93,18 +94,34 @@ class DenseLinearMethod:
         layer.weight_loaders["weight"] = functools.partial(layer.load_rows, layer.weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() == x.shape[-1]:     # one row: the Triton GEMV where it beats cuBLAS
+        config = _gemv_config(layer, x)
+        if config is not None:
             from pagellm.kernels import triton_quant
-            config = triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
-            if config is not None:
-                return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
+            return triton_quant.dense_matmul(x, layer.weight, layer.bias, config)
         return cpu_linear.linear(x, layer.weight, layer.bias)
+
+    def apply_silu_and_mul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of a merged gate|up layer in the GEMV's epilogue, where its one-row GEMV serves
+        the layer; None elsewhere."""
+        from pagellm.kernels import triton_quant
+        config = _gemv_config(layer, x)
+        if config is None or layer.bias is not None or not triton_quant.FUSED_SILU:
+            return None
+        return triton_quant.dense_silu_and_mul(x, layer.weight, config)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
 
     def scale_rows(self, layer: Linear, factors: torch.Tensor) -> None:
         layer.weight.data.copy_(layer.weight.float() * factors[:, None])
+
+
+def _gemv_config(layer: Linear, x: torch.Tensor):
+    """The Triton GEMV's tiles for ``x @ W^T`` when x is one row on CUDA and they beat cuBLAS for W's shape."""
+    if x.is_cuda and x.numel() == x.shape[-1]:
+        from pagellm.kernels import triton_quant
+        return triton_quant.DENSE_GEMV.get(tuple(layer.weight.shape))
+    return None
 
 
 DENSE = DenseLinearMethod()
@@ -183,6 +200,13 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x)
         return out if self.output_scale is None else out * self.output_scale
+
+    def silu_and_mul(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        """``silu(gate) * up`` of this merged gate|up layer's output: fused by the method where it can (one
+        launch fewer), else the layer, then ``ops.silu_and_mul``."""
+        fused = getattr(self.method, "apply_silu_and_mul", None)
+        out = fused(self, x) if fused is not None and self.output_scale is None else None
+        return ops.silu_and_mul(self(x)) if out is None else out
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The matrix read by rows: a token embedding (tied embeddings share this module with the LM head)."""

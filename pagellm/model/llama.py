@@ -66,7 +66,7 @@ class MLP(nn.Module):
         self.down_proj = make.row(f"{prefix}.down_proj", config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(ctx.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x, ctx.ops))
 
 
 class DecoderLayer(nn.Module):
