@@ -69,6 +69,11 @@ def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, w8a8: bool = True)
         ref4 = x.float() @ torch_quant.dequantize_int4(p4, s4, z4, torch.float32).t()
         rows.append({"case": name, "kernel": "int4", "m": x.shape[0],
                      "error": rel_error(triton_quant.int4_matmul(x, p4, s4, z4, None), ref4)})
+        if x.shape[0] == 1:     # the GEMV decodes in the activations' dtype: fp16 too
+            xh = x.half()
+            rows.append({"case": name, "kernel": "int4 fp16", "m": 1, "error": rel_error(
+                triton_quant.int4_matmul(xh, p4, s4, z4, None), xh.float() @ torch_quant.dequantize_int4(
+                    p4, s4, z4, torch.float32).t())})
         try:
             packed, sz = tinygemm_pack(p4, s4, z4)
             rows.append({"case": name, "kernel": "int4 tinygemm", "m": x.shape[0],
@@ -157,12 +162,11 @@ def _graph_ms(fn) -> float:
 
 
 # One-row tiles (block_n, block_k, warps) tried per format: the previous best and tiles giving each thread
-# 2-8 output rows (a thread's x values then serve more codes: 3.9-4.8 SASS instructions a code for int4,
-# 3.9-4.9 for int8, counted in the loop bodies compiled for sm_90).
+# 2-8 output rows (a thread's x values then serve more codes). SASS instructions a code in the loop bodies
+# compiled for sm_90: int8 3.9-4.9; int4 2.4-2.8 (two codes an instruction in bf16x2; 3.9-4.8 before).
 GEMV_TILES = {"int8": ((4, 1024, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4),
                        (32, 512, 8), (16, 256, 2)),
-              "int4": ((16, 1024, 8), (16, 1024, 4), (32, 512, 4), (32, 512, 8), (64, 512, 8), (64, 256, 4),
-                       (32, 1024, 8), (16, 512, 4))}
+              "int4": ((16, 1024, 8), (32, 512, 4), (32, 1024, 8), (64, 256, 4), (64, 512, 8), (128, 256, 8))}
 
 
 def sweep_configs(m: int, fmt: str):

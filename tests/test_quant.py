@@ -42,14 +42,16 @@ def test_int4_pack_round_trip_and_error_is_half_a_step_per_group():
     assert (error <= scale[..., None] / 2 + 1e-6).all()
 
 
-def test_int4_words_hold_weights_sixteen_apart():
-    """The layout the Triton GEMV reads: little-endian int32 words, nibble j of word w of a run of 128
-    weights is weight 16 j + w of the run."""
+def test_int4_words_hold_pairs_of_adjacent_weights():
+    """The layout the Triton GEMV reads: little-endian int32 words; nibbles i and i + 4 of word w of a run of
+    128 weights (the two 16-bit halves' low nibbles after a shift by 4 i) are weights 32 i + 2 w and
+    32 i + 2 w + 1 of the run."""
     codes = torch.randint(0, 16, (3, 384), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     words = torch_quant.pack_int4(codes).view(torch.int32).long() & 0xFFFFFFFF
-    run, w, j = torch.meshgrid(torch.arange(3), torch.arange(16), torch.arange(8), indexing="ij")
-    nibbles = (words.reshape(3, 3, 16)[:, run, w] >> (4 * j)) & 0xF          # [row, run, w, j]
-    expected = codes.reshape(3, 3, 8, 16)[:, run, j, w]
+    run, w, i, half = torch.meshgrid(torch.arange(3), torch.arange(16), torch.arange(4), torch.arange(2),
+                                     indexing="ij")
+    nibbles = (words.reshape(3, 3, 16)[:, run, w] >> (4 * i + 16 * half)) & 0xF      # [row, run, w, i, half]
+    expected = codes.reshape(3, 3, 128)[:, run, 32 * i + 2 * w + half]
     assert torch.equal(nibbles, expected.long())
 
 
@@ -441,21 +443,30 @@ def test_unsupported_quantization_fails_before_loading(tmp_path, monkeypatch):
 
 TRITON_CHECK = """
 import torch
+import ptx_emulation
 from pagellm.kernels import torch_quant as tq, triton_quant as t
+ptx_emulation.install()
 t._num_sms = lambda device: 4
 gen = torch.Generator().manual_seed(0)
+gemv_configs = [t.MatmulConfig(1, 8, 128, 4, 1, 1), t.MatmulConfig(1, 16, 256, 4, 1, 4)]
 for n, k in ((40, 256), (24, 384)):
     w, bias = torch.randn(n, k, generator=gen) * 0.02 + 0.01, torch.randn(n, generator=gen)
     q8, s8 = tq.quantize_int8(w)
     p4, s4, z4 = tq.quantize_int4(w, 128)
-    for m, configs in ((1, [t.MatmulConfig(1, 8, 128, 4, 1, 1), t.MatmulConfig(1, 16, 256, 4, 1, 4)]),
-                       (3, [t.MatmulConfig(16, 16, 128, 4, 1, 2)])):
+    for m, configs in ((1, gemv_configs), (3, [t.MatmulConfig(16, 16, 128, 4, 1, 2)])):
         x = torch.randn(m, k, generator=gen)
         for config in configs:
             for got, ref in ((t.int8_matmul(x, q8, s8, bias, config), tq.int8_linear(x, q8, s8, bias)),
                              (t.int4_matmul(x, p4, s4, z4, bias, config), tq.int4_linear(x, p4, s4, z4, bias))):
                 error = ((got - ref).norm() / ref.norm()).item()
                 assert error < 1e-4, (n, k, m, config, error)
+    for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float16, 1e-3)):   # the int4 GEMV's 16-bit pairs
+        x = torch.randn(1, k, generator=gen).to(dtype)
+        ref = tq.int4_linear(x.float(), p4, s4, z4, bias)
+        for config in gemv_configs:
+            got = t.int4_matmul(x, p4, s4, z4, bias.to(dtype), config)
+            error = ((got.float() - ref).norm() / ref.norm()).item()
+            assert got.dtype == dtype and error < tolerance, (n, k, dtype, config, error)
 # The dense GEMV, also as launched under PDL (its first weight tile read before the wait; the interpreter has
 # no griddepcontrol, so the wait is a no-op here). K = 640: five tiles of 128, so four splits leave one empty.
 # Its gated form: w as gate|up of 20 outputs each (programs of 4 or 8 outputs, the last one partly masked).
@@ -481,16 +492,18 @@ print("ok")
 
 
 def test_triton_matmuls_match_the_torch_twins_under_the_interpreter():
-    """The fused int8/int4 kernels (one-row GEMVs with their magic-number decoding, split K, and the
-    tl.dot path) against ``torch_quant`` in fp32, the dense GEMV with and without its PDL prologue, and with
-    its silu(gate) * up epilogue, against float64 math, run by Triton's interpreter in a subprocess (the
-    interpreter is chosen when the kernels are defined). Shapes with a partial K tile and masked rows."""
+    """The fused int8/int4 kernels (one-row GEMVs with their magic-number decoding, the int4 one in bf16
+    and fp16 pairs, split K, and the tl.dot path, which an fp32 row takes in int4) against ``torch_quant``
+    in fp32, the dense GEMV with and without its PDL prologue, and with its silu(gate) * up epilogue, against
+    float64 math, run by Triton's interpreter in a subprocess (the interpreter is chosen when the kernels are
+    defined; the int4 GEMV's inline PTX goes through ``ptx_emulation``'s model of its instructions). Shapes
+    with a partial K tile and masked rows."""
     pytest.importorskip("triton")
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
     result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -11,12 +11,13 @@ Formats (rows are output channels, ``K`` the input dimension):
   with a scale and an integer zero point each: ``w = (q - zero) * scale``.
   ``packed uint8 [N, K/2]`` is read as little-endian words ``int32 [N, K/8]``,
   interleaved in runs of ``PACK_RUN`` (128) weights: word ``w`` (0..15) of a
-  run holds weight ``16 j + w`` of the run in its nibble ``j`` (bits 4j..4j+3).
-  So one word load brings eight codes whose weights lie 16 apart, and nibble
-  ``j`` of a run's 16 consecutive words is 16 consecutive weights: a GEMV
-  multiplies each nibble plane with a contiguous slice of ``x``, masking one
-  nibble in place instead of shifting and interleaving (``triton_quant``).
-  K must be a multiple of ``PACK_RUN``.
+  run holds weights ``32 i + 2 w`` and ``32 i + 2 w + 1`` of the run in its
+  nibbles ``i`` and ``i + 4`` (i = 0..3; nibble j is bits 4j..4j+3). So
+  ``(word >> 4 i) & 0x000F000F`` puts two codes of adjacent weights in the
+  two 16-bit halves of a register, where one LOP3 makes them a bf16x2 or
+  fp16x2 pair that multiplies the pair of activations ``x[32 i + 2 w : +2]``
+  read as one 32-bit word (``triton_quant``'s GEMV, two codes an
+  instruction). K must be a multiple of ``PACK_RUN``.
 * **GGUF blocks** (llama.cpp's layouts, bytes ``uint8 [N, K / block * bytes]``):
   Q8_0, Q5_0 (32 weights, one fp16 scale), Q4_K (256 weights in 8 groups, 6-bit
   scales and mins under fp16 super-scales), Q6_K (256 weights in 16 groups,
@@ -73,7 +74,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 PACK_RUN = 128      # int4 weights interleaved into 16 words (see the module docstring)
-INT4_PACKING = "words-interleaved-128"   # the layout's name in saved checkpoints (``quant.export``)
+INT4_PACKING = "words-pairs-128"   # the layout's name in saved checkpoints (``quant.export``)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -81,16 +82,17 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     if k % PACK_RUN:
         raise ValueError(f"int4 packing takes rows of whole runs of {PACK_RUN} weights, not {k}")
-    nibbles = q.reshape(n, k // PACK_RUN, 8, 16).transpose(2, 3)          # [N, run, word w, nibble j]
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, k // 2)   # byte b: nibbles 2b, 2b+1
+    weights = q.reshape(n, k // PACK_RUN, 4, 16, 2)                       # weight 32 i + 2 w + b: [N, run, i, w, b]
+    nibbles = weights.permute(0, 1, 3, 4, 2).reshape(n, -1, 16, 8)        # [N, run, w, nibble j = 4 b + i]
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(n, k // 2)   # byte c: nibbles 2c, 2c+1
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_int4``."""
     n, half = packed.shape
-    words = packed.reshape(n, half // (PACK_RUN // 2), 16, 4)             # [N, run, word w, byte b]
-    nibbles = torch.stack([words & 0xF, words >> 4], dim=-1).reshape(n, -1, 16, 8)
-    return nibbles.transpose(2, 3).reshape(n, 2 * half)
+    words = packed.reshape(n, half // (PACK_RUN // 2), 16, 4)             # [N, run, word w, byte c]
+    nibbles = torch.stack([words & 0xF, words >> 4], dim=-1).reshape(n, -1, 16, 2, 4)   # [N, run, w, b, i]
+    return nibbles.permute(0, 1, 4, 2, 3).reshape(n, 2 * half)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype

@@ -5,8 +5,9 @@ used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
 Layouts are those of :mod:`pagellm.kernels.torch_quant` (the reference twins):
 int8 ``q [N, K]`` with a scale per row; int4 eight codes per 32-bit word,
-interleaved in runs of 128 (nibble j of word w is weight 16 j + w), with an
-fp16 scale and a uint8 zero point per group of ``GROUP`` (= the run) along K.
+interleaved in runs of 128 (nibbles i and i + 4 of word w are weights
+32 i + 2 w and 32 i + 2 w + 1), with an fp16 scale and a uint8 zero point per
+group of ``GROUP`` (= the run) along K.
 
 Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``: a program owns
 ``BLOCK_M`` rows, ``BLOCK_N`` output channels and a run of K tiles. More than
@@ -14,16 +15,20 @@ one row goes through ``tl.dot`` (bf16/fp16 in, fp32 accumulate). A single row
 (batch-1 decode) is a GEMV, which at these sizes is bound by instruction issue
 as much as by memory: the H200 streams ~4e12 int8 or ~8e12 int4 codes a
 second, and I2F converts only 16 values per SM per clock. So the GEMVs never
-convert: the codes are read as 32-bit words and each one is placed on the
-mantissa of a float whose exponent makes it an integer (``2**15 + byte``,
-``2**11 + nibble``, ``2**7 + nibble``) by one shift per word and one LOP3 per
-code; one FMA multiplies it into a per-thread accumulator, and the
-constants' share is subtracted once (int8: once per output; int4: once per
-tile and lane, with the zero point). The bit patterns come in as runtime
-arguments (``BYTE_EXPONENT``, ``INT4_MAGICS``) so they stay in registers.
-That is ~3.9 instructions a code for both formats in the compiled loop
-(int4 was 6.3 with shifts, interleave and I2F). Products are summed
-elementwise over the K loop and reduced once at the end.
+convert a code; each is placed on the mantissa of a float whose exponent
+makes it an integer. int8: one shift per word and one LOP3 per code make the
+fp32 ``2**15 + byte``, one FFMA multiplies it into a per-thread accumulator,
+and the constant's share is subtracted once per output (``BYTE_EXPONENT``
+comes in as a runtime argument so it stays in a register): ~3.9 SASS
+instructions a code. int4 works on two codes at once in the activations'
+own 16-bit format (bf16x2 or fp16x2, ``HALF2_PAIR_ASM``): one LOP3 puts two
+nibbles of adjacent weights under ``base``'s exponent in the two halves of a
+register, one HADD2 takes ``base + zero`` off (exact), one HFMA2 multiplies
+the pair with the matching pair of activations, read as one 32-bit word;
+eight products a half are summed in 16 bits, then folded into fp32 with the
+group's scale. That is 2.4-2.8 SASS instructions a code in the compiled loop
+(3.9-4.8 with one fp32 FFMA a code). Products are summed elementwise over the
+K loop and reduced once at the end.
 
 With ``split_k == 1`` each program writes its outputs (bias added) in the
 activation dtype; a split writes fp32 partial sums to ``[split_k, M, N]``
@@ -71,7 +76,8 @@ class MatmulConfig:
 
 
 # Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
-# projections, replayed as CUDA graphs; GEMV and LARGE int8 from h200-2026-12-02-quant-gemv.json). LARGE
+# projections, replayed as CUDA graphs; GEMV and LARGE int8 from h200-2026-12-02-quant-gemv.json; the int4
+# one-row tiles were swept for the fp32-FMA GEMV before the bf16x2 one and are kept until re-swept). LARGE
 # serves decode batches of 17..FUSED_MAX_ROWS rows (`quant_ops`); longer prefill chunks go to dequantize +
 # cuBLAS.
 GEMV = {"int8": MatmulConfig(1, 8, 1024, 4, 3, 1), "int4": MatmulConfig(1, 16, 1024, 8, 3, 1)}
@@ -144,7 +150,6 @@ def _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om
 # Float bit patterns the GEMVs OR codes into, passed as runtime arguments: as immediates the compiler
 # rematerializes them before every use (a MOV per code), as arguments they stay in a register.
 BYTE_EXPONENT = 0x47000000              # the float 2**15: a byte on bits 8..15 reads as 2**15 + byte
-INT4_MAGICS = (0x45000000, 0x43000000)  # 2**11 and 2**7: a nibble on bits 12..15 / 16..19 reads as 2**k + q
 SIGN_FLIP = tl.constexpr(-0x7F7F7F80)     # 0x80808080 as an int32: XOR makes four int8 codes q bytes q + 128
 
 
@@ -265,83 +270,124 @@ def _store_silu_and_mul(acc, out_ptr, pid_n, inter, HALF: tl.constexpr):
     tl.store(out_ptr + outputs, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=outputs < inter)
 
 
-@triton.jit
-def _int4_gemv_tile(words, x_ptr, zero, scale, magic_even, magic_odd):
-    """One row's products with a tile of packed words ``[BLOCK_N, RUNS, 16]`` (``torch_quant``'s layout:
-    nibble j of a run's word w is weight 16 j + w): (``[BLOCK_N, RUNS, 16]`` to sum, ``[BLOCK_N, RUNS]`` to
-    subtract), whose sums are sum_k (q - z) s x.
-
-    A nibble is decoded in place, without a conversion instruction: moved to bits 12..15 (even j) or
-    16..19 (odd j) by one shift per word and pair, ``word & 0xF000 | 0x45000000`` is the float
-    ``2**11 + q`` and ``word & 0xF0000 | 0x43000000`` is ``2**7 + q`` (the nibble lands on the mantissa's
-    units). So a code costs one LOP3 and one FMA: the constants' share, ``(2**11 + z) s sum x`` over the
-    even planes and ``(2**7 + z) s sum x`` over the odd ones, is subtracted once per run and row (x summed
-    over the run first). The constants are small, so the cancellation costs ~2**11 / 5 ulps of fp32 at
-    most, far below bf16's rounding."""
-    offsets = tl.arange(0, words.shape[1])[:, None] * 128 + tl.arange(0, 16)[None, :]
-    dots = tl.zeros(words.shape, dtype=tl.float32)
-    for pair in tl.static_range(4):     # nibbles 2 pair and 2 pair + 1 (bits 8 pair .. 8 pair + 7)
-        if pair < 2:
-            moved = words << (12 - 8 * pair)
-        else:
-            moved = words >> (8 * pair - 12)
-        even = ((moved & 0xF000) | magic_even).to(tl.float32, bitcast=True)
-        odd = ((moved & 0xF0000) | magic_odd).to(tl.float32, bitcast=True)
-        xe = tl.load(x_ptr + offsets + 32 * pair).to(tl.float32)
-        xo = tl.load(x_ptr + offsets + 32 * pair + 16).to(tl.float32)
-        dots += even * xe[None, :, :]      # two separate sums: each one FMA per code
-        dots += odd * xo[None, :, :]
-        if pair == 0:   # sums in the loads' own layout (a zeros tensor of its own would reload x)
-            x_even, x_odd = xe, xo
-        else:
-            x_even += xe
-            x_odd += xo
-    dots -= (2048.0 + zero)[:, :, None] * x_even[None, :, :]
-    dots -= (128.0 + zero)[:, :, None] * x_odd[None, :, :]
-    return dots * scale[:, :, None]
+# One pair of packed words times its activations, two codes an instruction (bf16x2/fp16x2 arithmetic):
+# $1, $2: the words (eight codes each, ``torch_quant``'s layout); $3..$10: the activation pairs of their
+# nibble pairs i = 0..3 (word 1's, then word 2's); $11: ``-(base + zero)`` in both halves; $12: the float
+# ``base`` in both halves (``HALF2_MAGICS``). Per nibble pair: a shift (none for i = 0), one LOP3 putting the
+# two nibbles under ``base``'s exponent (``base + q`` in each half, exact), one FMA taking ``base + zero``
+# off (``q - zero``, exact), one FMA multiplying it into the sum. $0: the sixteen products summed in two
+# halves of eight (rounded as bf16/fp16), as fp32.
+_HALF2_PAIR_ASM = """{
+.reg .b32 w, h, d, one, acc;
+.reg .b16 lo, hi;
+.reg .b32 f_lo, f_hi;
+mov.b32 one, ONE;
+mov.b32 acc, 0;
+""" + "".join(
+    ("mov.b32 w, $%d;\n" % (1 + word)) + "".join(
+        ("" if i == 0 else "shr.u32 w, w, 4;\n")
+        + "lop3.b32 h, w, 0x000F000F, $12, 0xEA;\n"
+        + "fma.rn.DTYPEx2 d, h, one, $11;\n"
+        + "fma.rn.DTYPEx2 acc, d, $%d, acc;\n" % (3 + 4 * word + i)
+        for i in range(4))
+    for word in range(2)) + "TO_F32\nadd.f32 $0, f_lo, f_hi;\n}"
+# the two halves as fp32: a bf16 is the top half of its fp32, an fp16 needs a conversion
+HALF2_PAIR_ASM_BF16 = tl.constexpr(_HALF2_PAIR_ASM.replace("DTYPE", "bf16").replace("ONE", "0x3F803F80").replace(
+    "TO_F32", "shl.b32 f_lo, acc, 16;\nand.b32 f_hi, acc, 0xFFFF0000;"))
+HALF2_PAIR_ASM_F16 = tl.constexpr(_HALF2_PAIR_ASM.replace("DTYPE", "f16").replace("ONE", "0x3C003C00").replace(
+    "TO_F32", "mov.b32 {lo, hi}, acc;\ncvt.f32.f16 f_lo, lo;\ncvt.f32.f16 f_hi, hi;"))
+HALF2_PAIR_OPERANDS = tl.constexpr("=r" + ",r" * 12)   # all 32-bit registers
+HALF2_MAGICS = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}   # 128 / 1024: a nibble on bits 0..3 is base + q
 
 
 @triton.jit
 def _int4_codes(words):
-    """Packed words ``[BLOCK_N, RUNS, 16]`` -> codes ``[BLOCK_N, RUNS, 8, 16]`` (K order) as exact fp32."""
-    shifts = 4 * tl.arange(0, 8)
-    planes = (words[:, :, None, :] >> shifts[None, None, :, None]) & 0xF
+    """Packed words ``[BLOCK_N, RUNS, 16]`` -> codes ``[BLOCK_N, RUNS, 4, 16, 2]`` (K order: weight
+    ``32 i + 2 w + b`` is nibble ``i + 4 b`` of word ``w``) as exact fp32."""
+    shifts = 4 * tl.arange(0, 4)[:, None, None] + 16 * tl.arange(0, 2)[None, None, :]
+    planes = (words[:, :, None, :, None] >> shifts[None, None, :, :, :]) & 0xF
     return (planes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _int4_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
-                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om, magic_even, magic_odd,
+                 stride_xm, stride_qn, stride_sn, stride_ok, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """``q_ptr``: the packed codes as int32 words ``[N, K/8]`` (``stride_qn`` in words); ``GROUP`` is the
-    packing run (128), so a run's 16 words are one group with one scale and zero point. ``magic_even``,
-    ``magic_odd``: ``INT4_MAGICS`` (read by the one-row path)."""
+    """Rows through ``tl.dot`` (one bf16/fp16 row goes to ``_int4_gemv_kernel``). ``q_ptr``: the packed
+    codes as int32 words ``[N, K/8]`` (``stride_qn`` in words); ``GROUP`` is the packing run (128), so a
+    run's 16 words are one group with one scale and zero point."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     runs = tl.arange(0, BLOCK_K // GROUP)
     word_offsets = runs[:, None] * 16 + tl.arange(0, 16)[None, :]
-    if BLOCK_M == 1:
-        partial = tl.zeros((BLOCK_N, BLOCK_K // GROUP, 16), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
         words = tl.load(q_ptr + cols[:, None, None] * stride_qn + tile * (BLOCK_K // 8) + word_offsets[None, :, :],
                         mask=col_ok[:, None, None], other=0)
         meta = cols[:, None] * stride_sn + tile * (BLOCK_K // GROUP) + runs[None, :]
         zero = tl.load(zero_ptr + meta, mask=col_ok[:, None], other=0).to(tl.float32)
         scale = tl.load(scale_ptr + meta, mask=col_ok[:, None], other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            partial += _int4_gemv_tile(words, x_ptr + tl.program_id(2) * stride_xm + tile * BLOCK_K, zero, scale,
-                                       magic_even, magic_odd)
-        else:
-            w = (_int4_codes(words) - zero[:, :, None, None]) * scale[:, :, None, None]
-            ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-            acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, tl.reshape(w, (BLOCK_N, BLOCK_K)))
-    if BLOCK_M == 1:
-        acc = tl.sum(tl.reshape(partial, (BLOCK_N, BLOCK_K // 8)), axis=1)[None, :]
+        w = (_int4_codes(words) - zero[:, :, None, None, None]) * scale[:, :, None, None, None]
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, tl.reshape(w, (BLOCK_N, BLOCK_K)))
+    _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _word_pairs(words):
+    """``[A, B, 16]`` -> words ``2 p`` and ``2 p + 1``, each ``[A, B, 8]``."""
+    return tl.split(tl.reshape(words, (words.shape[0], words.shape[1], 8, 2)))
+
+
+@triton.jit
+def _half2_pair_products(first, second, x0, x1, x2, x3, x4, x5, x6, x7, neg_base, magic, BF16: tl.constexpr):
+    """``HALF2_PAIR_ASM`` (bf16 or fp16 arithmetic) over a pair of word tensors; ``x0..x3``: the activation
+    pairs of the first words' nibble pairs 0..3, ``x4..x7`` the second's (int32 words holding two)."""
+    if BF16:
+        return tl.inline_asm_elementwise(HALF2_PAIR_ASM_BF16, HALF2_PAIR_OPERANDS,
+                                         [first, second, x0, x1, x2, x3, x4, x5, x6, x7, neg_base, magic],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(HALF2_PAIR_ASM_F16, HALF2_PAIR_OPERANDS,
+                                     [first, second, x0, x1, x2, x3, x4, x5, x6, x7, neg_base, magic],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
+                      stride_xm, stride_qn, stride_sn, stride_ok, stride_om, magic,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """One row (bf16 or fp16, read as 32-bit pairs) times packed int4 words ``[N, K/8]``; ``magic``: the
+    activation dtype's ``HALF2_MAGICS``. A program's tile is ``[BLOCK_N, RUNS, 8, 2]`` words (a run of 16
+    is one group); the two words of a pair go through ``HALF2_PAIR_ASM`` together and their fp32 sum is
+    scaled by the group's scale into a ``[BLOCK_N, RUNS, 8]`` accumulator, reduced after the K loop."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.program_id(2) + tl.arange(0, 1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_cols = tl.minimum(cols, N - 1)     # rows past N read row N - 1 (unmasked loads), never stored
+    runs = tl.arange(0, BLOCK_K // GROUP)
+    words_at = safe_cols[:, None, None] * stride_qn + runs[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    x_at = runs[None, :, None] * 64 + tl.arange(0, 16)[None, None, :]    # activation pairs of nibble pair 0 (+16 i: i)
+    meta_at = safe_cols[:, None] * stride_sn + runs[None, :]
+    x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.program_id(2) * (stride_xm // 2)
+    partial = tl.zeros((BLOCK_N, BLOCK_K // GROUP, 8), dtype=tl.float32)
+    for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
+        first, second = _word_pairs(tl.load(q_ptr + tile * (BLOCK_K // 8) + words_at))
+        zero = tl.load(zero_ptr + tile * (BLOCK_K // GROUP) + meta_at).to(tl.int32)
+        scale = tl.load(scale_ptr + tile * (BLOCK_K // GROUP) + meta_at).to(tl.float32)
+        neg_base = (magic | -0x7FFF8000) | (zero * 0x10001)     # -(base + zero) in both halves
+        x_tile = x_words + tile * (BLOCK_K // 2) + x_at
+        x0a, x0b = _word_pairs(tl.load(x_tile))
+        x1a, x1b = _word_pairs(tl.load(x_tile + 16))
+        x2a, x2b = _word_pairs(tl.load(x_tile + 32))
+        x3a, x3b = _word_pairs(tl.load(x_tile + 48))
+        sums = _half2_pair_products(first, second, x0a, x1a, x2a, x3a, x0b, x1b, x2b, x3b, neg_base[:, :, None],
+                                    magic, x_ptr.dtype.element_ty == tl.bfloat16)
+        partial += sums * scale[:, :, None]
+    acc = tl.sum(tl.reshape(partial, (BLOCK_N, BLOCK_K // 16)), axis=1)[None, :]
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
@@ -410,5 +456,11 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     group = x.shape[-1] // scale.shape[1]
     assert group == GROUP, f"the int4 kernel takes groups of {GROUP}, got {group}"
     words = packed.view(torch.int32)    # little-endian: byte 4w + b is bits 8b.. of word w
-    return _launch(_int4_kernel, "int4", x, packed.shape[0], (words, scale, zero),
-                   (words.stride(0), scale.stride(0)), bias, config, INT4_MAGICS, GROUP=GROUP)
+    weights = (words, scale, zero), (words.stride(0), scale.stride(0))
+    if x.numel() == x.shape[-1] and x.dtype in HALF2_MAGICS:     # one row, read as 32-bit pairs
+        x = x if x.data_ptr() % 4 == 0 else x.clone()
+        return _launch(_int4_gemv_kernel, "int4", x, packed.shape[0], *weights, bias, config,
+                       (HALF2_MAGICS[x.dtype],), GROUP=GROUP)
+    if x.numel() == x.shape[-1]:    # an fp32 row: the tensor-core tiles (the GEMV's decoding is bf16/fp16)
+        config = SMALL["int4"]
+    return _launch(_int4_kernel, "int4", x, packed.shape[0], *weights, bias, config, GROUP=GROUP)

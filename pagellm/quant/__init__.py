@@ -157,8 +157,9 @@ def resolve_quantization(name: str | None, checkpoint) -> str:
 
 
 def _check_packing(saved: dict, checkpoint) -> None:
-    """A saved int4 checkpoint holds its codes in the layout it was written with; one from before the
-    interleaved words (``torch_quant.INT4_PACKING``) would read as other codes, so it is refused."""
+    """A saved int4 checkpoint holds its codes in the layout it was written with; one in an earlier layout
+    than ``torch_quant.INT4_PACKING`` (16 weights apart until the GEMV's bf16x2 pairs) would read as other
+    codes, so it is refused."""
     from pagellm.kernels.torch_quant import INT4_PACKING
     packing = saved.get("int4_packing", "pairs")
     if saved["format"] == "int4" and packing != INT4_PACKING:
