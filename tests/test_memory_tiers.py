@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from safetensors.torch import load_file
 
 from pagellm import LLM, SamplingParams
 from pagellm.analysis.memory import advise_offload, memory_breakdown
@@ -30,6 +31,7 @@ from pagellm.engine.scheduler import Scheduler, SchedulerConfig
 from pagellm.engine.sequence import Sequence
 from pagellm.model.builder import build_model, random_weights
 from pagellm.model.model_spec import load_model_config
+from pagellm.model.offload import OFFLOAD_FILE
 from pagellm.server.metrics import ServerMetrics
 from pagellm.sizing import Precision
 from test_block_manager import advance, check_invariants
@@ -316,6 +318,11 @@ def test_streamed_layers_give_the_resident_models_greedy_tokens(five_layers, qua
     assert tokens(llm, prompts(2, 9), short) == expected
     for params, host in zip(offload.params, offload.host):   # the forward read buffers, never the host copy
         assert all(p.data_ptr() != host[name].data_ptr() for name, p in params.items())
+    if disk:   # the layers were loaded into the file's mapping: a safetensors file holding their values
+        on_disk = load_file(str(tmp_path / OFFLOAD_FILE))
+        assert len(on_disk) == sum(len(host) for host in offload.host)
+        assert all(torch.equal(on_disk[f"{i}.{name}"], t) for i, host in enumerate(offload.host)
+                   for name, t in host.items())
     memory = llm.engine.memory
     assert (memory.host_weights_bytes, memory.offloaded_layers) == (4 * layer, 4)
     assert memory.weights_bytes == resident.engine.memory.weights_bytes - 2 * layer
@@ -335,6 +342,22 @@ def test_offloaded_layers_are_built_in_their_final_home(five_layers):
     assert torch.equal(on_host["layers.4.self_attn.qkv_proj.weight"][:config.q_size],
                        weights["model.layers.4.self_attn.q_proj.weight"])
     assert torch.equal(on_host["layers.3.mlp.down_proj.weight"], weights["model.layers.3.mlp.down_proj.weight"])
+
+
+def test_disk_offloaded_layers_are_loaded_into_their_file(five_layers, tmp_path):
+    # With a file as their home, the offloaded layers are views of its mapping before any weight is read: the
+    # loaders' writes are the file's contents (nothing saves it afterwards), a valid safetensors file.
+    config = load_model_config(str(five_layers))
+    weights = dict(random_weights(config, torch.float32, "cpu"))
+    model = build_model(config, torch.float32, "meta", weights.items(), host_layers=2, host_file=tmp_path / "l.st")
+    on_disk = load_file(str(tmp_path / "l.st"))
+    on_host = {name: p for name, p in model.named_parameters() if p.device.type == "cpu"}
+    assert len(on_disk) == len(on_host)
+    assert torch.equal(on_disk["1.mlp.down_proj.weight"], weights["model.layers.4.mlp.down_proj.weight"])
+    assert torch.equal(on_disk["0.self_attn.qkv_proj.weight"][:config.q_size],
+                       weights["model.layers.3.self_attn.q_proj.weight"])
+    on_host["layers.4.mlp.down_proj.weight"].data.zero_()   # the parameter is the file's page, not a copy of it
+    assert not load_file(str(tmp_path / "l.st"))["1.mlp.down_proj.weight"].any()
 
 
 def test_auto_offload_takes_the_fewest_layers_that_fit(five_layers):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -57,7 +58,7 @@ from pagellm.model.context import ForwardContext
 from pagellm.model.key_smoothing import KEY_SMOOTHING_ALPHA
 from pagellm.model.layers import LayerFactory, LinearMethod, dense_everywhere
 from pagellm.model.llama import LlamaForCausalLM
-from pagellm.model.offload import LayerOffload
+from pagellm.model.offload import OFFLOAD_FILE, LayerOffload
 from pagellm.spec.verify import verify
 from pagellm.utils.math import cdiv
 from pagellm.utils.units import parse_bytes
@@ -143,9 +144,9 @@ class ModelRunner:
         num_offloaded = 0 if engine.cpu_offload_memory is None else self._layers_to_offload(linear_method)
         self.model = build_model(model_config, self.dtype, self.device, weights, linear_method, tp, layers,
                                  key_smoothing_alpha=smoothing, host_layers=num_offloaded,
-                                 pin_host_layers=self.device.type == "cuda" and engine.disk_offload is None)
-        self.offload = (LayerOffload(list(self.model.layers)[-num_offloaded:], self.device, engine.disk_offload)
-                        if num_offloaded else None)
+                                 pin_host_layers=self.device.type == "cuda",
+                                 host_file=Path(engine.disk_offload) / OFFLOAD_FILE if engine.disk_offload else None)
+        self.offload = LayerOffload(list(self.model.layers)[-num_offloaded:], self.device) if num_offloaded else None
         self.backend = get_attention_backend(engine.attention_backend, self.device)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.host_weights_bytes = 0

@@ -14,17 +14,20 @@ memory instead (pinned, for copies to a GPU), the rest on the device, before
 any weight is read: each checkpoint tensor (or random tensor, made on the
 device) is then copied straight to its final home, so the host never holds
 more than the offloaded layers plus the tensor being loaded (a Llama-3-70B
-shape with 80 GB on the device needs ~60 GB of host memory, not 141).
+shape with 80 GB on the device needs ~60 GB of host memory, not 141). With
+``host_file`` (``disk_offload``) those layers are views of a file's shared
+mapping, so they are loaded into the file's pages, not into memory of their own.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from pagellm.distributed.groups import SINGLE, TensorGroup
-from pagellm.model import key_smoothing
+from pagellm.model import key_smoothing, offload
 from pagellm.model.config import ModelConfig, expected_shapes, weight_name
 from pagellm.model.layers import LayerFactory, LinearMethod, default_weight_loader, dense_everywhere
 from pagellm.model.llama import LlamaForCausalLM
@@ -34,17 +37,21 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
                 weights: Iterable[tuple[str, torch.Tensor]],
                 linear_method: Callable[[str], LinearMethod] = dense_everywhere, tp: TensorGroup = SINGLE,
                 layer_range: tuple[int, int] | None = None, key_smoothing_alpha: float | None = None,
-                host_layers: int = 0, pin_host_layers: bool = False) -> LlamaForCausalLM:
+                host_layers: int = 0, pin_host_layers: bool = False, host_file: Path | None = None
+                ) -> LlamaForCausalLM:
     """The model on ``device`` with every parameter filled from ``weights``
     (this tensor rank's slices of pipeline stage ``layer_range``'s tensors;
     the stream's other tensors are skipped), and key smoothing with exponent
     ``key_smoothing_alpha`` folded in when one is given; ValueError when the stream lacks a tensor or holds one
     with no place. The last ``host_layers`` decoder layers live in host memory (pinned with
-    ``pin_host_layers``)."""
+    ``pin_host_layers``), or in a safetensors file mapped into it (``host_file``)."""
     with torch.device(device):
         model = LlamaForCausalLM(config, LayerFactory(dtype, linear_method, tp), layer_range, host_layers)
-    if pin_host_layers:
-        for layer in list(model.layers)[len(model.layers) - host_layers:]:
+    host = list(model.layers)[len(model.layers) - host_layers:] if host_layers else []
+    if host_file is not None:
+        offload.map_into_file(host, host_file)
+    elif pin_host_layers:
+        for layer in host:
             for param in layer.parameters():   # their pages are untouched until now: one layer at a time
                 param.data = param.data.pin_memory()
     num_tensors = len(expected_shapes(config))

@@ -1,13 +1,15 @@
 """Decoder layers whose weights live off the device and stream in one layer
 ahead of use (``EngineConfig.cpu_offload_memory``, ``disk_offload``).
 
-``LayerOffload(layers, device, disk_folder)`` takes decoder layers whose
-parameters the builder made in host memory (``build_model(host_layers=...)``,
-pinned when the device is CUDA; the rest of the model is on the device).
-Those parameters, whatever the layer's ``LinearMethod`` made them (dense
-weights, int8/int4 codes and scales, GGUF blocks), stay where they are, or,
-with ``disk_folder``, go to a safetensors file there read through mmap (pages
-come from disk as a copy needs them). The device holds two buffers of one layer's parameters each
+``LayerOffload(layers, device)`` takes decoder layers whose parameters the
+builder made in host memory (``build_model(host_layers=...)``): pinned when
+the device is CUDA, or, with ``disk_offload``, views of one safetensors file's
+shared mmap (``map_into_file``, done before any weight is read), so the
+loaders write straight into the file's pages, which the kernel writes back
+and may drop: host memory holds what the page cache keeps, not the
+offloaded bytes. Those parameters, whatever the layer's ``LinearMethod`` made
+them (dense weights, int8/int4 codes and scales, GGUF blocks), stay where
+they are. The device holds two buffers of one layer's parameters each
 (every decoder layer has the same shapes): double buffering.
 
 A forward pre-hook on each offloaded layer waits for the copy of its
@@ -35,20 +37,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 
 class LayerOffload:
-    def __init__(self, layers: list[nn.Module], device: torch.device, disk_folder: str | None = None) -> None:
+    def __init__(self, layers: list[nn.Module], device: torch.device) -> None:
         self.layers = layers
         self.params = [dict(layer.named_parameters()) for layer in layers]
         shapes = {name: (p.shape, p.dtype) for name, p in self.params[0].items()}
         if any({name: (p.shape, p.dtype) for name, p in params.items()} != shapes for params in self.params):
             raise ValueError("offloaded layers must have the same parameter shapes")
-        host = [{name: p.data for name, p in params.items()} for params in self.params]
-        self.host = (host if disk_folder is None
-                     else _mmap_safetensors(host, Path(disk_folder) / "offloaded-layers.safetensors"))
+        self.host = [{name: p.data for name, p in params.items()} for params in self.params]
         self.buffers = [{name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype)
                          in shapes.items()} for _ in range(2)]
         self.holds: list[int | None] = [None, None]   # the layer each buffer holds (or is being filled with)
@@ -95,18 +94,35 @@ class LayerOffload:
             param.data = self.buffers[slot][name]
 
 
-def _mmap_safetensors(tensors: list[dict[str, torch.Tensor]], path: Path) -> list[dict[str, torch.Tensor]]:
-    """Write the layers' tensors to one safetensors file and read them back as views of its mmap."""
+OFFLOAD_FILE = "offloaded-layers.safetensors"   # in the ``disk_offload`` folder
+
+
+def map_into_file(layers: list[nn.Module], path: Path) -> None:
+    """Point every parameter of ``layers`` at its place in a safetensors file
+    at ``path`` (created at its full size, sparse, and mapped shared): what is
+    written into a parameter from now on is written into the file. Tensors go
+    by decreasing element size, so each starts aligned to its dtype; they are
+    named ``{layer}.{parameter}``."""
+    params = [(f"{i}.{name}", p) for i, layer in enumerate(layers) for name, p in layer.named_parameters()]
+    params.sort(key=lambda item: -item[1].element_size())
+    header, offset = {}, 0
+    for name, p in params:
+        size = p.numel() * p.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    start = 8 + len(encoded)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"{i}.{name}": t.contiguous() for i, layer in enumerate(tensors) for name, t in layer.items()},
-              str(path))
-    with path.open("rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
-    out: list[dict[str, torch.Tensor]] = [{} for _ in tensors]
-    for i, layer in enumerate(tensors):
-        for name, t in layer.items():
-            start, end = header[f"{i}.{name}"]["data_offsets"]
-            out[i][name] = mapped[8 + header_len + start:8 + header_len + end].view(t.dtype).view(t.shape)
-    return out
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        f.truncate(start + offset)
+    mapped = torch.from_file(str(path), shared=True, size=start + offset, dtype=torch.uint8)
+    for name, p in params:
+        begin, end = header[name]["data_offsets"]
+        p.data = mapped[start + begin:start + end].view(p.dtype).view(p.shape)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
