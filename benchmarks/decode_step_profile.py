@@ -44,12 +44,12 @@ import random
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from bench_run import run_section
 from pagellm import SamplingParams
 from pagellm.bench.report import measured_hardware, roofline, roofline_hardware
 from pagellm.bench.runner import device_info, measure_peaks, random_prompts, run_requests
@@ -340,22 +340,6 @@ def summarize(timeline: Timeline, floor: Floor | None, calls: list[CallTimes] | 
 
 # --------------------------------------------------------------------------- sections
 
-def section(name: str, save):
-    def wrap(fn):
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                RESULTS[name] = fn(*args, **kwargs)
-            except Exception:
-                RESULTS[name] = {"error": traceback.format_exc()[-3000:]}
-                print(RESULTS[name]["error"], flush=True)
-            RESULTS.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-            print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-            save()
-        return run
-    return wrap
-
-
 def add_requests(engine: LLMEngine, tag: str, lens: list[int], max_tokens: list[int], seed: int) -> list[str]:
     rng = random.Random(seed)
     prompts = random_prompts(rng, engine.model_config.vocab_size, lens)
@@ -611,16 +595,18 @@ def main() -> None:
     floor = Floor(peaks["copy"]["bandwidth"], flops, engine.model_config, mem.weights_bytes,
                   torch.tensor([], dtype=engine.runner.dtype).element_size(), mem.kv_bytes_per_token)
     sections = args.sections.split(",")
-    if "measured" in sections:
-        section("decode_64x4096_as_measured", save)(as_measured)(engine, floor, small)
-    if "steady" in sections:
-        section("decode_64x4096", save)(steady_decode)(engine, floor, *((64, 4096) if not small else (8, 40)), True)
-    if "steady144" in sections:
-        section("decode_144x1024", save)(steady_decode)(engine, floor, *((144, 1024) if not small else (8, 20)), False)
-    if "workloads" in sections:
-        section("workloads", save)(workload_variants)(engine, floor, peaks, small, args.workloads.split(","))
-    if "bs1" in sections:
-        section("bs1", save)(bs1)(engine, floor, small)
+    path = str(out_dir / "decode_step_profile.json")
+    runs = {"measured": ("decode_64x4096_as_measured", lambda: as_measured(engine, floor, small)),
+            "steady": ("decode_64x4096", lambda: steady_decode(engine, floor, *((64, 4096) if not small else (8, 40)),
+                                                             True)),
+            "steady144": ("decode_144x1024", lambda: steady_decode(engine, floor,
+                                                                   *((144, 1024) if not small else (8, 20)), False)),
+            "workloads": ("workloads", lambda: workload_variants(engine, floor, peaks, small,
+                                                                 args.workloads.split(","))),
+            "bs1": ("bs1", lambda: bs1(engine, floor, small))}
+    for key, (name, run) in runs.items():   # in this order, whatever the order of --sections
+        if key in sections:
+            run_section(RESULTS, name, run, path)
     RESULTS["seconds"] = time.perf_counter() - start
     save()
     print_table()
