@@ -320,15 +320,19 @@ def kernels(device, copy_bw, results, sweeps, baseline):
 ENGINE_WORKLOADS = ("decode", "kv-prefill", "kv-decode")
 
 
-def engine_runs(results, dtypes, names=ENGINE_WORKLOADS):
+def engine_runs(results, dtypes, names=ENGINE_WORKLOADS, weights=("none",)):
+    """Each workload for each KV dtype, over each weight format in ``weights`` (the
+    64 x 4k decode step reads the weights beside the cache, so their format sets
+    how much of the step the cache's bytes are)."""
     from pagellm import LLM, SamplingParams
     from pagellm.bench.runner import run_requests
 
-    def run(kv, label, memory, lens, out_len, max_seqs, full_batch):
+    def run(kv, quantization, label, memory, lens, out_len, max_seqs, full_batch):
         # full_batch: prompts take the whole step budget even beside decodes (so all are admitted early;
         # mixed-step graphs kept at 512 tokens), and decode_tok_s counts only the steps that decode all
         # max_seqs sequences
         llm = LLM("llama-3-8b", random_weights=True, kv_cache_dtype=kv, kv_cache_memory=memory,
+                  quantization=quantization,
                   max_model_len=max(lens) + out_len + 16, max_num_seqs=max_seqs,
                   **(dict(max_prefill_tokens_with_decodes=8192, cuda_graph_max_tokens=512) if full_batch else {}))
         rng = random.Random(0)
@@ -336,7 +340,7 @@ def engine_runs(results, dtypes, names=ENGINE_WORKLOADS):
         params = [SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)] * len(prompts)
         r = run_requests(llm.engine, prompts, params, label, record_kv=False)
         decode = [s for s in r.steps if s.decode_only and s.clean and (not full_batch or s.num_seqs == max_seqs)]
-        row = dict(workload=label, kv_cache_dtype=kv, kv_tokens=llm.engine.memory.kv_tokens,
+        row = dict(workload=label, kv_cache_dtype=kv, quantization=quantization, kv_tokens=llm.engine.memory.kv_tokens,
                    output_tok_s=sum(r.num_output.values()) / r.duration(), seconds=r.duration(),
                    decode_tok_s=sum(s.num_tokens for s in decode) / max(sum(s.seconds for s in decode), 1e-9),
                    decode_steps=len(decode), max_running=max(s.num_seqs for s in r.steps))
@@ -351,10 +355,11 @@ def engine_runs(results, dtypes, names=ENGINE_WORKLOADS):
     for (label, memory, lens, out_len, max_seqs, kinds, full_batch), name in zip(workloads, ENGINE_WORKLOADS):
         if name not in names:
             continue
-        for kv in kinds:
-            results.append(run(kv, label, memory, lens, out_len, max_seqs, full_batch))
-            print(results[-1], flush=True)
-            SAVE[0]()
+        for quantization in weights:
+            for kv in kinds:
+                results.append(run(kv, quantization, label, memory, lens, out_len, max_seqs, full_batch))
+                print(results[-1], flush=True)
+                SAVE[0]()
 
 
 def decode_tilings(text):
@@ -381,6 +386,7 @@ def main():
     parser.add_argument("--sections", default="check,kernels,sweep,engine")
     parser.add_argument("--engine-dtypes", default="auto,int8")
     parser.add_argument("--engine-workloads", default=",".join(ENGINE_WORKLOADS))
+    parser.add_argument("--engine-weights", default="none", help="weight formats of the engine runs, e.g. none,int8")
     parser.add_argument("--sweep-int8", type=decode_tilings, default=DECODE_SWEEP,
                         help="int8 decode tilings to sweep, BLOCK_N:WARPS:STAGES:PROGRAMS_PER_SM[:MAXNREG],...")
     parser.add_argument("--sweep-bf16", type=decode_tilings, default=BF16_DECODE_SWEEP)
@@ -426,7 +432,8 @@ def main():
                                                     sweeps if "sweep" in sections else None, baseline))
         if "engine" in sections:
             section("engine", lambda rows: engine_runs(rows, args.engine_dtypes.split(","),
-                                                       args.engine_workloads.split(",")))
+                                                       args.engine_workloads.split(","),
+                                                       args.engine_weights.split(",")))
     save()
     print("\n=== summary ===")
     for row in report["figures"].get("check", []):
