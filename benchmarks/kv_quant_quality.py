@@ -70,14 +70,14 @@ def simulated(variant: str):
         kv_quant.KV_FORMATS["int8"], torch_attention.quantize = int8, quantize
 
 
-def engine(model: str, variant: str, window: int, quantization: str | None) -> LLM:
+def engine(model: str, variant: str, window: int, quantization: str | None, dtype: str) -> LLM:
     kv, _, alpha = variant.partition(":")
     kv = "int8" if kv.startswith("int4sim") else kv
     real = key_smoothing.smooth_keys
     if alpha:
         builder.key_smoothing.smooth_keys = lambda m, _shipped: real(m, float(alpha))
     try:
-        return LLM(model, dtype="float32", kv_cache_dtype=kv, quantization=quantization,
+        return LLM(model, dtype=dtype, kv_cache_dtype=kv, quantization=quantization,
                    num_kv_blocks=2 * window // 16 + 8, max_model_len=window + 1)
     finally:
         builder.key_smoothing.smooth_keys = real
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--variants", default="auto,int8,int8:0,int8:0.5,fp8,fp8:0")
     parser.add_argument("--quantization", help="weight format (default: the file's)")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16: as served on a GPU)")
     parser.add_argument("--continuations", type=int, default=128, help="greedy tokens per code prompt (0: none)")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -96,7 +97,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         start = time.perf_counter()
         with simulated(variant):
-            llm = engine(args.model, variant, max(args.tokens, 256), args.quantization)
+            llm = engine(args.model, variant, max(args.tokens, 256), args.quantization, args.dtype)
             ids = llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)[:args.tokens]
             row = {"variant": variant, "perplexity": perplexity(llm, ids, args.tokens).perplexity,
                    "kv_bytes_per_token": llm.engine.memory.kv_bytes_per_token}

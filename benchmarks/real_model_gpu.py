@@ -36,6 +36,7 @@ VARIANTS = {
     "torch-attention": {"attention_backend": "torch", "enforce_eager": True},
     "kv-int8": {"kv_cache_dtype": "int8"},
     "kv-fp8": {"kv_cache_dtype": "fp8"},
+    "kv-fp8-torch": {"kv_cache_dtype": "fp8", "attention_backend": "torch", "enforce_eager": True},
     "weights-gguf": {"quantization": "gguf"},
     "weights-int8": {"quantization": "int8"},
     "weights-int4": {"quantization": "int4"},
