@@ -1,5 +1,5 @@
-"""Fused dequant matmuls in Triton: each weight byte is read once and
-dequantized in registers, never written back. The int8 kernel without its
+"""Fused quantized matmuls in Triton: each weight byte is read once and
+dequantized in registers, never written back (W8A8: multiplied as int8). The int8 kernel without its
 scales is also the batch-1 GEMV of dense bf16/fp16 weights (``dense_matmul``),
 used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
@@ -35,6 +35,15 @@ activation dtype; a split writes fp32 partial sums to ``[split_k, M, N]``
 that one ``sum`` reduces, so results never depend on the order programs
 finish in. Launch shapes depend only on (M, N, K), so the kernels are safe
 inside CUDA graphs.
+
+W8A8 (``w8a8_matmul``) multiplies int8 activations by the int8 codes on int8
+tensor cores into int32, exactly, for any number of rows (no GEMV: one row
+takes a masked 16-row tile), and applies ``xscale[m] * scale[n]`` (+ bias) in
+fp32 once. Its activations come from ``quantize_per_token``: one program a
+row, SmoothQuant's input scale folded in, codes and scales bit for bit
+``torch_quant.quantize_per_token``'s (correctly rounded divisions, rounding
+half to even). Its programs take their tiles in bands of ``GROUP_M`` m tiles
+per n tile, so a decode batch's rows share each weight tile's DRAM read.
 
 The dense GEMV launches with programmatic dependent launch (``triton_ops``'
 ``PDL``): each program loads its first weight tile, a constant, before it waits
@@ -438,7 +447,7 @@ def _quantize_rows_kernel(x_ptr, input_scale_ptr, q_ptr, scale_ptr, K, stride_xm
     tl.store(scale_ptr + row, scale)
 
 
-GROUP_M = 8     # W8A8 m tiles that run side by side over each weight tile (``_w8a8_kernel``)
+GROUP_M = tl.constexpr(8)     # W8A8 m tiles that run side by side over each weight tile (``_w8a8_kernel``)
 
 
 @triton.jit
