@@ -194,10 +194,11 @@ GEMV_TILES = {"int8": ((4, 1024, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4), (1
 
 
 # W8A8 GEMM tiles (block_m, block_n, block_k, warps, stages, programs per SM) tried above 16 rows: 64- and 128-row
-# tiles (one or two Hopper warpgroups), int8 K tiles of 64-256; split K where o/down leave SMs idle at 64 x 128.
+# tiles (one or two Hopper warpgroups: 128 rows read each weight tile from L2 half as often), int8 K tiles of
+# 64-256; split K where o/down (N = 4096) leave SMs idle.
 W8A8_TILES = ((64, 128, 128, 4, 4, 1), (64, 128, 128, 4, 4, 2), (64, 64, 128, 4, 4, 1), (64, 256, 128, 8, 3, 1),
-              (64, 128, 256, 4, 3, 1), (128, 128, 128, 8, 3, 1), (128, 128, 64, 4, 4, 1), (128, 256, 128, 8, 3, 1),
-              (128, 256, 64, 8, 4, 1))
+              (64, 128, 256, 4, 3, 1), (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 3, 2), (128, 128, 64, 4, 4, 1),
+              (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 3, 2), (128, 256, 64, 8, 4, 1))
 
 
 def sweep_configs(m: int, fmt: str):
