@@ -5,17 +5,22 @@
 
 1. check: the Triton int8/int4 kernels (GEMV and GEMM shapes), the dense bf16
    GEMV (``DENSE_GEMV`` shapes) and the W8A8 path against ``kernels.torch_quant``
-   evaluated in fp32, on random Llama-3-8B-shape matrices and, with ``--real``,
+   evaluated in fp32 (W8A8: its fused quantization's codes bit for bit, the
+   products against the exact float64 one, with and without an input scale
+   and a bias), on random Llama-3-8B-shape matrices and, with ``--real``,
    on real Qwen2.5-Coder-0.5B layers with activations captured from the model
    (``benchmarks/quant_real_layers.py``).
-2. sweep: tile configurations per row count and format, the best (summed over
-   the four projections) replacing its table's entry for the sections after it.
+2. sweep: tile configurations per row count and format (``int8``, ``int4``,
+   ``w8a8``), the best (summed over the four projections) replacing its
+   table's entry for the sections after it.
 3. kernels: each Llama-3-8B projection and the LM head at ``--kernel-rows``:
    bf16 cuBLAS (and the Triton bf16 GEMV), the fused kernels, dequantize+cuBLAS,
-   tinygemm and W8A8, with the bytes each reads over the measured copy bandwidth.
+   tinygemm and W8A8 (the Triton kernels, and the ``torch._int_mm`` path they
+   replaced), with the bytes each reads over the measured copy bandwidth.
 4. latency / throughput: ``pagellm bench latency`` (batch 1, 128 -> 128) and
    ``pagellm bench throughput`` (256 requests) per format, interleaved in one
-   machine session, ratios against bf16.
+   machine session, ratios against bf16; ``w8a8-int-mm``: the ``w8a8`` engine on
+   the ``torch._int_mm`` path (``quant_ops.W8A8_FUSED`` off), the before.
 Everything goes into one JSON (``$OUT/quant-gpu.json``); a table is printed last.
 """
 from __future__ import annotations
@@ -36,7 +41,9 @@ LLAMA3_8B = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (
              "down_proj": (4096, 14336)}
 TOLERANCE = 1e-2           # ||out - ref|| / ||ref||, bf16 activations and outputs
 LM_HEAD = {"lm_head": (128256, 4096)}      # int8 under the weight-only formats; timed in each to compare
-W8A8_TOLERANCE = 4e-3      # against the exact int64 reference: only the final bf16 rounding differs
+W8A8_TOLERANCE = 4e-3      # against the exact reference: only the final bf16 rounding differs
+TOLERANCES = {"w8a8": W8A8_TOLERANCE, "w8a8 smoothed+bias": W8A8_TOLERANCE,
+              "w8a8 codes": 0.0}   # the fused quantization: every code and scale as the torch twin's
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,7 +64,7 @@ def tinygemm_pack(p4: torch.Tensor, s4: torch.Tensor, z4: torch.Tensor) -> tuple
 
 def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, w8a8: bool = True) -> list[dict]:
     """All kernels for one weight ``w [N, K]`` and activations ``x [M, K]`` (bf16, CUDA); ``w8a8``: also
-    the W8A8 path (its exact reference is an int64 matmul on the CPU, slow at many rows)."""
+    the W8A8 path (``check_w8a8``)."""
     from pagellm.kernels import triton_quant
     rows = []
     q8, s8 = torch_quant.quantize_int8(w)
@@ -86,12 +93,28 @@ def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, w8a8: bool = True)
         wb = w.bfloat16()
         rows.append({"case": name, "kernel": "bf16 gemv", "m": 1,
                      "error": rel_error(triton_quant.dense_matmul(x, wb, None, dense), x.float() @ wb.float().t())})
-    if not w8a8:
-        return rows
-    refw = torch_quant.w8a8_linear(x.double().cpu(), q8.cpu(), s8.cpu(), None).to(x.device)
-    rows.append({"case": name, "kernel": "w8a8", "m": x.shape[0],
-                 "error": rel_error(quant_ops.w8a8_linear(x, q8, s8, None), refw)})
-    return rows
+    return rows + check_w8a8(name, x, q8, s8) if w8a8 else rows
+
+
+def check_w8a8(name: str, x: torch.Tensor, q8: torch.Tensor, s8: torch.Tensor) -> list[dict]:
+    """The engine's W8A8 path (``quant_ops.w8a8_linear``: the Triton kernels on CUDA) against the torch twin's
+    exact float64 product, plain and with a SmoothQuant-like input scale and a bias; and the fused
+    quantization's codes and scales against ``torch_quant.quantize_per_token`` (the fraction that differ)."""
+    from pagellm.kernels import triton_quant
+    gen = torch.Generator(device=x.device).manual_seed(x.shape[0])
+    input_scale = torch.exp(0.5 * torch.randn(x.shape[1], device=x.device, generator=gen))
+    bias = torch.randn(q8.shape[0], device=x.device, generator=gen).bfloat16()
+    smoothed = x * input_scale.to(x.dtype)
+    q, scale = triton_quant.quantize_per_token(x, input_scale)
+    q_ref, scale_ref = torch_quant.quantize_per_token(smoothed)
+    differ = ((q != q_ref).sum() + (scale != scale_ref).sum()).item() / (q.numel() + scale.numel())
+    exact = torch_quant.w8a8_linear(x.double(), q8, s8, None)
+    exact_smoothed = torch_quant.w8a8_linear(smoothed.double(), q8, s8, None) + bias.double()
+    m = x.shape[0]
+    return [{"case": name, "kernel": "w8a8 codes", "m": m, "error": differ},
+            {"case": name, "kernel": "w8a8", "m": m, "error": rel_error(quant_ops.w8a8_linear(x, q8, s8, None), exact)},
+            {"case": name, "kernel": "w8a8 smoothed+bias", "m": m,
+             "error": rel_error(quant_ops.w8a8_linear(x, q8, s8, bias, input_scale), exact_smoothed)}]
 
 
 def section_check(args) -> list[dict]:
@@ -109,7 +132,7 @@ def section_check(args) -> list[dict]:
             for m in (1, 16, x.shape[0]):
                 rows += check_matrix(f"real {name}", w, x[:m], m <= args.w8a8_rows)
     for r in rows:
-        r["ok"] = r["error"] <= (W8A8_TOLERANCE if r["kernel"] == "w8a8" else TOLERANCE)
+        r["ok"] = r["error"] <= TOLERANCES.get(r["kernel"], TOLERANCE)
     return rows
 
 
@@ -133,7 +156,8 @@ def section_kernels(args) -> list[dict]:
                 "int8 dequant+cuBLAS": (lambda: torch_quant.int8_linear(x, q8, s8, None), n * k + n * 4),
                 "int4 dequant+cuBLAS": (lambda: torch_quant.int4_linear(x, p4, s4, z4, None),
                                         n * k // 2 + n * k // 128 * 3),
-                "w8a8 _int_mm": (lambda: quant_ops.w8a8_linear(x, q8, s8, None), n * k + n * 4),
+                "w8a8 triton": (lambda: quant_ops.w8a8_linear(x, q8, s8, None), n * k + n * 4),
+                "w8a8 _int_mm (before)": (lambda: quant_ops.int_mm_w8a8_linear(x, q8, s8, None), n * k + n * 4),
             }
             dense = triton_quant.DENSE_GEMV.get((n, k))
             if dense is not None and m == 1:
@@ -169,14 +193,25 @@ GEMV_TILES = {"int8": ((4, 1024, 4), (8, 1024, 4), (8, 512, 4), (16, 512, 4), (1
               "int4": ((16, 1024, 8), (32, 512, 4), (32, 1024, 8), (64, 256, 4), (64, 512, 8), (128, 256, 8))}
 
 
+# W8A8 GEMM tiles (block_m, block_n, block_k, warps, stages, programs per SM) tried above 16 rows: 64- and 128-row
+# tiles (one or two Hopper warpgroups: 128 rows read each weight tile from L2 half as often), int8 K tiles of
+# 64-256; split K where o/down (N = 4096) leave SMs idle.
+W8A8_TILES = ((64, 128, 128, 4, 4, 1), (64, 128, 128, 4, 4, 2), (64, 64, 128, 4, 4, 1), (64, 256, 128, 8, 3, 1),
+              (64, 128, 256, 4, 3, 1), (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 3, 2), (128, 128, 64, 4, 4, 1),
+              (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 3, 2), (128, 256, 64, 8, 4, 1))
+
+
 def sweep_configs(m: int, fmt: str):
     """The tile grid tried at ``m`` rows: ``GEMV_TILES`` at one row (split K up to ~4 programs per SM where
-    the tile leaves fewer than two per SM on a 4096-row matrix), SMALL shapes up to 16 rows, GEMM tiles
-    above."""
+    the tile leaves fewer than two per SM on a 4096-row matrix), SMALL shapes up to 16 rows (W8A8 at one
+    row too: it has no GEMV), GEMM tiles above."""
     import itertools
 
     from pagellm.kernels.triton_quant import MatmulConfig
-    if m == 1:
+    if m > 16 and fmt == "w8a8":
+        for tile in W8A8_TILES:
+            yield MatmulConfig(*tile)
+    elif m == 1 and fmt in GEMV_TILES:
         for block_n, block_k, warps in GEMV_TILES[fmt]:
             for ppsm in ((1, 4) if 4096 // block_n < 264 else (1,)):
                 yield MatmulConfig(1, block_n, block_k, warps, 3, ppsm)
@@ -192,7 +227,7 @@ def sweep_configs(m: int, fmt: str):
 def section_sweep(args) -> list[dict]:
     """Tile configurations of the fused kernels (``--sweep``: rows and formats), each checked against the reference
     and timed on every Llama-3-8B projection (a decode step runs them all, so the sum decides). The best
-    tiles at each row count replace their table's entry (``triton_quant.GEMV``/``SMALL``/``LARGE``) in the
+    tiles at each row count replace their table's entry (``triton_quant.TABLES``, by ``table_for``) in the
     latency, throughput and kernels sections that follow."""
     from pagellm.kernels import triton_quant
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -209,12 +244,15 @@ def section_sweep(args) -> list[dict]:
                 row = {"fmt": fmt, "m": m, "config": config.__dict__, "ms": {}, "error": 0.0}
                 try:
                     for name, (w, (q8, s8), int4) in mats.items():
-                        if (int4 is None and fmt == "int4") or (name in LM_HEAD and m > 1):
+                        if (int4 is None and fmt == "int4") or (name in LM_HEAD and (m > 1 or fmt == "w8a8")):
                             continue
                         x = torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16, generator=gen)
                         if fmt == "int8":
                             fn = lambda: triton_quant.int8_matmul(x, q8, s8, None, config)
                             ref = x.float() @ torch_quant.dequantize_int8(q8, s8, torch.float32).t()
+                        elif fmt == "w8a8":
+                            fn = lambda: triton_quant.w8a8_matmul(x, q8, s8, None, None, config)
+                            ref = torch_quant.w8a8_linear(x.double(), q8, s8, None)
                         else:
                             p4, s4, z4 = int4
                             fn = lambda: triton_quant.int4_matmul(x, p4, s4, z4, None, config)
@@ -236,14 +274,14 @@ def section_sweep(args) -> list[dict]:
     for row in rows:
         row["bf16_total_ms"] = bf16[row["m"]]
     for m in sweep_rows:
-        table = "GEMV" if m == 1 else "SMALL" if m <= 16 else "LARGE"
         for fmt in plan[m]:
+            table = triton_quant.table_for(fmt, m)
             ok = [r for r in rows if r["fmt"] == fmt and r["m"] == m and "total_ms" in r and r["error"] <= TOLERANCE]
             if ok:    # for the bench subprocesses, and for the kernels section in this process
                 best = min(ok, key=lambda r: r["total_ms"])["config"]
                 args.override.setdefault(table, {})[fmt] = best
                 getattr(triton_quant, table)[fmt] = triton_quant.MatmulConfig(**best)
-            if ok and m == 1:     # and each shape's own best
+            if ok and table == "GEMV":     # and each shape's own best
                 for name in ok[0]["ms"]:
                     n, k = (LLAMA3_8B | LM_HEAD)[name]
                     best = min(ok, key=lambda r: r["ms"][name])["config"]
@@ -260,14 +298,19 @@ def table_key(table: str, name: str):
     return fmt, int(n), int(k)
 
 
+# Benchmark formats that are an engine format run with a switch off (the before of a change): (format, setup).
+SWITCHED_FORMATS = {"w8a8-int-mm": ("w8a8", "from pagellm.kernels import quant_ops; quant_ops.W8A8_FUSED = False; ")}
+
+
 def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:
     path = os.path.join(args.out, f"{kind}-{quantization}.json")
+    engine_format, switch = SWITCHED_FORMATS.get(quantization, (quantization, ""))
     setup = "".join(f"t.{table}[{table_key(table, name)!r}] = t.MatmulConfig(**{config}); "   # the sweep's best
                     for table, configs in args.override.items() for name, config in configs.items())
-    setup = ("import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " + setup
-             + "sys.exit(main(sys.argv[1:]))")
+    setup = ("import sys; from pagellm.kernels import triton_quant as t; from pagellm.cli import main; " + switch
+             + setup + "sys.exit(main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", setup, "bench", kind, "llama-3-8b", "--random-weights",
-           "--quantization", quantization, "--json", path, *extra]
+           "--quantization", engine_format, "--json", path, *extra]
     run = run_bench(cmd, path, args.bench_timeout)
     if "error" in run:
         return run
@@ -357,12 +400,12 @@ def summarize(result: dict) -> None:
         print(f"\n{part}: {key}")
         for q, run in runs.items():
             if "error" in run:
-                print(f"  {q:6} ERROR {run['error'][-400:]}")
+                print(f"  {q:11} ERROR {run['error'][-400:]}")
                 continue
             value = run["results"][key]
             floor = (run.get("decode_bandwidth") or {}).get("fraction_of_floor")
             ratio = value / base[key] if base.get(key) else float("nan")
-            print(f"  {q:6} {value:10.1f}  x{ratio:5.2f} vs bf16  decode at {floor or 0:.1%} of its bandwidth floor")
+            print(f"  {q:11} {value:10.1f}  x{ratio:5.2f} vs bf16  decode at {floor or 0:.1%} of its bandwidth floor")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 interpreter (which refuses ``inline_asm_elementwise``) can run those kernels on the CPU: each asm block is
 executed line by line over whole arrays of 32-bit registers. Instruction semantics follow the PTX ISA
 (``lop3`` by its truth table, ``fma.rn`` on bf16x2/f16x2 halves with one round to nearest even, ``cvt``,
-``add.f32``, shifts, ``mov`` including ``{lo, hi}`` unpacking). ``install()`` patches the interpreter."""
+``add.f32``, shifts, ``mov`` including ``{lo, hi}`` unpacking). ``install()`` patches the interpreter;
+``round_bf16_to_nearest_even()`` makes its fp32 -> bf16 casts round as the GPU's do."""
 from __future__ import annotations
 
 import re
@@ -100,3 +101,21 @@ def install() -> None:
         return Call([interpreter.TensorHandle(o.view(interpreter._get_np_dtype(t)), t) for o, t in zip(outs, scalars)])
 
     interpreter.InterpreterBuilder.create_inline_asm = create_inline_asm
+
+
+def round_bf16_to_nearest_even() -> None:
+    """Make the interpreter's fp32 -> bf16 casts round to nearest even, as ``cvt.rn.bf16.f32`` (what Triton
+    emits for ``.to(tl.bfloat16)`` on the GPU) and torch do; the interpreter truncates, so a kernel that rounds
+    a product to bf16 could not match torch bit for bit under it."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16     # finite values (no NaN handling)
+        return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl

@@ -498,12 +498,70 @@ def test_triton_matmuls_match_the_torch_twins_under_the_interpreter():
     float64 math, run by Triton's interpreter in a subprocess (the interpreter is chosen when the kernels are
     defined; the int4 GEMV's inline PTX goes through ``ptx_emulation``'s model of its instructions). Shapes
     with a partial K tile and masked rows."""
+    _run_interpreted(TRITON_CHECK)
+
+
+def _run_interpreted(script: str) -> None:
+    """``script`` (which prints "ok" when its checks pass) under Triton's interpreter, in a subprocess."""
     pytest.importorskip("triton")
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
-    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+W8A8_CHECK = """
+import torch
+import ptx_emulation
+from pagellm.kernels import torch_quant as tq, triton_quant as t
+ptx_emulation.round_bf16_to_nearest_even()
+t._num_sms = lambda device: 4
+gen = torch.Generator().manual_seed(0)
+# Quantization: codes and scales bit for bit, with and without the input scale, in each activation dtype;
+# a zero row, and a row with scale exactly 1 whose halves round to even (closed form).
+k = 200
+ties = torch.zeros(k)
+ties[:6] = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -0.5])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = torch.cat([torch.randn(5, k, generator=gen) * 3, torch.zeros(1, k), ties[None]]).to(dtype)
+    smoothing = torch.rand(k, generator=gen) + 0.5
+    q, scale = t.quantize_per_token(x)
+    assert q[6, :6].tolist() == [127, 2, -4, 0, 2, 0] and scale[6].item() == 1.0 and (q[5] == 0).all()
+    for input_scale, smoothed in ((None, x), (smoothing, x * smoothing.to(dtype))):
+        q, scale = t.quantize_per_token(x, input_scale)
+        q_ref, scale_ref = tq.quantize_per_token(smoothed)
+        assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref), (dtype, input_scale is None)
+# The GEMM against the twin's math (its quantization, the exact product, the scales): equal up to the output's rounding (fp32: a few ulps of the
+# terms' magnitude; bf16: half a bf16 ulp more). K = 200 is no multiple of the 64/128 tiles (masked);
+# rows 1-300 (masked m tiles; 19 m tiles of 16: more than a band of GROUP_M); split K and not; None: the tables.
+w, bias = torch.randn(40, k, generator=gen), torch.randn(40, generator=gen)
+q8, s8 = tq.quantize_int8(w)
+for m, configs in ((1, [t.MatmulConfig(16, 16, 64, 4, 1, 2), None]), (5, [t.MatmulConfig(16, 32, 128, 4, 1, 1)]),
+                   (17, [t.MatmulConfig(16, 16, 64, 4, 1, 2), None]), (64, [None]),
+                   (300, [t.MatmulConfig(16, 32, 128, 4, 1, 1), None])):
+    for dtype, rounding in ((torch.float32, 0.0), (torch.bfloat16, 2.0 ** -8)):
+        x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+        input_scale = torch.rand(k, generator=gen) + 0.5 if m % 2 else None
+        smoothed = x if input_scale is None else x * input_scale.to(dtype)
+        qx, xscale = tq.quantize_per_token(smoothed)
+        outer = xscale.double()[:, None] * s8.double()[None, :]
+        for b in (None, bias.to(dtype)):
+            extra = 0.0 if b is None else b.double()
+            exact = (qx.double() @ q8.double().t()) * outer + extra
+            magnitude = (qx.double().abs() @ q8.double().abs().t()) * outer + abs(extra)
+            for config in configs:
+                got = t.w8a8_matmul(x, q8, s8, b, input_scale, config)
+                error = (got.double() - exact).abs() - rounding * exact.abs() - 1e-6 * magnitude
+                assert got.dtype == dtype and got.shape == (m, 40) and (error <= 0).all(), (m, dtype, config)
+print("ok")
+"""
+
+
+def test_w8a8_kernels_match_the_torch_twin_under_the_interpreter():
+    """The W8A8 path's two kernels run by Triton's interpreter: the activations' quantization (input scale
+    folded in) bit for bit the torch twin's (the interpreter's bf16 casts made to round to nearest even, as
+    the GPU's do), and the int8 GEMM equal to the exact integer product up to the output's rounding."""
+    _run_interpreted(W8A8_CHECK)

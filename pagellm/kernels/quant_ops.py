@@ -2,11 +2,11 @@
 kernel for the device and shape, with the torch reference
 (``kernels.torch_quant``) wherever no fused kernel fits.
 
-* CUDA, up to ``FUSED_MAX_ROWS`` rows (decode batches; ``kernels.triton_quant``):
+* int8/int4 on CUDA, up to ``FUSED_MAX_ROWS`` rows (decode batches; ``kernels.triton_quant``):
   Triton dequant-GEMV (split K) or dequant-GEMM, reading each weight byte once.
   Decode batches of up to a few hundred sequences are still bound by the
   weight reads, and a dequantized copy would triple them.
-* CUDA, more rows (long prefill chunks): dequantize to the activation dtype,
+* int8/int4 on CUDA, more rows (long prefill chunks): dequantize to the activation dtype,
   then cuBLAS; the matmul is compute-bound there, so the one extra pass over
   the weights costs little, and cuBLAS beats the Triton GEMM
   (``benchmarks/quant_gpu.py`` measures both). A slice of output rows
@@ -16,9 +16,15 @@ kernel for the device and shape, with the torch reference
   which every CUDA graph of more than ``FUSED_MAX_ROWS`` tokens would keep in
   the graphs' pool beside the planned activations.
 * CPU with bf16 activations: torch's packed int8 matmul for int8.
-* W8A8, any device: activations quantized per token, then torch's int8
-  matmul (``torch._int_mm``: cuBLAS on CUDA, which wants more than 16 rows,
-  so decode batches are padded to 32).
+* W8A8 on CUDA, any number of rows (``triton_quant.w8a8_matmul``): one
+  launch quantizes the activations (SmoothQuant's input scale folded in) to
+  int8 codes and a scale per row, bit for bit the torch twin's; one int8 x
+  int8 -> int32 GEMM on tensor cores (twice bf16's rate) applies both scales
+  and the bias in its epilogue. Rows are masked, not padded; launch shapes
+  depend on (M, N, K) only, so decode steps capture as CUDA graphs. Before:
+  ~8 torch kernels to quantize, ``torch._int_mm`` (16 rows padded to 32) and
+  ~4 more to rescale, each a pass over [M, K] or [M, N].
+* W8A8 on the CPU: the same quantization in torch, then ``torch._int_mm``.
 * GGUF blocks on CUDA: dequantized a slice of output rows at a time
   (``ROWS_ELEMENTS`` values), so no layer is ever held whole in float.
 * GGUF blocks on the CPU: repacked at load (``pack_gguf_for_cpu``) for torch's
@@ -81,11 +87,24 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         qweight[start:end], scales[start:end], x.dtype), DEQUANT_ELEMENTS, bias)
 
 
+W8A8_FUSED = True           # off: the benchmarks' "before" on CUDA (quantize in torch, then torch._int_mm)
 INT_MM_MIN_ROWS = 17        # torch._int_mm on CUDA needs more than 16 rows
 
 
-def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-                ) -> torch.Tensor:
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * input_scale`` (SmoothQuant's smoothing, in x's dtype; None: none) quantized per token, times the
+    int8 ``qweight`` exactly, rescaled (+ bias)."""
+    if x.is_cuda and W8A8_FUSED:
+        from pagellm.kernels import triton_quant
+        return triton_quant.w8a8_matmul(x, qweight, scales, bias, input_scale)
+    return int_mm_w8a8_linear(x if input_scale is None else x * input_scale.to(x.dtype), qweight, scales, bias)
+
+
+def int_mm_w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """W8A8 through torch: ``torch_quant.quantize_per_token``, ``torch._int_mm`` (on CUDA a batch of 16 rows
+    or fewer is padded to 32), then the rescale."""
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     qx, xscale = torch_quant.quantize_per_token(x2)

@@ -5,7 +5,8 @@ Formats (rows are output channels, ``K`` the input dimension):
 
 * **int8**: ``q int8 [N, K]``, one scale per row: ``w = q * scale``.
 * **w8a8**: int8 weights as above, and activations quantized at run time to
-  int8 per token (row): ``x = qx * xscale``; the product is an int32 matmul
+  int8 per token (row): ``x = qx * xscale``, ``xscale = absmax / 127`` and
+  ``qx = round(x / xscale)`` (half to even); the product is an int32 matmul
   scaled by ``xscale[m] * scale[n]``.
 * **int4**: ``q`` in 0..15, eight per 32-bit word, groups of ``G`` along K
   with a scale and an integer zero point each: ``w = (q - zero) * scale``.
@@ -109,10 +110,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 
 def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Reference: both operands quantized, multiplied exactly in int32, rescaled."""
+    """Reference: both operands quantized, multiplied exactly (float64 holds every sum of int8 products for
+    K < 2**39, and its matmul runs on any device, fast), rescaled in float64, rounded once to x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     qx, xscale = quantize_per_token(x2)
-    acc = qx.to(torch.int64) @ q.to(torch.int64).t()
+    acc = qx.double() @ q.double().t()
     out = (acc.double() * xscale.double()[:, None] * scale.double()[None, :]).to(x.dtype).reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
 

@@ -1,5 +1,5 @@
-"""Fused dequant matmuls in Triton: each weight byte is read once and
-dequantized in registers, never written back. The int8 kernel without its
+"""Fused quantized matmuls in Triton: each weight byte is read once and
+dequantized in registers, never written back (W8A8: multiplied as int8). The int8 kernel without its
 scales is also the batch-1 GEMV of dense bf16/fp16 weights (``dense_matmul``),
 used for the shapes where it beats cuBLAS (``DENSE_GEMV``).
 
@@ -36,6 +36,15 @@ that one ``sum`` reduces, so results never depend on the order programs
 finish in. Launch shapes depend only on (M, N, K), so the kernels are safe
 inside CUDA graphs.
 
+W8A8 (``w8a8_matmul``) multiplies int8 activations by the int8 codes on int8
+tensor cores into int32, exactly, for any number of rows (no GEMV: one row
+takes a masked 16-row tile), and applies ``xscale[m] * scale[n]`` (+ bias) in
+fp32 once. Its activations come from ``quantize_per_token``: one program a
+row, SmoothQuant's input scale folded in, codes and scales bit for bit
+``torch_quant.quantize_per_token``'s (correctly rounded divisions, rounding
+half to even). Its programs take their tiles in bands of ``GROUP_M`` m tiles
+per n tile, so a decode batch's rows share each weight tile's DRAM read.
+
 The dense GEMV launches with programmatic dependent launch (``triton_ops``'
 ``PDL``): each program loads its first weight tile, a constant, before it waits
 for the kernel that wrote x, so a projection's first wave of weight reads may
@@ -59,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.kernels.quant_ops import FUSED_MAX_ROWS
 from pagellm.kernels.triton_ops import pdl_args, wait_for_producer
 
 GROUP = 128     # int4 group size the kernel takes
@@ -81,8 +91,16 @@ class MatmulConfig:
 # serves decode batches of 17..FUSED_MAX_ROWS rows (`quant_ops`); longer prefill chunks go to dequantize +
 # cuBLAS.
 GEMV = {"int8": MatmulConfig(1, 8, 1024, 4, 3, 1), "int4": MatmulConfig(1, 16, 1024, 8, 3, 1)}
-SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8)}
-LARGE = {"int8": MatmulConfig(128, 256, 64, 8, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1)}
+SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8),
+         "w8a8": MatmulConfig(16, 64, 256, 4, 4, 2)}
+LARGE = {"int8": MatmulConfig(128, 256, 64, 8, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1),
+         "w8a8": MatmulConfig(64, 128, 128, 4, 4, 1)}
+# More than FUSED_MAX_ROWS rows (prefill chunks), for the formats that multiply them fused (W8A8 only: the
+# weight-only ones dequantize for cuBLAS there). The W8A8 tiles are not swept yet: 64-row tiles for decode
+# batches (one Hopper warpgroup's wgmma, few rows wasted at ~200), 128 x 256 for prefill, int8 K tiles of 128
+# (64 at the widest); SMALL's 16 rows go through mma.sync with split K, as the weight-only ones.
+PREFILL = {"w8a8": MatmulConfig(128, 256, 128, 8, 3, 1)}
+TABLES = {"GEMV": GEMV, "SMALL": SMALL, "LARGE": LARGE, "PREFILL": PREFILL}
 
 
 # Dense bf16 weights at one row, by (N, K): the tiles that beat cuBLAS by 3% or more on an H200 for that
@@ -101,10 +119,20 @@ GEMV_SHAPES: dict[tuple[str, int, int], MatmulConfig] = {
     ("int8", 128256, 4096): MatmulConfig(1, 16, 256, 2, 3, 1), ("int4", 28672, 4096): MatmulConfig(1, 64, 256, 4, 3, 4)}
 
 
+def table_for(fmt: str, m: int) -> str:
+    """The name of the tile table (``TABLES``) serving ``m`` rows of ``fmt``."""
+    if m == 1 and fmt in GEMV:
+        return "GEMV"
+    if m <= 16:
+        return "SMALL"
+    return "PREFILL" if m > FUSED_MAX_ROWS and fmt in PREFILL else "LARGE"
+
+
 def config_for(fmt: str, m: int, n: int, k: int) -> MatmulConfig:
-    if m == 1:
+    table = table_for(fmt, m)
+    if table == "GEMV":
         return GEMV_SHAPES.get((fmt, n, k), GEMV[fmt])
-    return (SMALL if m <= 16 else LARGE)[fmt]
+    return TABLES[table][fmt]
 
 
 @functools.lru_cache(maxsize=None)
@@ -391,8 +419,77 @@ def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N
     _store(acc, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
 
 
+# fp32 1.5 * 2**23: adding it rounds a float of magnitude < 2**22 to an integer (half to even, as
+# torch.round), which then sits in the low mantissa bits: its bit pattern minus ROUNDING_BITS is that integer.
+ROUNDING_MAGIC = tl.constexpr(12582912.0)
+ROUNDING_BITS = tl.constexpr(0x4B400000)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, input_scale_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                          BLOCK_K: tl.constexpr, HAS_INPUT_SCALE: tl.constexpr):
+    """One row of ``x`` (times ``input_scale``, rounded to x's dtype as torch's ``x * input_scale.to(x.dtype)``
+    is: the fp32 product of two 16-bit floats is exact, so one rounding) -> int8 codes and one fp32 scale,
+    bit for bit ``torch_quant.quantize_per_token``: ``scale = max(absmax, 1e-12) / 127`` and
+    ``round(x / scale)`` clamped to [-127, 127], both divisions correctly rounded (``div_rn``; Triton's ``/``
+    is approximate on fp32). The row is held whole (``BLOCK_K`` >= K), so x is read once."""
+    row = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0)
+    if HAS_INPUT_SCALE:
+        smoothing = tl.load(input_scale_ptr + ks, mask=ks < K, other=0.0).to(x.dtype).to(tl.float32)
+        x = (x.to(tl.float32) * smoothing).to(x.dtype)
+    x = x.to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 127.0)
+    rounded = (tl.math.div_rn(x, scale) + ROUNDING_MAGIC).to(tl.int32, bitcast=True) - ROUNDING_BITS
+    q = tl.minimum(tl.maximum(rounded, -127), 127).to(tl.int8)
+    tl.store(q_ptr + row * stride_qm + ks, q, mask=ks < K)
+    tl.store(scale_ptr + row, scale)
+
+
+GROUP_M = tl.constexpr(8)     # W8A8 m tiles that run side by side over each weight tile (``_w8a8_kernel``)
+
+
+@triton.jit
+def _grouped_tiles(GROUP: tl.constexpr):
+    """(m tile, n tile) of this program over a ``(n tiles, split, m tiles)`` grid, renumbered so that
+    consecutive programs take the m tiles of a band of ``GROUP`` against one n tile, then the next n tile:
+    a weight tile is read from DRAM once per band (all of a decode batch's rows), not once per m tile."""
+    n_tiles, m_tiles = tl.num_programs(0), tl.num_programs(2)
+    pid = tl.program_id(2) * n_tiles + tl.program_id(0)
+    band_programs = GROUP * n_tiles
+    first = pid // band_programs * GROUP
+    band_rows = tl.minimum(m_tiles - first, GROUP)
+    return first + pid % band_programs % band_rows, pid % band_programs // band_rows
+
+
+@triton.jit
+def _w8a8_kernel(x_ptr, q_ptr, scale_ptr, xscale_ptr, bias_ptr, out_ptr, M, N, K, k_tiles, tiles_per_split,
+                 stride_xm, stride_qn, stride_ok, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """int8 rows ``x [M, K]`` times int8 codes ``q [N, K]`` on int8 tensor cores, exactly, into an int32
+    accumulator (|sum| <= K * 127**2: K up to 133,000), then ``acc * xscale[m] * scale[n]`` in fp32 (+ bias)
+    to the output dtype. Rows, columns and K past the matrix are masked (loaded as 0, never stored)."""
+    pid_m, pid_n = _grouped_tiles(GROUP_M)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, k_tiles)):
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = _dot_tile(acc, x_ptr, rows, ks, M, K, stride_xm, _weight_tile(q_ptr, cols, col_ok, ks, K, stride_qn))
+    xscale = tl.load(xscale_ptr + rows, mask=rows < M, other=0.0)
+    out = acc.to(tl.float32) * xscale[:, None] * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    _store(out, out_ptr, bias_ptr, rows, cols, M, N, split, stride_ok, stride_om, HAS_BIAS, SPLIT)
+
+
 def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weight_strides: tuple,
-            bias: torch.Tensor | None, config: MatmulConfig | None, magics: tuple = (), **constants) -> torch.Tensor:
+            bias: torch.Tensor | None, config: MatmulConfig | None, magics: tuple = (),
+            out_dtype: torch.dtype | None = None, **constants) -> torch.Tensor:
+    """``kernel`` over ``x [..., K]`` and ``n`` output columns; the output in ``out_dtype`` (x's dtype if None)."""
+    out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -412,7 +509,7 @@ def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weigh
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)   # every element is written
         strides = (out.stride(0), out.stride(1))
     else:
-        out = torch.empty(m, out_cols, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, out_cols, dtype=out_dtype, device=x.device)
         strides = (0, out.stride(0))
     grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, config.block_m))
     kernel[grid](x2, *weight_args, bias if bias is not None else x2, out, m, n, k, k_tiles, tiles_per_split,
@@ -421,7 +518,7 @@ def _launch(kernel, fmt: str, x: torch.Tensor, n: int, weight_args: tuple, weigh
                  num_stages=config.num_stages, **constants)
     if split_k > 1:
         out = out.sum(0)
-        out = (out if bias is None else out + bias).to(x.dtype)
+        out = (out if bias is None else out + bias).to(out_dtype)
     return out.reshape(*lead, out_cols)
 
 
@@ -464,3 +561,31 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     if x.numel() == x.shape[-1]:    # an fp32 row: the tensor-core tiles (the GEMV's decoding is bf16/fp16)
         config = SMALL["int4"]
     return _launch(_int4_kernel, "int4", x, packed.shape[0], *weights, bias, config, GROUP=GROUP)
+
+
+def quantize_per_token(x: torch.Tensor, input_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (times ``input_scale [K]`` in x's dtype) -> (``q int8 [M, K]``, ``scale fp32 [M]``), bit for
+    bit ``torch_quant.quantize_per_token(x * input_scale.to(x.dtype))``, in one launch."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_k = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(m,)](x, input_scale if input_scale is not None else x, q, scale, k, x.stride(0),
+                                q.stride(0), BLOCK_K=block_k, HAS_INPUT_SCALE=input_scale is not None,
+                                num_warps=max(4, min(16, block_k // 1024)))
+    return q, scale
+
+
+def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                input_scale: torch.Tensor | None = None, config: MatmulConfig | None = None) -> torch.Tensor:
+    """``x [..., K]`` (times ``input_scale``) quantized per row, times int8 ``q [N, K]`` exactly, scaled by
+    both scales (+ bias), in x's dtype: ``torch_quant.w8a8_linear(x * input_scale.to(x.dtype), q, scale,
+    bias)`` up to the output rounding (here once, in fp32, bias included). Two launches (three with a
+    split K), for any number of rows."""
+    qx, xscale = quantize_per_token(x.reshape(-1, x.shape[-1]), input_scale)
+    out = _launch(_w8a8_kernel, "w8a8", qx, q.shape[0], (q, scale, xscale), (q.stride(0),), bias, config,
+                  out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], -1)

@@ -65,6 +65,9 @@ class _InputSmoothing:
     def _smooth_input(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return x * layer.input_scale.to(x.dtype) if self.smoothed else x
 
+    def _input_scale(self, layer: Linear) -> torch.Tensor | None:
+        return layer.input_scale if self.smoothed else None
+
 
 class _ScaledRows:
     """Methods with a scale per output row (and group): scaling a row of W is scaling its scales, exactly."""
@@ -99,10 +102,10 @@ class Int8LinearMethod(_InputSmoothing, _ScaledRows):
 class W8A8LinearMethod(Int8LinearMethod):
     """SmoothQuant: int8 weights as ``Int8LinearMethod`` (smoothed by a
     calibration pass), activations quantized to int8 per token at run time, an
-    int8 x int8 -> int32 matmul."""
+    int8 x int8 -> int32 matmul; the smoothing is folded into the activations' quantization (one pass)."""
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return quant_ops.w8a8_linear(self._smooth_input(layer, x), layer.qweight, layer.scales, layer.bias)
+        return quant_ops.w8a8_linear(x, layer.qweight, layer.scales, layer.bias, self._input_scale(layer))
 
 
 class Int4LinearMethod(_InputSmoothing, _ScaledRows):
