@@ -20,7 +20,9 @@
 4. latency / throughput: ``pagellm bench latency`` (batch 1, 128 -> 128) and
    ``pagellm bench throughput`` (256 requests) per format, interleaved in one
    machine session, ratios against bf16; ``w8a8-int-mm``: the ``w8a8`` engine on
-   the ``torch._int_mm`` path (``quant_ops.W8A8_FUSED`` off), the before.
+   the ``torch._int_mm`` path (``quant_ops.W8A8_FUSED`` off), the before;
+   ``int8-torch-dequant``: ``int8`` with its long steps dequantized by the torch
+   twin (``quant_ops.TRITON_DEQUANT`` off), the before.
 Everything goes into one JSON (``$OUT/quant-gpu.json``); a table is printed last.
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ TOLERANCE = 1e-2           # ||out - ref|| / ||ref||, bf16 activations and outpu
 LM_HEAD = {"lm_head": (128256, 4096)}      # int8 under the weight-only formats; timed in each to compare
 W8A8_TOLERANCE = 4e-3      # against the exact reference: only the final bf16 rounding differs
 TOLERANCES = {"w8a8": W8A8_TOLERANCE, "w8a8 smoothed+bias": W8A8_TOLERANCE,
-              "w8a8 codes": 0.0}   # the fused quantization: every code and scale as the torch twin's
+              "w8a8 codes": 0.0,   # the fused quantization: every code and scale as the torch twin's
+              "int8 dequantize": 0.0, "int4 dequantize": 0.0}   # every value as the torch twin's
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -88,12 +91,23 @@ def check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, w8a8: bool = True)
         except (RuntimeError, NotImplementedError) as exc:
             rows.append({"case": name, "kernel": "int4 tinygemm", "m": x.shape[0], "error": float("nan"),
                          "unavailable": str(exc)[:200]})
+    rows.append(dequantize_row(name, "int8", triton_quant.dequantize(q8, s8, None, x.dtype),
+                               torch_quant.dequantize_int8(q8, s8, x.dtype)))
+    if w.shape[1] % 128 == 0:
+        rows.append(dequantize_row(name, "int4", triton_quant.dequantize(p4, s4, z4, x.dtype),
+                                   torch_quant.dequantize_int4(p4, s4, z4, x.dtype)))
     dense = triton_quant.DENSE_GEMV.get(tuple(w.shape))
     if dense is not None and x.shape[0] == 1:
         wb = w.bfloat16()
         rows.append({"case": name, "kernel": "bf16 gemv", "m": 1,
                      "error": rel_error(triton_quant.dense_matmul(x, wb, None, dense), x.float() @ wb.float().t())})
     return rows + check_w8a8(name, x, q8, s8) if w8a8 else rows
+
+
+def dequantize_row(name: str, fmt: str, got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """The long-step dequantization (``triton_quant.dequantize``) against its torch twin: the fraction of
+    values that differ (0: bit for bit)."""
+    return {"case": name, "kernel": f"{fmt} dequantize", "m": 0, "error": (got != ref).float().mean().item()}
 
 
 def check_w8a8(name: str, x: torch.Tensor, q8: torch.Tensor, s8: torch.Tensor) -> list[dict]:
@@ -299,7 +313,9 @@ def table_key(table: str, name: str):
 
 
 # Benchmark formats that are an engine format run with a switch off (the before of a change): (format, setup).
-SWITCHED_FORMATS = {"w8a8-int-mm": ("w8a8", "from pagellm.kernels import quant_ops; quant_ops.W8A8_FUSED = False; ")}
+SWITCHED_FORMATS = {"w8a8-int-mm": ("w8a8", "from pagellm.kernels import quant_ops; quant_ops.W8A8_FUSED = False; "),
+                    "int8-torch-dequant": ("int8", "from pagellm.kernels import quant_ops; "
+                                                   "quant_ops.TRITON_DEQUANT = False; ")}
 
 
 def bench(kind: str, quantization: str, args, extra: list[str]) -> dict:

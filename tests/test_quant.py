@@ -565,3 +565,30 @@ def test_w8a8_kernels_match_the_torch_twin_under_the_interpreter():
     folded in) bit for bit the torch twin's (the interpreter's bf16 casts made to round to nearest even, as
     the GPU's do), and the int8 GEMM equal to the exact integer product up to the output's rounding."""
     _run_interpreted(W8A8_CHECK)
+
+
+DEQUANTIZE_CHECK = """
+import torch
+import ptx_emulation
+from pagellm.kernels import torch_quant as tq, triton_quant as t
+ptx_emulation.round_bf16_to_nearest_even()
+gen = torch.Generator().manual_seed(0)
+w = torch.randn(37, 384, generator=gen) * 3
+q8, s8 = tq.quantize_int8(w)
+p4, s4, z4 = tq.quantize_int4(w, 128)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for start, end in ((0, 37), (5, 22)):     # the whole matrix (masked row and K tiles) and a slice of rows
+        got = t.dequantize(q8[start:end], s8[start:end], None, dtype)
+        assert torch.equal(got, tq.dequantize_int8(q8[start:end], s8[start:end], dtype)), ("int8", dtype, start)
+        got = t.dequantize(p4[start:end], s4[start:end], z4[start:end], dtype)
+        assert torch.equal(got, tq.dequantize_int4(p4[start:end], s4[start:end], z4[start:end], dtype)), (
+            "int4", dtype, start)
+print("ok")
+"""
+
+
+def test_triton_dequantize_matches_the_torch_twins_under_the_interpreter():
+    """The long steps' dequantization kernel (int8 rows, packed int4 groups) gives the torch twins' values
+    bit for bit, for whole matrices and row slices (as ``quant_ops.dequantized_linear`` takes them), in
+    every activation dtype."""
+    _run_interpreted(DEQUANTIZE_CHECK)

@@ -75,6 +75,18 @@ def dequantized_linear(x: torch.Tensor, num_rows: int, dequantize_rows: Callable
     return _add(torch.cat(parts, dim=-1), bias)
 
 
+TRITON_DEQUANT = True       # off: the benchmarks' "before" on CUDA (the torch twins' float passes)
+
+
+def _dequantizer(x: torch.Tensor, reference: Callable) -> Callable:
+    """``(codes, scale, zero, dtype) -> floats``: the Triton kernel on CUDA (each code read once, each value
+    written once), the torch twin ``reference`` elsewhere; both give the same values, bit for bit."""
+    if x.is_cuda and TRITON_DEQUANT:
+        from pagellm.kernels import triton_quant
+        return triton_quant.dequantize
+    return reference
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     if _fused(x):
@@ -83,8 +95,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scales.to(x.dtype))
         return _add(out.reshape(*x.shape[:-1], -1), bias)
-    return dequantized_linear(x, qweight.shape[0], lambda start, end: torch_quant.dequantize_int8(
-        qweight[start:end], scales[start:end], x.dtype), DEQUANT_ELEMENTS, bias)
+    dequantize = _dequantizer(x, lambda q, s, _zero, dtype: torch_quant.dequantize_int8(q, s, dtype))
+    return dequantized_linear(x, qweight.shape[0], lambda start, end: dequantize(
+        qweight[start:end], scales[start:end], None, x.dtype), DEQUANT_ELEMENTS, bias)
 
 
 W8A8_FUSED = True           # off: the benchmarks' "before" on CUDA (quantize in torch, then torch._int_mm)
@@ -130,7 +143,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if _fused(x):
         from pagellm.kernels import triton_quant
         return triton_quant.int4_matmul(x, qweight, scales, zeros, bias)
-    return dequantized_linear(x, qweight.shape[0], lambda start, end: torch_quant.dequantize_int4(
+    dequantize = _dequantizer(x, torch_quant.dequantize_int4)
+    return dequantized_linear(x, qweight.shape[0], lambda start, end: dequantize(
         qweight[start:end], scales[start:end], zeros[start:end], x.dtype), DEQUANT_ELEMENTS, bias)
 
 

@@ -87,7 +87,7 @@ class MatmulConfig:
 
 # Chosen on an H200 by `benchmarks/quant_gpu.py --sections sweep` (the fastest sum over the four Llama-3-8B
 # projections, replayed as CUDA graphs; GEMV and LARGE int8 from h200-2026-12-02-quant-gemv.json; the int4
-# one-row tiles were swept for the fp32-FMA GEMV before the bf16x2 one and are kept until re-swept). LARGE
+# one-row tiles re-swept for the bf16x2 GEMV in h200-2026-12-02-quant-int4-tuned.json: the same GEMV tile). LARGE
 # serves decode batches of 17..FUSED_MAX_ROWS rows (`quant_ops`); longer prefill chunks go to dequantize +
 # cuBLAS.
 GEMV = {"int8": MatmulConfig(1, 8, 1024, 4, 3, 1), "int4": MatmulConfig(1, 16, 1024, 8, 3, 1)}
@@ -116,7 +116,9 @@ DENSE_GEMV: dict[tuple[int, int], MatmulConfig] = {
 # qkv, gate_up and LM head; the others take GEMV's).
 GEMV_SHAPES: dict[tuple[str, int, int], MatmulConfig] = {
     ("int8", 6144, 4096): MatmulConfig(1, 16, 512, 4, 3, 1), ("int8", 28672, 4096): MatmulConfig(1, 16, 256, 2, 3, 1),
-    ("int8", 128256, 4096): MatmulConfig(1, 16, 256, 2, 3, 1), ("int4", 28672, 4096): MatmulConfig(1, 64, 256, 4, 3, 4)}
+    ("int8", 128256, 4096): MatmulConfig(1, 16, 256, 2, 3, 1), ("int4", 28672, 4096): MatmulConfig(1, 64, 256, 4, 3, 4),
+    # the bf16x2 int4 GEMV's own sweep (h200-2026-12-02-quant-int4-tuned.json): qkv and down split K
+    ("int4", 6144, 4096): MatmulConfig(1, 16, 1024, 8, 3, 4), ("int4", 4096, 14336): MatmulConfig(1, 16, 1024, 8, 3, 4)}
 
 
 def table_for(fmt: str, m: int) -> str:
@@ -589,3 +591,49 @@ def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     out = _launch(_w8a8_kernel, "w8a8", qx, q.shape[0], (q, scale, xscale), (q.stride(0),), bias, config,
                   out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], -1)
+
+
+DEQUANT_BLOCK = (16, 256)     # rows x values a program of ``dequantize`` writes
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_on,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr):
+    """Stored rows -> floats in out's dtype, bit for bit the torch twin's: ``q * scale`` (int8) or
+    ``(q - zero) * scale`` (int4) in fp32, rounded once. int4 weight ``r`` of a run of 128 is nibble
+    ``j = 4 (r % 2) + r // 32`` of word ``(r % 32) // 2`` (``torch_quant.pack_int4``), low half of byte
+    ``j // 2`` for even ``j``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows[:, None] < N) & (ks[None, :] < K)
+    if INT4:     # groups of GROUP weights, each one run of the packing
+        r = ks % GROUP
+        nibble = 4 * (r % 2) + r // 32
+        byte = ks // GROUP * (GROUP // 2) + (r % 32) // 2 * 4 + nibble // 2
+        codes = tl.load(q_ptr + rows[:, None] * stride_qn + byte[None, :], mask=ok, other=0).to(tl.int32)
+        q = ((codes >> (4 * (nibble % 2))[None, :]) & 0xF).to(tl.float32)
+        groups = rows[:, None] * stride_sn + (ks // GROUP)[None, :]
+        zero = tl.load(zero_ptr + groups, mask=ok, other=0).to(tl.float32)
+        w = (q - zero) * tl.load(scale_ptr + groups, mask=ok, other=0.0).to(tl.float32)
+    else:
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + ks[None, :], mask=ok, other=0).to(tl.float32)
+        w = q * tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of int8 codes ``q [N, K]`` (scale per row), or of packed int4 ``q [N, K/2]`` with ``zero``
+    (scale and zero per group), as ``dtype [N, K]``: the torch twins' values (``torch_quant.dequantize_int8``
+    / ``dequantize_int4``) with each code read once and each value written once, where the twins' float
+    passes move ~19 bytes a value (the long prefill steps of weight-only formats dequantize every matrix)."""
+    int4 = zero is not None
+    n, k = q.shape[0], q.shape[1] * (2 if int4 else 1)
+    if int4 and zero.stride(0) != scale.stride(0):
+        zero = zero.contiguous()
+        scale = scale.contiguous()
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    block_n, block_k = DEQUANT_BLOCK
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        q, scale, zero if int4 else scale, out, n, k, q.stride(0), scale.stride(0), out.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, INT4=int4, GROUP=GROUP, num_warps=4)
+    return out
