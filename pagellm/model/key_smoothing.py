@@ -27,9 +27,10 @@ import torch
 from pagellm.model.llama import Attention, LlamaForCausalLM
 
 # The exponent per cache format, measured on Qwen2.5-Coder-0.5B and 1.5B (1,024 tokens, README): int8's
-# uniform steps want the channels evened half-way (0.5: +0.27% / -0.01% perplexity; 1.0: -0.05% / +0.59%),
-# fp8's relative steps all the way (1.0: +1.00% on the 0.5B; 0.5: +3.43%).
-KEY_SMOOTHING_ALPHA = {"int8": 0.5, "fp8": 1.0}
+# uniform steps want the channels evened half-way (0.5: +0.27% / -0.01% perplexity; 1.0: -0.05% / +0.59%).
+# fp8 wants none: its error is relative to each value, which scaling a channel does not change (a model in
+# bf16, as served on a GPU: 0 gives the 0.5B +1.04%, 0.5 +3.58%, 1.0 +2.52%; 1.0 broke the 1.5B).
+KEY_SMOOTHING_ALPHA = {"int8": 0.5, "fp8": 0.0}
 
 
 @torch.inference_mode()
@@ -54,7 +55,10 @@ def smoothing_factors(estimates: torch.Tensor, alpha: float) -> torch.Tensor:
 def smooth_keys(model: LlamaForCausalLM, alpha: float) -> None:
     """Fold per-channel key smoothing into the q|k|v projection of every layer the model
     holds (a pipeline stage holds its own range; a tensor-parallel rank its own heads,
-    whose factors are those one process gives them: they depend on the head alone)."""
+    whose factors are those one process gives them: they depend on the head alone). ``alpha`` 0: every
+    ``s`` is 1, nothing to fold."""
+    if alpha == 0:
+        return
     for layer in model.layers[model.layer_range[0]:model.layer_range[1]]:
         attn = layer.self_attn
         s = smoothing_factors(key_channel_estimates(attn, layer.input_layernorm.weight), alpha)
