@@ -94,11 +94,12 @@ GEMV = {"int8": MatmulConfig(1, 8, 1024, 4, 3, 1), "int4": MatmulConfig(1, 16, 1
 SMALL = {"int8": MatmulConfig(16, 128, 256, 4, 3, 2), "int4": MatmulConfig(16, 32, 256, 4, 3, 8),
          "w8a8": MatmulConfig(16, 64, 256, 4, 4, 2)}
 LARGE = {"int8": MatmulConfig(128, 256, 64, 8, 3, 1), "int4": MatmulConfig(128, 64, 128, 8, 4, 1),
-         "w8a8": MatmulConfig(64, 128, 128, 4, 4, 1)}
+         "w8a8": MatmulConfig(128, 128, 128, 8, 3, 1)}
 # More than FUSED_MAX_ROWS rows (prefill chunks), for the formats that multiply them fused (W8A8 only: the
-# weight-only ones dequantize for cuBLAS there). The W8A8 tiles are not swept yet: 64-row tiles for decode
-# batches (one Hopper warpgroup's wgmma, few rows wasted at ~200), 128 x 256 for prefill, int8 K tiles of 128
-# (64 at the widest); SMALL's 16 rows go through mma.sync with split K, as the weight-only ones.
+# weight-only ones dequantize for cuBLAS there). W8A8's LARGE tile is the 256-row sweep's best
+# (h200-2026-12-02-quant-w8a8-sweep.json: 0.171 ms for the four projections, bf16 cuBLAS 0.190); PREFILL is
+# not swept: 128 x 256, int8 K tiles of 128; SMALL's 16 rows go through mma.sync with split K, as the
+# weight-only ones.
 PREFILL = {"w8a8": MatmulConfig(128, 256, 128, 8, 3, 1)}
 TABLES = {"GEMV": GEMV, "SMALL": SMALL, "LARGE": LARGE, "PREFILL": PREFILL}
 
