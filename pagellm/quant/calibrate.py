@@ -11,7 +11,11 @@ they differ in how ``s`` is chosen:
   layer to minimise the error of the layer's output on calibration inputs
   ``||X W^T - X (Q(W diag(s)) diag(s)^-1)^T||``. ``a = 0`` is plain
   round-to-nearest and is on the grid, so the search never does worse than RTN
-  on the calibration inputs.
+  on the calibration inputs. ``o_proj`` (input: the attention output) keeps
+  ``s = 1``: on Qwen2.5-Coder-0.5B its searched scales lowered its output
+  error by 22% yet raised perplexity 2.3% (8.50 -> 8.69), while the scales of
+  the other three layers lowered it 2.1%. AutoAWQ does not scale it either in
+  models with grouped KV heads (there its scale cannot fold into ``v_proj``).
 
 The statistics come from one pass of the float model over a fixed text kept in
 the package (``data/calibration.txt``) through the engine itself
@@ -25,7 +29,7 @@ from importlib import resources
 
 import torch
 
-from pagellm.kernels.torch_quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from pagellm.kernels.torch_quant import dequantize_int8, int4_round_trip, quantize_int8
 from pagellm.model.layers import Linear
 
 logger = logging.getLogger("pagellm")
@@ -34,6 +38,7 @@ CALIBRATION_TOKENS = 2048     # tokens of the calibration text run through the f
 SAMPLE_ROWS = 512             # input rows kept per layer for AWQ's search
 SMOOTHQUANT_ALPHA = 0.5
 AWQ_GRID = 20                 # a = 0, 1/20, ..., 1
+AWQ_UNSCALED = ("o_proj",)    # layers AWQ leaves at s = 1 (module docstring)
 
 
 def calibration_text() -> str:
@@ -55,7 +60,7 @@ class InputStats:
         self.absmax = absx.amax(0) if self.absmax is None else torch.maximum(self.absmax, absx.amax(0))
         self.abssum = absx.sum(0) if self.abssum is None else self.abssum + absx.sum(0)
         self.count += rows.shape[0]
-        self.samples.append(rows[::stride].cpu())
+        self.samples.append(rows[::stride].to("cpu", copy=True))   # a view would keep all of x alive
 
     @property
     def meanabs(self) -> torch.Tensor:
@@ -103,7 +108,7 @@ def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: i
         alpha = step / grid
         s = meanabs.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        wq = dequantize_int4(*quantize_int4(w * s, group_size), torch.float32) / s
+        wq = int4_round_trip(w * s, group_size) / s
         error = (x @ wq.t() - reference).pow(2).mean().item()
         if error < best[0]:
             best = (error, s, alpha)
@@ -114,7 +119,7 @@ def rtn_error(weight: torch.Tensor, stats: InputStats, group_size: int) -> float
     """The output error of plain round-to-nearest int4 on the sampled inputs (for reports and tests)."""
     w = weight.float()
     x = torch.cat(stats.samples).to(w.device)
-    wq = dequantize_int4(*quantize_int4(w, group_size), torch.float32)
+    wq = int4_round_trip(w, group_size)
     return (x @ (wq - w).t()).pow(2).mean().item()
 
 
@@ -161,6 +166,8 @@ def calibrated_smoothing(config, method: str, group_size: int = 128) -> dict[str
         weight = layers[name].weight
         if method == "w8a8":
             scales[name] = smoothquant_scales(weight, layer_stats).cpu()
+        elif name.endswith(AWQ_UNSCALED):
+            scales[name] = torch.ones(weight.shape[1])
         else:
             scales[name] = awq_scales(weight, layer_stats, group_size)[0].cpu()
     return scales
