@@ -413,7 +413,7 @@ def test_awq_layers_serve_the_searched_quantizer_and_beat_round_to_nearest(tmp_p
     rows is no larger than round-to-nearest's."""
     from tiny_models import make_tiny_hf_model
 
-    from pagellm.quant.calibrate import AWQ_UNSCALED, calibrated_smoothing, record_inputs
+    from pagellm.quant.calibrate import AWQ_SCALED, calibrated_smoothing, record_inputs
     folder = make_tiny_hf_model(tmp_path, arch="qwen2", hidden_size=256, intermediate_size=512)
     served = LLM(str(folder), dtype="float32", num_kv_blocks=64, quantization="int4-awq")
     float_model, stats = record_inputs(served.engine.config)
@@ -428,7 +428,7 @@ def test_awq_layers_serve_the_searched_quantizer_and_beat_round_to_nearest(tmp_p
                                    atol=1e-5 * reference.abs().max().item())
         error = lambda wq: (x @ (wq - w.double()).t()).pow(2).mean().item()   # noqa: E731
         assert error(awq) <= 1.001 * error(_naive_int4(w, 128)), name
-        assert not name.endswith(AWQ_UNSCALED) or torch.all(s == 1)
+        assert name.endswith(AWQ_SCALED) or torch.all(s == 1)
     assert sum(not torch.all(s == 1) for s in scales.values()) > 0
 
 

@@ -18,7 +18,7 @@ from pagellm.bench.perplexity import perplexity
 TEXT = Path(__file__).parent / "data" / "textwrap.py.txt"
 WINDOW = 1024
 BOUNDS = {"gguf": 0.005, "int8": 0.01, "w8a8": 0.03, "int4": 0.08}
-AWQ_GAIN = 0.003     # the least relative perplexity int4-awq must gain over int4 (2.1% measured)
+AWQ_GAIN = 0.003     # the least relative perplexity int4-awq must gain over int4 (0.71% measured)
 
 
 @pytest.fixture(scope="module")
