@@ -38,8 +38,10 @@ def test_int4_pack_round_trip_and_error_is_half_a_step_per_group():
     w = torch.randn(32, 512, generator=gen) + 0.5          # off-centre groups need the zero point
     packed, scale, zero = torch_quant.quantize_int4(w, 128)
     assert packed.shape == (32, 256) and scale.shape == zero.shape == (32, 4)
-    error = (torch_quant.dequantize_int4(packed, scale, zero, torch.float32) - w).abs().reshape(32, 4, 128)
+    served = torch_quant.dequantize_int4(packed, scale, zero, torch.float32)
+    error = (served - w).abs().reshape(32, 4, 128)
     assert (error <= scale[..., None] / 2 + 1e-6).all()
+    assert torch.equal(torch_quant.int4_round_trip(w, 128), served)     # what AWQ's search scores
 
 
 def test_int4_words_hold_pairs_of_adjacent_weights():
@@ -369,6 +371,65 @@ def test_awq_search_beats_round_to_nearest_on_outlier_channels():
     wq = torch_quant.dequantize_int4(*torch_quant.quantize_int4(w * s, 128), torch.float32) / s
     awq_error = (x @ (wq - w).t()).pow(2).mean().item()
     assert alpha > 0 and awq_error < 0.8 * rtn_error(w, stats, 128)
+
+
+def _naive_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Round-to-nearest int4 from its definition, one group of input columns at a time: the range
+    [min(w, 0), max(w, 0)] in 15 steps of an fp16 scale, an integer zero point in 0..15; codes rounded from
+    fp32 weights / scale (float64 would round a weight within an fp32 ulp of a half step the other way),
+    returned in float64."""
+    out = torch.empty(w.shape, dtype=torch.float64)
+    for start in range(0, w.shape[1], group):
+        cols = w[:, start:start + group].float()
+        lo, hi = cols.min(1).values.clamp(max=0), cols.max(1).values.clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-7).half().float()[:, None]
+        zero = (-lo[:, None] / scale).round().clamp(0, 15)
+        out[:, start:start + group] = ((cols / scale + zero).round().clamp(0, 15) - zero).double() * scale.double()
+    return out
+
+
+def test_calibration_records_each_linear_s_real_inputs(tmp_path):
+    """The rows recorded for down_proj are silu(gate) * up of gate_up_proj's outputs in the same pass."""
+    from tiny_models import make_tiny_hf_model
+
+    from pagellm.quant.calibrate import InputRecorder
+    folder = make_tiny_hf_model(tmp_path, arch="qwen2", hidden_size=256, intermediate_size=512)
+    llm = LLM(str(folder), dtype="float32", num_kv_blocks=64, enforce_eager=True)
+    model = llm.engine.runner.model
+    outputs = []
+    handle = model.layers[0].mlp.gate_up_proj.register_forward_hook(
+        lambda _module, _args, out: outputs.append(out.detach().clone()))
+    with InputRecorder(model, num_tokens=len(PROMPT)) as recorder:     # every row kept
+        llm.generate([PROMPT], SamplingParams(max_tokens=1), use_tqdm=False)
+    handle.remove()
+    gate, up = torch.cat(outputs).reshape(-1, 1024).chunk(2, dim=-1)
+    recorded = torch.cat(recorder.stats["layers.0.mlp.down_proj"].samples)
+    torch.testing.assert_close(recorded, torch.nn.functional.silu(gate) * up)
+
+
+def test_awq_layers_serve_the_searched_quantizer_and_beat_round_to_nearest(tmp_path):
+    """Each served int4-awq layer of a tiny model computes x @ (naive_int4(W * s) / s)^T (float64 reference
+    over the calibrated s, shared by the shards of a merged layer), and its output error on the calibration
+    rows is no larger than round-to-nearest's."""
+    from tiny_models import make_tiny_hf_model
+
+    from pagellm.quant.calibrate import AWQ_SCALED, calibrated_smoothing, record_inputs
+    folder = make_tiny_hf_model(tmp_path, arch="qwen2", hidden_size=256, intermediate_size=512)
+    served = LLM(str(folder), dtype="float32", num_kv_blocks=64, quantization="int4-awq")
+    float_model, stats = record_inputs(served.engine.config)
+    scales = calibrated_smoothing(served.engine.config, "int4")     # the same pass again: the same s
+    float_layers, served_layers = dict(float_model.named_modules()), dict(served.engine.runner.model.named_modules())
+    for name, layer_stats in stats.items():
+        x, w, layer, s = torch.cat(layer_stats.samples).double(), float_layers[name].weight, served_layers[name], scales[name]
+        awq = _naive_int4(w * s, 128) / s.double()         # W * s rounded to fp32 as it loads
+        bias = 0 if layer.bias is None else layer.bias.double()
+        reference = x @ awq.t()           # fp32 sums over outputs of tens: 1e-5 relative to the largest
+        torch.testing.assert_close(layer(x.float()).double() - bias, reference, rtol=1e-4,
+                                   atol=1e-5 * reference.abs().max().item())
+        error = lambda wq: (x @ (wq - w.double()).t()).pow(2).mean().item()   # noqa: E731
+        assert error(awq) <= 1.001 * error(_naive_int4(w, 128)), name
+        assert name.endswith(AWQ_SCALED) or torch.all(s == 1)
+    assert sum(not torch.all(s == 1) for s in scales.values()) > 0
 
 
 def test_smoothquant_lowers_w8a8_error_on_outlier_channels():

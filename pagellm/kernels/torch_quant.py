@@ -62,16 +62,27 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest, asymmetric, groups of ``group_size`` along K:
-    (``packed uint8 [N, K/2]``, ``scale fp16 [N, K/G]``, ``zero uint8 [N, K/G]``)."""
+def int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest, asymmetric, groups of ``group_size`` along K, unpacked and in fp32:
+    (codes ``[N, K/G, G]`` in 0..15, scale ``[N, K/G]`` (fp16 values), zero ``[N, K/G]`` in 0..15)."""
     n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=-1).clamp_max(0), groups.amax(dim=-1).clamp_min(0)
     scale = ((hi - lo) / 15.0).clamp_min(1e-7).half().float()     # stored in fp16, as AWQ/GPTQ store it
     zero = torch.round(-lo / scale).clamp_(0, 15)
-    q = torch.round(groups / scale[..., None] + zero[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    return pack_int4(q), scale.half(), zero.to(torch.uint8)
+    return torch.round(groups / scale[..., None] + zero[..., None]).clamp_(0, 15), scale, zero
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``int4_groups`` as stored: (``packed uint8 [N, K/2]``, ``scale fp16 [N, K/G]``, ``zero uint8 [N, K/G]``)."""
+    q, scale, zero = int4_groups(w, group_size)
+    return pack_int4(q.to(torch.uint8).reshape(w.shape)), scale.half(), zero.to(torch.uint8)
+
+
+def int4_round_trip(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``dequantize_int4(*quantize_int4(w))`` in fp32, the same values without packing (for searches)."""
+    q, scale, zero = int4_groups(w, group_size)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(w.shape)
 
 
 PACK_RUN = 128      # int4 weights interleaved into 16 words (see the module docstring)
