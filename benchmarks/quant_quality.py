@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--text", default=str(TEXT), help="the text to score (default: the fixed one in tests/data)")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
@@ -40,7 +41,7 @@ def main() -> None:
         llm = LLM(args.model, dtype="float32", quantization=fmt, num_kv_blocks=2 * args.window // 16 + 8,
                   max_model_len=args.window + 1)
         loaded = time.perf_counter() - start
-        ids = llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)[:args.tokens]
+        ids = llm.get_tokenizer().encode(Path(args.text).read_text(), add_special_tokens=False)[:args.tokens]
         result = perplexity(llm, ids, args.window)
         rows.append({"format": fmt, "perplexity": result.perplexity, "scored_tokens": result.num_scored_tokens,
                      "weights_bytes": llm.engine.memory.weights_bytes, "load_s": round(loaded, 1),
@@ -60,7 +61,7 @@ def main() -> None:
             "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/quant_quality.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-            "model": args.model, "text": TEXT.name, "rows": rows}, indent=2))
+            "model": args.model, "text": Path(args.text).name, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
