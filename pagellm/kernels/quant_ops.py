@@ -19,8 +19,9 @@ kernel for the device and shape, with the torch reference
 * W8A8 on CUDA, any number of rows (``triton_quant.w8a8_matmul``): one
   launch quantizes the activations (SmoothQuant's input scale folded in) to
   int8 codes and a scale per row, bit for bit the torch twin's; one int8 x
-  int8 -> int32 GEMM on tensor cores (twice bf16's rate) applies both scales
-  and the bias in its epilogue. Rows are masked, not padded; launch shapes
+  int8 -> int32 GEMM on tensor cores (twice bf16's peak; measured 1.11x bf16
+  cuBLAS over Llama-3-8B's projections at 256 rows on an H200) applies both
+  scales and the bias in its epilogue. Rows are masked, not padded; launch shapes
   depend on (M, N, K) only, so decode steps capture as CUDA graphs. Before:
   ~8 torch kernels to quantize, ``torch._int_mm`` (16 rows padded to 32) and
   ~4 more to rescale, each a pass over [M, K] or [M, N].
