@@ -420,7 +420,8 @@ def test_awq_layers_serve_the_searched_quantizer_and_beat_round_to_nearest(tmp_p
     scales = calibrated_smoothing(served.engine.config, "int4")     # the same pass again: the same s
     float_layers, served_layers = dict(float_model.named_modules()), dict(served.engine.runner.model.named_modules())
     for name, layer_stats in stats.items():
-        x, w, layer, s = torch.cat(layer_stats.samples).double(), float_layers[name].weight, served_layers[name], scales[name]
+        x, w, layer = torch.cat(layer_stats.samples).double(), float_layers[name].weight, served_layers[name]
+        s = scales.get(name, torch.ones(w.shape[1]))     # a layer AWQ does not scale is not smoothed: s = 1
         awq = _naive_int4(w * s, 128) / s.double()         # W * s rounded to fp32 as it loads
         bias = 0 if layer.bias is None else layer.bias.double()
         reference = x @ awq.t()           # fp32 sums over outputs of tens: 1e-5 relative to the largest

@@ -70,18 +70,22 @@ def saved_format(checkpoint) -> dict | None:
 
 
 def _smoothing(name: str, checkpoint, config) -> Callable[[str], dict]:
-    """Per layer, how its input smoothing arrives: loaded (a saved checkpoint),
-    calibrated now (a float checkpoint), or none (random weights)."""
+    """Per layer, how its input smoothing arrives: loaded (a saved checkpoint
+    holding the layer's ``input_scale``), calibrated now (a float checkpoint;
+    AWQ scales some layers only, the others are not smoothed), or none
+    (random weights)."""
     if saved_format(checkpoint) is not None:
-        smoothed = bool(saved_format(checkpoint).get("smoothed"))
-        return lambda prefix: {"smoothed": smoothed}
+        from pagellm.model.llama import LlamaForCausalLM
+        names = set(checkpoint.tensor_names())
+        return lambda prefix: {"smoothed": LlamaForCausalLM.checkpoint_names(prefix)[0].removesuffix(".weight")
+                               + ".input_scale" in names}
     if checkpoint is None or name not in CALIBRATED_FORMATS:
         if name in CALIBRATED_FORMATS:
             logger.warning(f"quantization {name!r} without a calibration pass (random weights)")
         return lambda prefix: {}
     from pagellm.quant.calibrate import calibrated_smoothing
     scales = calibrated_smoothing(config, "int4" if name == "int4-awq" else name, GROUP_SIZE)
-    return lambda prefix: {"smoothing": scales[prefix]}
+    return lambda prefix: {"smoothing": scales.get(prefix)}
 
 
 def _int8(checkpoint, config) -> MethodPolicy:

@@ -12,7 +12,7 @@ they differ in how ``s`` is chosen:
   ``||X W^T - X (Q(W diag(s)) diag(s)^-1)^T||``. ``a = 0`` is plain
   round-to-nearest and is on the grid, so the search never does worse than RTN
   on the calibration inputs. Only ``gate_up_proj`` is scaled; the other block
-  linears keep ``s = 1``. Scaling one layer type at a time (first 1,024 tokens
+  linears are not smoothed (no input scale to apply at run time). Scaling one layer type at a time (first 1,024 tokens
   of the evaluation text, round-to-nearest 8.4975 / 5.3193 on the 0.5B / 1.5B):
   ``gate_up`` 8.4336 / 5.2854, ``qkv`` 8.4042 / 5.3243, ``down`` 8.4740 / 5.3838,
   ``o_proj`` 8.6892 on the 0.5B. Each lowers its layers' output error on the
@@ -39,7 +39,7 @@ CALIBRATION_TOKENS = 2048     # tokens of the calibration text run through the f
 SAMPLE_ROWS = 256             # input rows kept per layer for AWQ's search
 SMOOTHQUANT_ALPHA = 0.5
 AWQ_GRID = 10                 # a = 0, 1/10, ..., 1
-AWQ_SCALED = ("gate_up_proj",)   # the layers AWQ scales; the others keep s = 1 (module docstring)
+AWQ_SCALED = ("gate_up_proj",)   # the layers AWQ scales; the others are not smoothed (module docstring)
 
 
 def calibration_text() -> str:
@@ -159,7 +159,8 @@ def record_inputs(config) -> tuple[torch.nn.Module, dict[str, InputStats]]:
 
 def calibrated_smoothing(config, method: str, group_size: int = 128) -> dict[str, torch.Tensor]:
     """Per block linear (``layers.3.mlp.down_proj``), the smoothing ``s`` of
-    ``method`` (``w8a8``: SmoothQuant; ``int4``: AWQ search)."""
+    ``method`` (``w8a8``: SmoothQuant, every layer; ``int4``: AWQ search, the
+    ``AWQ_SCALED`` layers only)."""
     model, stats = record_inputs(config)
     layers = dict(model.named_modules())
     scales = {}
@@ -169,6 +170,4 @@ def calibrated_smoothing(config, method: str, group_size: int = 128) -> dict[str
             scales[name] = smoothquant_scales(weight, layer_stats).cpu()
         elif name.endswith(AWQ_SCALED):
             scales[name] = awq_scales(weight, layer_stats, group_size)[0].cpu()
-        else:
-            scales[name] = torch.ones(weight.shape[1])
     return scales
